@@ -1,0 +1,150 @@
+"""Command line: ``onnxq quantize | inspect | validate``. Parses arguments and calls the API only.
+
+A user mistake (:class:`UserError`) prints one line ``onnxq: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxq.config import CALIB_METHODS, QuantConfig
+from onnxq.errors import UserError
+
+log = logging.getLogger("onnxq")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models to QDQ.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a float ONNX model to QDQ")
+    q.add_argument("model", help="input .onnx file (never modified)")
+    q.add_argument("-o", "--output", required=True, help="output .onnx file (a .report.json is written next to it)")
+    q.add_argument("--target", default="ort-cpu", help="target profile (default: ort-cpu)")
+    q.add_argument("--weights", choices=("int8", "int4"), default="int8", help="weight type (default: int8)")
+    q.add_argument("--activations", choices=("uint8", "int8"), default="uint8",
+                   help="activation type: uint8 asymmetric or int8 symmetric (default: uint8)")
+    q.add_argument("--scale", choices=("float", "pow2"), default="float", help="scale kind (default: float)")
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    q.add_argument("--first-last", choices=("8", "same"), default="8",
+                   help="bits of the first and last weighted layers when --weights int4 (default: 8)")
+    _add_calib_args(q, required=True)
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
+    q.add_argument("--weight-method", choices=("minmax", "mse"), default="minmax", help="weight range method")
+    q.add_argument("--percentile", type=float, default=99.999, help="for --calib-method percentile")
+    q.add_argument("--calib-samples", type=int, default=None, help="use at most this many calibration samples")
+    q.add_argument("--validation", default=None, help="held-out data for the fidelity check (default: part of --calib)")
+    q.add_argument("--exclude", nargs="*", default=(), help="node names or op types to keep in float")
+    q.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
+    q.add_argument("--seed", type=int, default=0)
+
+    i = sub.add_parser("inspect", help="list ops, what will be quantized and why not")
+    i.add_argument("model")
+    i.add_argument("--target", default="ort-cpu")
+    i.add_argument("--weights", choices=("int8", "int4"), default="int8")
+    i.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    v = sub.add_parser("validate", help="compare a quantized model with its float original in onnxruntime")
+    v.add_argument("float_model")
+    v.add_argument("quant_model")
+    _add_calib_args(v, required=True, flag="--data")
+    v.add_argument("--json", default=None, help="also write the report to this JSON file")
+    return p
+
+
+def _add_calib_args(p: argparse.ArgumentParser, *, required: bool, flag: str = "--calib") -> None:
+    p.add_argument(flag, dest="data", required=required,
+                   help="calibration data: .npz (keys = input names), .npy, or a folder of images")
+    p.add_argument("--recipe", default=None,
+                   help="image preprocessing: a preset (imagenet, efficientnet-lite, raw) or "
+                        "'resize=256,crop=224,scale=255,mean=...,std=...,layout=NCHW,order=RGB'")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per batch for file data (default: 1)")
+
+
+def _recipe(text: str | None):
+    if text is None:
+        return None
+    from onnxq.calib import ImageRecipe
+
+    return ImageRecipe.from_string(text)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from onnxq.api import quantize
+
+    out = Path(args.output)
+    if out.exists() and out.resolve() == Path(args.model).resolve():
+        raise UserError(f"output path {out} is the input model: choose another -o path")
+    if out.suffix != ".onnx":
+        raise UserError(f"output path {out} should end in .onnx")
+    config = QuantConfig(
+        target=args.target, weight_bits=8 if args.weights == "int8" else 4, per_channel=not args.per_tensor,
+        activation_dtype=args.activations, scale_kind=args.scale, calib_method=args.calib_method,
+        weight_method=args.weight_method, percentile=args.percentile, calib_samples=args.calib_samples,
+        first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
+        validate=not args.no_validate, seed=args.seed,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = quantize(args.model, args.data, config, validation=args.validation, recipe=_recipe(args.recipe),
+                      batch_size=args.batch_size)
+    path = result.save(out)
+    sys.stdout.write(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix('.report.json')}\n")
+    if result.validation is not None:
+        sys.stdout.write(result.validation.summary() + "\n")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from onnxq.inspection import inspect_model
+
+    plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=8 if args.weights == "int8" else 4))
+    if args.json:
+        sys.stdout.write(json.dumps(plan, indent=2) + "\n")
+    else:
+        from onnxq.inspection import format_plan
+
+        sys.stdout.write(format_plan(plan) + "\n")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from onnxq.calib import load_calibration, model_inputs
+    from onnxq.graph import load_model
+    from onnxq.validate import validate, write_report
+
+    float_model = load_model(args.float_model)
+    quant_model = load_model(args.quant_model)
+    feeds = load_calibration(args.data, model_inputs(float_model), recipe=_recipe(args.recipe),
+                             batch_size=args.batch_size)
+    report = validate(float_model, quant_model, feeds)
+    sys.stdout.write(report.summary() + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    else:
+        write_report(report.to_dict(), args.quant_model)
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"quantize": _quantize, "inspect": _inspect, "validate": _validate}
+    try:
+        return handlers[args.command](args)
+    except UserError as exc:
+        sys.stderr.write(f"onnxq: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("onnxq: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

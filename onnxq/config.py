@@ -1,0 +1,80 @@
+"""Typed, frozen configuration of a quantization run (no option dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from onnxq.errors import UserError
+
+WEIGHT_BITS = (8, 4)
+ACTIVATION_DTYPES = ("uint8", "int8")
+SCALE_KINDS = ("float", "pow2")
+CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
+WEIGHT_METHODS = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Attributes:
+        target: target profile name (see :mod:`onnxq.targets`).
+        weight_bits: 8 or 4 (INT4 is stored natively, opset 21).
+        per_channel: one weight scale per output channel (the right axis per op) or one per tensor.
+        activation_dtype: "uint8" (asymmetric) or "int8" (symmetric).
+        scale_kind: "float" or "pow2" (every scale an exact power of two).
+        calib_method: activation range method: minmax | percentile | mse | entropy.
+        weight_method: weight range method: minmax | mse.
+        percentile: for calib_method="percentile".
+        calib_samples: use at most this many calibration samples (None: all).
+        first_last_bits: bit width of the first and last weighted layers when weight_bits < 8
+            (None: same as weight_bits).
+        exclude: node names or op types to keep in float.
+        fold_batchnorm: fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
+        validate: run the validation after quantization.
+        seed: seed of everything random.
+        opset: minimum output opset (None: 13, or 21 for INT4 weights).
+    """
+
+    target: str = "ort-cpu"
+    weight_bits: int = 8
+    per_channel: bool = True
+    activation_dtype: str = "uint8"
+    scale_kind: str = "float"
+    calib_method: str = "minmax"
+    weight_method: str = "minmax"
+    percentile: float = 99.999
+    calib_samples: int | None = None
+    first_last_bits: int | None = 8
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    fold_batchnorm: bool = True
+    validate: bool = True
+    seed: int = 0
+    opset: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        _choice("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
+        _choice("scale_kind", self.scale_kind, SCALE_KINDS)
+        _choice("calib_method", self.calib_method, CALIB_METHODS)
+        _choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        if self.first_last_bits is not None:
+            _choice("first_last_bits", self.first_last_bits, WEIGHT_BITS)
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"percentile {self.percentile} out of range: use a value in (50, 100]")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise UserError("calib_samples must be >= 1")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def output_opset(self) -> int:
+        need = 21 if min(self.weight_bits, self.first_last_bits or 8) == 4 else 13
+        return max(need, self.opset or 0)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not supported: choose one of {', '.join(map(str, allowed))}")

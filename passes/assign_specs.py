@@ -1,0 +1,193 @@
+"""AssignSpecsPass: decide which tensors are quantized, with which spec, and why others are not.
+
+Reads ``ctx.config`` and ``ctx.target``; writes ``ctx.specs`` (tensor -> QuantSpec), ``ctx.shared``
+(passthrough output -> the tensor whose scale/zero-point it reuses), ``ctx.float_ops`` (node ->
+reason it stays float) and ``ctx.report["plan"]``. The graph itself is not changed.
+
+Placement rules (onnxruntime's QDQ conventions, so its optimizer fuses integer kernels):
+  * weighted ops (Conv, ConvTranspose, Gemm, MatMul with a constant float weight): the activation
+    input and the *effective output* are quantized, the weight gets a per-channel (or per-tensor)
+    spec on the op's output-channel axis, the bias an INT32 spec with s_b = s_in * s_w. The
+    effective output is the output of a single-consumer chain of fusable activations
+    (Relu, Clip with constant bounds): ``Conv -> Relu -> Q`` fuses into one QLinearConv;
+  * activation ops (Add, Mul, Concat, pooling, Sigmoid, ...): every non-constant float input and
+    the output are quantized;
+  * passthrough ops (MaxPool, Reshape, Transpose, Resize, ...): when the input is quantized the
+    output reuses the input's parameters (s_out = s_in, z_out = z_in), so the Q/DQ pair is dropped
+    and the op runs on integers;
+  * graph outputs stay float unless the target says otherwise; every other op stays float and
+    ``ctx.float_ops`` says why.
+With ``weight_bits < 8`` the first and last weighted ops keep ``first_last_bits``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.context import QuantContext
+from onnxq.errors import PassError
+from onnxq.pass_infra import Pass, PassResult
+from onnxq.spec import INT32_BIAS, Granularity, QuantSpec
+from onnxq.targets import WEIGHT_INPUTS, Target
+
+log = logging.getLogger(__name__)
+
+_FLOAT = np.dtype(np.float32)
+
+
+def node_key(node: gs.Node) -> str:
+    """A stable, unique label for reports: the node name, else ``op(first output)``."""
+    return node.name or f"{node.op}({node.outputs[0].name if node.outputs else ''})"
+
+
+def is_float_activation(t: gs.Tensor) -> bool:
+    """A non-constant tensor known to be float32."""
+    if isinstance(t, gs.Constant) or t.dtype is None:
+        return False
+    try:
+        return np.dtype(t.dtype) == _FLOAT
+    except TypeError:
+        return False
+
+
+def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
+    """Output-channel axis of a weight: Conv 0, ConvTranspose 1 (group 1), Gemm by transB, MatMul last."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        return weight.ndim - 1 if weight.ndim >= 2 else None
+    return None
+
+
+class AssignSpecsPass(Pass):
+    """Plan the quantization of every tensor (see module docstring)."""
+
+    def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
+        if not isinstance(ctx.target, Target):
+            raise PassError("AssignSpecsPass needs ctx.target")
+
+    def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        cfg, target = ctx.config, ctx.target
+        act_spec = target.activation_spec(cfg)
+        excluded = set(cfg.exclude)
+        weighted = [n for n in graph.nodes if self._weighted_reason(n) is None and not self._is_excluded(n, excluded)]
+        first_last = {id(weighted[0]), id(weighted[-1])} if weighted else set()
+        output_ids = {id(t) for t in graph.outputs}
+
+        def want(t: gs.Tensor) -> None:
+            if target.quantize_graph_outputs or id(t) not in output_ids:
+                ctx.specs.setdefault(t.name, act_spec)
+
+        for node in graph.nodes:
+            if self._is_excluded(node, excluded):
+                ctx.float_ops[node_key(node)] = "excluded by the user"
+                continue
+            if node.op in target.weight_ops:
+                reason = self._weighted_reason(node)
+                if reason is not None:
+                    ctx.float_ops[node_key(node)] = reason
+                    continue
+                bits = cfg.weight_bits
+                if id(node) in first_last and cfg.first_last_bits is not None:
+                    bits = cfg.first_last_bits
+                self._plan_weighted(node, target, ctx, bits, want)
+            elif node.op in target.activation_ops:
+                acts = [t for t in node.inputs if is_float_activation(t)]
+                if not acts or not all(is_float_activation(o) for o in node.outputs[:1]):
+                    ctx.float_ops[node_key(node)] = "inputs or output not float tensors"
+                    continue
+                if len(acts) != sum(1 for t in node.inputs if t.name):
+                    ctx.float_ops[node_key(node)] = "has a constant operand (no integer kernel planned for it)"
+                    continue
+                for t in acts:
+                    want(t)
+                want(node.outputs[0])
+            elif node.op not in target.passthrough_ops and node.op not in target.fusable_activations:
+                ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
+
+        self._propagate_passthrough(graph, ctx, target, output_ids)
+        ctx.report["plan"] = {
+            "activations": len([n for n in ctx.specs if ctx.specs[n] is act_spec]),
+            "shared": len(ctx.shared),
+            "float_ops": len(ctx.float_ops),
+        }
+        return PassResult(graph, False)
+
+    @staticmethod
+    def _is_excluded(node: gs.Node, excluded: set[str]) -> bool:
+        return node.name in excluded or node.op in excluded
+
+    @staticmethod
+    def _weighted_reason(node: gs.Node) -> str | None:
+        """None when the node is a quantizable weighted op, else why not."""
+        if node.op not in WEIGHT_INPUTS:
+            return "not a weighted op"
+        w_idx, _ = WEIGHT_INPUTS[node.op]
+        if len(node.inputs) <= w_idx:
+            return "missing weight input"
+        w = node.inputs[w_idx]
+        if not isinstance(w, gs.Constant):
+            return "weight is not a constant (dynamic weights stay float)"
+        if np.asarray(w.values).dtype != _FLOAT:
+            return f"weight dtype {np.asarray(w.values).dtype} is not float32"
+        if not is_float_activation(node.inputs[0]):
+            return "activation input is not a known float32 tensor"
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            return "Gemm with transA=1 has no integer kernel"
+        return None
+
+    def _plan_weighted(self, node: gs.Node, target: Target, ctx: QuantContext, bits: int, want) -> None:
+        w_idx, b_idx = WEIGHT_INPUTS[node.op]
+        w = node.inputs[w_idx]
+        values = np.asarray(w.values)
+        spec = target.weight_spec(ctx.config, bits)
+        axis = weight_axis(node, values) if spec.granularity is Granularity.CHANNEL else None
+        spec = spec.with_axis(axis) if axis is not None else QuantSpec(
+            bits=spec.bits, signed=spec.signed, symmetric=spec.symmetric, scale_kind=spec.scale_kind,
+            narrow=spec.narrow)
+        previous = ctx.specs.get(w.name)
+        if previous is not None and previous != spec:
+            # A weight shared by ops wanting different axes: one per-tensor scale serves both.
+            spec = QuantSpec(bits=max(bits, previous.bits), signed=True, symmetric=True,
+                             scale_kind=spec.scale_kind, narrow=max(bits, previous.bits) == 8)
+        ctx.specs[w.name] = spec
+        want(node.inputs[0])
+        if b_idx is not None and len(node.inputs) > b_idx and isinstance(node.inputs[b_idx], gs.Constant):
+            b = np.asarray(node.inputs[b_idx].values)
+            if b.ndim == 1 and b.dtype == _FLOAT and len(node.inputs[b_idx].outputs) == 1:
+                ctx.specs[node.inputs[b_idx].name] = INT32_BIAS
+        out = effective_output(node, target)
+        if is_float_activation(out):
+            want(out)
+
+    def _propagate_passthrough(self, graph: gs.Graph, ctx: QuantContext, target: Target, output_ids: set) -> None:
+        for node in graph.nodes:  # topological order: chains propagate in one sweep
+            if node.op not in target.passthrough_ops or not node.inputs or not node.outputs:
+                continue
+            src = node.inputs[0]
+            if src.name not in ctx.specs or ctx.specs[src.name].bits != 8 or isinstance(src, gs.Constant):
+                continue
+            for out in node.outputs:
+                if is_float_activation(out) and (target.quantize_graph_outputs or id(out) not in output_ids):
+                    ctx.specs[out.name] = ctx.specs[src.name]
+                    ctx.shared[out.name] = ctx.shared.get(src.name, src.name)
+
+
+def effective_output(node: gs.Node, target: Target) -> gs.Tensor:
+    """The output after a single-consumer chain of fusable activations (Relu, constant Clip)."""
+    out = node.outputs[0]
+    while len(out.outputs) == 1:
+        nxt = out.outputs[0]
+        if nxt.op not in target.fusable_activations or nxt.inputs[0] is not out:
+            break
+        if nxt.op == "Clip" and not all(isinstance(t, gs.Constant) for t in nxt.inputs[1:] if t.name):
+            break
+        out = nxt.outputs[0]
+    return out

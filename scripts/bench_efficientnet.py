@@ -1,0 +1,432 @@
+"""EfficientNet-Lite0 benchmark: onnxq against onnxruntime's own static quantizer.
+
+For the FP32 model and each quantized model, on the evaluation split of the shared ImageNet
+sample (750 images; calibration uses the other 250), it measures: top-1 accuracy, top-1
+agreement with FP32, file size (and ratio to FP32), quantization wall time, and ORT CPU latency
+at batch 1 and 32 (``ORT_ENABLE_ALL``, ``CPUExecutionProvider``, default threads; warmup, then
+the median of N timed runs). It also records which kernels ORT ends up running (op counts of
+the ORT-optimized graph), which shows whether Q/DQ pairs were fused into integer kernels.
+
+ORT side: ``quant_pre_process`` (ORT's recommended pre-step: symbolic shape inference, basic
+graph optimization, ONNX shape inference), then ``quantize_static`` in QDQ format, per-channel,
+QUInt8 activations, QInt8 weights, with MinMax / Entropy / Percentile calibration (ORT defaults
+otherwise). ORT W4A8 (QInt4 weights) needs INT4 Q/DQ, which ONNX has from opset 21: the
+preprocessed model is converted to opset 21 with ``onnx.version_converter`` first (without that,
+ORT keeps opset 13 and writes ``com.microsoft`` Q/DQ contrib ops; see ``ort_w4a8_minmax_contrib``).
+
+onnxq side: ``onnxq.quantize`` with the named ``QuantConfig`` entries of ``ONNXQ_CONFIGS``;
+skipped with a note while ``onnxq.quantize`` does not exist.
+
+Usage::
+
+    python scripts/bench_efficientnet.py [--out-dir build/bench] [--only NAME[,NAME]]
+        [--latency-runs N] [--limit N] [--json results.json] [--markdown [PATH]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_efficientnet import export_efficientnet_lite0  # noqa: E402
+from imagenet_sample import PREPROC_TAG, load_split  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INPUT = "input"
+EVAL_BATCH = 32
+CALIB_BATCH = 25
+CALIB_STRIDE_IMAGES = 50
+
+
+@dataclass(frozen=True)
+class OrtEntry:
+    """One ``onnxruntime.quantization.quantize_static`` configuration."""
+
+    name: str
+    method: str  # "MinMax" | "Entropy" | "Percentile"
+    weight_type: str = "QInt8"  # QuantType member name
+    opset21: bool = False  # convert to opset 21 before quantizing (native INT4 Q/DQ)
+    extra_options: dict[str, Any] = field(default_factory=dict)
+    default: bool = True  # part of the default run (else only with --only)
+
+
+@dataclass(frozen=True)
+class OnnxqEntry:
+    """One onnxq configuration: keyword arguments of ``onnxq.QuantConfig``."""
+
+    name: str
+    params: dict[str, Any]
+    default: bool = True
+
+
+ORT_CONFIGS: list[OrtEntry] = [
+    OrtEntry("ort_w8a8_minmax", "MinMax"),
+    OrtEntry("ort_w8a8_entropy", "Entropy"),
+    OrtEntry("ort_w8a8_percentile", "Percentile"),  # ORT default: 99.999th pct, symmetric range
+    OrtEntry("ort_w4a8_minmax", "MinMax", weight_type="QInt4", opset21=True),
+    OrtEntry("ort_w8a8_percentile_asym", "Percentile",
+             extra_options={"CalibTensorRangeSymmetric": False}, default=False),
+    OrtEntry("ort_w4a8_minmax_contrib", "MinMax", weight_type="QInt4", default=False),
+]
+
+_W8A8 = dict(target="ort-cpu", weight_bits=8, per_channel=True, activation_dtype="uint8",
+             scale_kind="float", seed=0)
+ONNXQ_CONFIGS: list[OnnxqEntry] = [
+    OnnxqEntry("onnxq_w8a8_minmax", {**_W8A8, "calib_method": "minmax"}),
+    OnnxqEntry("onnxq_w8a8_percentile", {**_W8A8, "calib_method": "percentile"}),
+    OnnxqEntry("onnxq_w8a8_mse", {**_W8A8, "calib_method": "mse"}),
+    OnnxqEntry("onnxq_w8a8_entropy", {**_W8A8, "calib_method": "entropy"}),
+    OnnxqEntry("onnxq_w8a8_pow2", {**_W8A8, "activation_dtype": "int8", "scale_kind": "pow2",
+                                   "calib_method": "mse"}),
+    OnnxqEntry("onnxq_w4a8_rtn", {**_W8A8, "weight_bits": 4, "calib_method": "minmax"}),
+]
+
+
+def machine_info() -> dict[str, Any]:
+    """nproc, CPU model and int8-relevant flags, date and library versions."""
+    import datetime
+    import os
+    import platform
+
+    import onnx
+    import onnxruntime
+    import torch
+
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or "unknown"
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return {"nproc": os.cpu_count(), "cpu": cpu, "cpu_flags": isa,
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+_KERNELS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool", "ConvInteger",
+            "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "FusedConv", "Conv", "NchwcConv",
+            "FusedGemm", "Gemm")
+
+
+def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Markdown section (results table, kernels table, setup) for docs/benchmarks.md."""
+    lines = [
+        f"### EfficientNet-Lite0, ImageNet sample ({meta['n_eval']} eval images, "
+        f"{meta['n_calib']} calibration images)", "",
+        "| model | tool | top-1 % | agree w/ FP32 % | size MB | size ratio | quant time s "
+        "| b1 ms | b1 ratio | b32 ms | b32 ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['tool']} | failed: {r['error'][:80]} |"
+                         + " |" * 8)
+            continue
+        q = "-" if r["quant_s"] is None else f"{r['quant_s']:.1f}"
+        lines.append(
+            f"| {r['name']} | {r['tool']} | {r['top1']:.2f} | {r['agree']:.2f} "
+            f"| {r['size_bytes'] / 1e6:.2f} | {r['size_ratio']:.3f} | {q} "
+            f"| {r['lat_b1_ms']:.2f} | {r['lat_b1_ratio']:.2f} | {r['lat_b32_ms']:.1f} "
+            f"| {r['lat_b32_ratio']:.2f} |")
+    lines += ["", "Kernels ORT runs after `ORT_ENABLE_ALL` (op counts of the optimized graph):", "",
+              "| model | kernels | notes |", "|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            continue
+        ops = r.get("ort_opt_ops", {})
+        shown = [f"{k} {ops[k]}" for k in _KERNELS if ops.get(k)]
+        rest = sum(v for k, v in ops.items() if k not in _KERNELS)
+        lines.append(f"| {r['name']} | {', '.join(shown)}{f', other {rest}' if rest else ''} "
+                     f"| {'; '.join(r.get('notes', []))} |")
+    lines += [
+        "", f"- Machine: {meta['nproc']} CPUs, {meta['cpu']} (flags: {', '.join(meta['cpu_flags'])}); "
+        f"{meta['date']}.",
+        f"- Versions: Python {meta['python']}, onnxruntime {meta['onnxruntime']}, onnx {meta['onnx']}, "
+        f"torch {meta['torch']}, numpy {meta['numpy']}.",
+        f"- Latency: CPUExecutionProvider, ORT_ENABLE_ALL, default threads; median of "
+        f"{meta['latency_runs']} (batch 1) / {meta['latency_runs_b32']} (batch 32) runs after "
+        f"warmup, the models' runs interleaved in 5 rounds; ratios are to FP32. Load average "
+        f"(1 min) {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end.",
+        "- Accuracy: top-1 on the evaluation split with batch-32 sessions; agreement = same "
+        "top-1 class as FP32.",
+        f"- Preprocessing: {meta['preprocessing']} (center crop 0.875, bicubic 224, (x-127)/128).",
+        f"- Whole run: {meta['total_s']:.0f} s. Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _session(path: Path, optimized_out: Path | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_out is not None:
+        opts.optimized_model_filepath = str(optimized_out)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _predict(sess, x: np.ndarray) -> np.ndarray:
+    out = [sess.run(None, {INPUT: x[i:i + EVAL_BATCH]})[0] for i in range(0, len(x), EVAL_BATCH)]
+    return np.concatenate(out).argmax(axis=1)
+
+
+def _timed_runs(sess, feed: dict[str, np.ndarray], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int,
+                    rounds: int = 5) -> dict[str, float]:
+    """Median latency (ms) per model, with the models' runs interleaved.
+
+    Each of ``rounds`` rounds gives every model one warmup run and then ``ceil(runs / rounds)``
+    timed runs, so that slow drifts in machine load hit all models alike; the median is over
+    all timed runs of a model.
+    """
+    feed = {INPUT: np.ascontiguousarray(x[:batch])}
+    sessions = {name: _session(p) for name, p in paths.items()}
+    per_round = max(1, -(-runs // rounds))
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for name, sess in sessions.items():  # first warmup (arena allocation, kernel selection)
+        _timed_runs(sess, feed, 2 if batch == 1 else 1)
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            _timed_runs(sess, feed, 1)
+            times[name] += _timed_runs(sess, feed, per_round)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def evaluate(path: Path, x: np.ndarray, y: np.ndarray, opt_dir: Path) -> dict[str, Any]:
+    """Top-1 predictions/accuracy (batch 32) and the op counts of the ORT-optimized graph."""
+    opt_path = opt_dir / f"{path.stem}.ort_opt.onnx"
+    sess = _session(path, optimized_out=opt_path)
+    t0 = time.perf_counter()
+    pred = _predict(sess, x)
+    eval_s = time.perf_counter() - t0
+    ops = _op_counts(opt_path) if opt_path.is_file() else {}
+    return {"pred": pred, "top1": float(np.mean(pred == y) * 100), "eval_s": eval_s,
+            "ort_opt_ops": ops, "model_ops": _op_counts(path)}
+
+
+class _Reader:
+    """``CalibrationDataReader`` over fixed batches of the calibration split (with set_range)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.batches = [x[i:i + CALIB_BATCH] for i in range(0, len(x), CALIB_BATCH)]
+        self.start, self.end, self.i = 0, len(self.batches), 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end, self.i = start_index, min(end_index, len(self.batches)), start_index
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= self.end:
+            return None
+        self.i += 1
+        return {INPUT: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = self.start
+
+
+def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) -> dict[str, Any]:
+    """Run ORT's recommended flow for one entry; return timing and notes."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader_cls = type("Reader", (_Reader, CalibrationDataReader), {})
+    reader = reader_cls(calib_x)
+    # ORT's calibrators keep every calibrated tensor of every batch in memory until the end
+    # (~52 MB per image here, 13 GB for 250 images); CalibStridedMinMax makes ORT calibrate
+    # in chunks of `stride` batches and merge (exact for MinMax, histogram merge otherwise).
+    stride = max(1, min(len(reader), CALIB_STRIDE_IMAGES // CALIB_BATCH))
+    while len(reader) % stride:
+        stride -= 1
+    extra = {"CalibStridedMinMax": stride, **entry.extra_options}
+    notes = ["quant_pre_process", f"calib stride {stride * CALIB_BATCH} images"]
+    t0 = time.perf_counter()
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    src = pre
+    if entry.opset21:
+        model = onnx.version_converter.convert_version(onnx.load(str(pre)), 21)
+        src = out.with_name(out.stem + ".pre21.onnx")
+        onnx.save(model, str(src))
+        notes.append("opset 13->21 (onnx.version_converter)")
+    quantize_static(
+        str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType[entry.weight_type],
+        calibrate_method=CalibrationMethod[entry.method], extra_options=extra)
+    seconds = time.perf_counter() - t0
+    model = onnx.load(str(out), load_external_data=False)
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import
+              if o.domain in ("", "ai.onnx", "com.microsoft")}
+    qdq_domains = sorted({n.domain or "ai.onnx" for n in model.graph.node
+                          if n.op_type in ("QuantizeLinear", "DequantizeLinear")})
+    notes.append(f"Q/DQ domain {','.join(qdq_domains)}; opsets {opsets}")
+    if entry.extra_options:
+        notes.append(f"extra_options {entry.extra_options}")
+    return {"quant_s": seconds, "notes": notes}
+
+
+def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
+                   out: Path) -> dict[str, Any] | None:
+    """Run ``onnxq.quantize``; return None (with a printed note) when not available."""
+    try:
+        import onnxq
+        quantize, config_cls = onnxq.quantize, onnxq.QuantConfig
+    except (ImportError, AttributeError) as exc:
+        print(f"  SKIP {entry.name}: onnxq.quantize / QuantConfig not available yet ({exc})")
+        return None
+    try:
+        cfg = config_cls(**entry.params)
+    except (TypeError, ValueError) as exc:
+        print(f"  SKIP {entry.name}: QuantConfig rejected {entry.params}: {exc}")
+        return None
+    calib = [{INPUT: calib_x[i:i + CALIB_BATCH]} for i in range(0, len(calib_x), CALIB_BATCH)]
+    t0 = time.perf_counter()
+    result = quantize(str(fp32), calib, cfg)  # validation=None: onnxq holds out calib batches
+    result.save(str(out))
+    seconds = time.perf_counter() - t0
+    report = getattr(result, "report", {}) or {}
+    return {"quant_s": seconds, "notes": [f"QuantConfig({entry.params})"],
+            "onnxq_report": {k: report.get(k) for k in ("validation", "float_ops", "timings")}}
+
+
+def _select(only: str | None) -> tuple[list[OrtEntry], list[OnnxqEntry]]:
+    if not only:
+        return ([e for e in ORT_CONFIGS if e.default], [e for e in ONNXQ_CONFIGS if e.default])
+    names = {n.strip() for n in only.split(",") if n.strip()} - {"fp32"}
+    known = {e.name for e in ORT_CONFIGS} | {e.name for e in ONNXQ_CONFIGS}
+    unknown = names - known
+    if unknown:
+        raise SystemExit(f"unknown --only name(s) {sorted(unknown)}; known: fp32, {sorted(known)}")
+    return ([e for e in ORT_CONFIGS if e.name in names], [e for e in ONNXQ_CONFIGS if e.name in names])
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "build" / "bench")
+    ap.add_argument("--only", help="comma-separated config names (FP32 always runs)")
+    ap.add_argument("--latency-runs", type=int, default=30, help="timed runs at batch 1")
+    ap.add_argument("--latency-runs-b32", type=int, default=10, help="timed runs at batch 32")
+    ap.add_argument("--limit", type=int, help="use only the first N evaluation images")
+    ap.add_argument("--calib-limit", type=int, help="use only the first N calibration images")
+    ap.add_argument("--json", type=Path, help="write all results to this JSON file")
+    ap.add_argument("--markdown", nargs="?", const="-", metavar="PATH",
+                    help="print (or write to PATH) a markdown report for docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+
+    ort_entries, onnxq_entries = _select(args.only)
+    out_dir = args.out_dir
+    opt_dir = out_dir / "ort_optimized"
+    opt_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = export_efficientnet_lite0(REPO_ROOT / "build" / "models" / "efficientnet_lite0.onnx")
+    x_eval, y_eval = load_split("eval", args.limit)
+    x_cal, _ = load_split("calib", args.calib_limit)
+    print(f"eval {x_eval.shape}, calib {x_cal.shape}, preprocessing {PREPROC_TAG}")
+
+    rows: list[dict[str, Any]] = []
+    paths: dict[str, Path] = {}
+    print("[fp32] evaluating")
+    ref = evaluate(fp32, x_eval, y_eval, opt_dir)
+    jobs: list[tuple[str, str, Any]] = [("fp32", "-", None)]
+    jobs += [(e.name, "onnxruntime", e) for e in ort_entries]
+    jobs += [(e.name, "onnxq", e) for e in onnxq_entries]
+    for name, tool, entry in jobs:
+        if tool == "-":
+            path, info, res = fp32, {"quant_s": None, "notes": ["torch.onnx export, opset 13"]}, ref
+        else:
+            path = out_dir / f"{name}.onnx"
+            print(f"[{name}] quantizing")
+            try:
+                info = (quantize_ort(entry, fp32, x_cal, path) if tool == "onnxruntime"
+                        else quantize_onnxq(entry, fp32, x_cal, path))
+                if info is None:
+                    continue
+                print(f"[{name}] evaluating")
+                res = evaluate(path, x_eval, y_eval, opt_dir)
+            except Exception as exc:  # keep the benchmark going; record the failure
+                print(f"  FAILED {name}: {type(exc).__name__}: {exc}")
+                rows.append({"name": name, "tool": tool, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+        paths[name] = path
+        rows.append({"name": name, "tool": tool, "path": str(path), **info,
+                     **{k: v for k, v in res.items() if k != "pred"},
+                     "agree": float(np.mean(res["pred"] == ref["pred"]) * 100),
+                     "size_bytes": path.stat().st_size,
+                     "size_ratio": path.stat().st_size / fp32.stat().st_size})
+        q = rows[-1]["quant_s"]
+        print(f"  top1 {rows[-1]['top1']:.2f}%  agree {rows[-1]['agree']:.2f}%  "
+              f"size {rows[-1]['size_bytes'] / 1e6:.2f} MB  quant {q if q is None else round(q, 1)} s")
+
+    print(f"latency: batch 1 x {args.latency_runs}, batch {EVAL_BATCH} x {args.latency_runs_b32}, "
+          f"models interleaved")
+    lat1 = measure_latency(paths, x_eval, 1, args.latency_runs)
+    lat32 = measure_latency(paths, x_eval, EVAL_BATCH, args.latency_runs_b32)
+    for row in rows:
+        if row["name"] in paths:
+            row.update(lat_b1_ms=lat1[row["name"]], lat_b32_ms=lat32[row["name"]],
+                       lat_b1_ratio=lat1[row["name"]] / lat1["fp32"],
+                       lat_b32_ratio=lat32[row["name"]] / lat32["fp32"])
+            print(f"  {row['name']:28s} b1 {row['lat_b1_ms']:8.2f} ms ({row['lat_b1_ratio']:.2f}x)  "
+                  f"b32 {row['lat_b32_ms']:9.1f} ms ({row['lat_b32_ratio']:.2f}x)")
+
+    total_s = time.perf_counter() - t_start
+    meta = {**machine_info(), "command": command, "n_eval": int(len(y_eval)),
+            "n_calib": int(len(x_cal)), "latency_runs": args.latency_runs,
+            "latency_runs_b32": args.latency_runs_b32, "preprocessing": PREPROC_TAG,
+            "total_s": total_s, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    print(f"total wall time {total_s:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str))
+        print(f"wrote {args.json}")
+    if args.markdown:
+        text = markdown_report(meta, rows)
+        if args.markdown == "-":
+            print(text)
+        else:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(text)
+            print(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()

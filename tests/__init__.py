@@ -1,0 +1,1 @@
+"""onnxq tests (a package so that ``from tests.helpers import ...`` works)."""

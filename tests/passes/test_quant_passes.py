@@ -1,0 +1,228 @@
+"""AssignSpecs / Calibrate / InsertQDQ / Cleanup: the structure they emit and the numerics in ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxq.config import QuantConfig
+from onnxq.context import QuantContext
+from onnxq.graph import to_graph, to_model
+from onnxq.pass_infra import PassManager
+from onnxq.passes.assign_specs import AssignSpecsPass
+from onnxq.passes.calibrate import CalibratePass
+from onnxq.passes.cleanup import CleanupPass
+from onnxq.passes.insert_qdq import InsertQDQPass, fit_bias
+from onnxq.spec import INT8_WEIGHT_PC, QParams, is_power_of_two
+from onnxq.targets import get_target
+from tests.helpers import initializer, make_model, op_types, random_feeds, run_ort
+
+CNN = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N,3,8,8] x) => (float[N,5] y)
+  <float[8,3,3,3] w1, float[8] b1, float[8,8,1,1] w2, float[8] b2, float[8,5] wf, float[5] bf> {
+    c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r1)
+    c2 = Conv (p1, w2, b2)
+    a = Add (c2, p1)
+    g1 = GlobalAveragePool (a)
+    f = Flatten (g1)
+    y = Gemm (f, wf, bf)
+}"""
+
+
+def _ctx(config: QuantConfig, calib=None) -> QuantContext:
+    return QuantContext(config=config, target=get_target(config.target), calib=calib)
+
+
+def _quantize(model: onnx.ModelProto, config: QuantConfig, n: int = 6) -> tuple[onnx.ModelProto, QuantContext]:
+    feeds = [random_feeds(model, seed=i, batch=4) for i in range(n)]
+    ctx = _ctx(config, feeds)
+    graph = to_graph(onnx.shape_inference.infer_shapes(model))
+    from onnxq.graph import set_opset
+
+    set_opset(graph, config.output_opset)
+    PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
+    out = to_model(graph, template=model)
+    onnx.checker.check_model(out, full_check=True)
+    return out, ctx
+
+
+def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
+
+
+def test_assign_specs_places_qdq_the_onnxruntime_way():
+    model = onnx.shape_inference.infer_shapes(make_model(CNN))
+    ctx = _ctx(QuantConfig())
+    AssignSpecsPass()(to_graph(model), ctx)
+    # Relu is fused into the first conv's output quantizer: c1 itself is not quantized.
+    assert "r1" in ctx.specs and "c1" not in ctx.specs
+    assert ctx.specs["w1"].axis == 0 and ctx.specs["w1"].narrow and ctx.specs["w1"].bits == 8
+    assert ctx.specs["wf"].axis == 1  # Gemm transB=0: output channels are columns
+    assert ctx.specs["b1"].bits == 32
+    assert ctx.shared["p1"] == "r1"  # MaxPool output reuses its input's parameters
+    assert "y" not in ctx.specs  # graph outputs stay float
+    assert ctx.specs["x"].bits == 8 and not ctx.specs["x"].signed
+
+
+def test_assign_specs_reasons_and_exclusions():
+    text = CNN.replace("f = Flatten (g1)", "e = Exp (g1)\n    f = Flatten (e)")
+    model = onnx.shape_inference.infer_shapes(make_model(text))
+    ctx = _ctx(QuantConfig(exclude=("Add",)))
+    graph = to_graph(model)
+    AssignSpecsPass()(graph, ctx)
+    by_op = {n.name or n.outputs[0].name: n.op for n in graph.nodes}
+    reasons = {by_op.get(k, k): v for k, v in ctx.float_ops.items()}
+    assert "excluded by the user" in ctx.float_ops.values()
+    assert any("Exp has no integer kernel" in v for v in reasons.values())
+
+
+def test_first_and_last_layers_keep_8_bits_with_int4():
+    model = onnx.shape_inference.infer_shapes(make_model(CNN))
+    ctx = _ctx(QuantConfig(weight_bits=4))
+    AssignSpecsPass()(to_graph(model), ctx)
+    assert (ctx.specs["w1"].bits, ctx.specs["w2"].bits, ctx.specs["wf"].bits) == (8, 4, 8)
+    ctx = _ctx(QuantConfig(weight_bits=4, first_last_bits=None))
+    AssignSpecsPass()(to_graph(model), ctx)
+    assert {ctx.specs[w].bits for w in ("w1", "w2", "wf")} == {4}
+
+
+def test_w8a8_structure_and_fidelity():
+    model = make_model(CNN)
+    q, ctx = _quantize(model, QuantConfig())
+    ops = op_types(q)
+    assert ops.count("Conv") == 2 and "QuantizeLinear" in ops
+    # Weight constants are int8 in [-127, 127]; biases int32 with s_b = s_in * s_w.
+    w1 = initializer(q, "w1_quantized")
+    assert w1.dtype == np.int8 and w1.min() >= -127
+    b1_scale = initializer(q, "b1_scale")
+    np.testing.assert_allclose(b1_scale, ctx.qparams["x"].scale * ctx.qparams["w1"].scale, rtol=1e-6)
+    assert initializer(q, "b1_quantized").dtype == np.int32
+    feeds = random_feeds(model, seed=99, batch=4)
+    ref = run_ort(model, feeds)[0]
+    fused, plain = run_ort(q, feeds, "all")[0], run_ort(q, feeds, "disable")[0]
+    assert _sqnr(ref, plain) > 25
+    np.testing.assert_allclose(fused, plain, atol=0.05 * np.abs(ref).max())
+    assert q.graph.output[0].name == "y"
+
+
+def test_qdq_model_equals_numpy_simulation_of_one_conv():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,3,6,6] x) => (float[N,4,6,6] y) <float[4,3,3,3] w, float[4] b> {
+        c = Conv <pads=[1,1,1,1]> (x, w, b)
+        y = Relu (c)
+    }"""
+    model = make_model(text)
+    cfg = QuantConfig(calib_method="minmax")
+    from onnxq.targets import TARGETS, Target
+
+    # Quantize the graph output too, so the whole Q/DQ chain is checked against numpy.
+    t = TARGETS["ort-cpu"]
+    target = Target(t.name, t.description, t.weight_ops, t.activation_ops, t.passthrough_ops,
+                    t.fusable_activations, quantize_graph_outputs=True)
+    feeds = [random_feeds(model, seed=i, batch=2) for i in range(3)]
+    ctx = QuantContext(config=cfg, target=target, calib=feeds)
+    graph = to_graph(onnx.shape_inference.infer_shapes(model))
+    PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
+    q = to_model(graph, template=model)
+    x = feeds[0]["x"]
+    from onnxq.spec import fake_quantize
+
+    xq = fake_quantize(x, ctx.qparams["x"])
+    wq = fake_quantize(initializer(model, "w"), ctx.qparams["w"])
+    bq = fake_quantize(initializer(model, "b"), ctx.qparams["b"])
+    ref_model = make_model(text, w=wq, b=bq)
+    expected = fake_quantize(run_ort(ref_model, {"x": xq}, "disable")[0], ctx.qparams["y"])
+    got = run_ort(q, {"x": x}, "disable")[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_pow2_scales_are_exact_powers_of_two():
+    model = make_model(CNN)
+    q, ctx = _quantize(model, QuantConfig(scale_kind="pow2"))
+    for node in q.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert np.all(is_power_of_two(initializer(q, node.input[1]))), node.name
+    feeds = random_feeds(model, seed=5, batch=4)
+    assert _sqnr(run_ort(model, feeds)[0], run_ort(q, feeds)[0]) > 15
+
+
+def test_int4_weights_are_stored_natively_at_opset_21():
+    model = make_model(CNN)
+    q, _ = _quantize(model, QuantConfig(weight_bits=4, first_last_bits=None))
+    assert next(o.version for o in q.opset_import if o.domain == "") >= 21
+    w2 = next(i for i in q.graph.initializer if i.name == "w2_quantized")
+    assert w2.data_type == onnx.TensorProto.INT4
+    vals = onnx.numpy_helper.to_array(w2).astype(np.int8)
+    assert vals.min() >= -8 and vals.max() <= 7
+    feeds = random_feeds(model, seed=3, batch=2)
+    assert _sqnr(run_ort(model, feeds)[0], run_ort(q, feeds)[0]) > 8
+
+
+def test_int8_symmetric_activations_have_zero_zero_points():
+    q, _ = _quantize(make_model(CNN), QuantConfig(activation_dtype="int8"))
+    for node in q.graph.node:
+        if node.op_type == "QuantizeLinear":
+            zp = initializer(q, node.input[2])
+            assert zp.dtype == np.int8 and np.all(zp == 0)
+
+
+def test_fit_bias_raises_weight_scale_to_avoid_int32_overflow():
+    qp = QParams(np.array([1e-9, 1e-2], np.float32), np.zeros(2, np.int64), INT8_WEIGHT_PC.with_axis(0))
+    bias = np.array([100.0, 0.1], np.float32)
+    fitted = fit_bias(qp, np.float32(1e-3), bias)
+    codes = np.rint(bias / (fitted.scale * 1e-3))
+    assert np.all(np.abs(codes) <= 2**31 - 1)
+    assert fitted.scale[0] > qp.scale[0] and fitted.scale[1] == qp.scale[1]
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_matmul_and_gemm_weight_axes(trans_b):
+    shape = "[5,8]" if trans_b else "[8,5]"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,8] x) => (float[N,5] y, float[N,5] z) <float{shape} w, float[8,5] m> {{
+        y = Gemm <transB={trans_b}> (x, w)
+        z = MatMul (x, m)
+    }}"""
+    model = onnx.shape_inference.infer_shapes(make_model(text))
+    ctx = _ctx(QuantConfig())
+    AssignSpecsPass()(to_graph(model), ctx)
+    assert ctx.specs["w"].axis == (0 if trans_b else 1)
+    assert ctx.specs["m"].axis == 1
+    q, _ = _quantize(model, QuantConfig())
+    feeds = random_feeds(model, seed=1, batch=3)
+    for ref, got in zip(run_ort(model, feeds), run_ort(q, feeds)):
+        assert _sqnr(ref, got) > 30
+
+
+def test_onnxruntime_fuses_the_emitted_qdq_into_integer_kernels():
+    from onnxq.validate import optimized_op_counts
+
+    q, _ = _quantize(make_model(CNN), QuantConfig())
+    counts = optimized_op_counts(q)
+    assert counts.get("QLinearConv", 0) == 2
+    assert counts.get("QGemm", 0) == 1
+    assert counts.get("QLinearAdd", 0) == 1
+    assert counts.get("QLinearGlobalAveragePool", 0) == 1
+    assert not {"Conv", "Gemm", "FusedConv"} & set(counts)
+
+
+def test_onnxruntime_fuses_matmul_with_per_column_weights():
+    from onnxq.validate import optimized_op_counts
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,8] x) => (float[N,4] z) <float[8,6] m, float[6,4] m2> {
+        h = MatMul (x, m)
+        r = Relu (h)
+        z = MatMul (r, m2)
+    }"""
+    q, _ = _quantize(make_model(text), QuantConfig())
+    counts = optimized_op_counts(q)
+    integer = {k: v for k, v in counts.items() if k in ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")}
+    assert sum(integer.values()) == 2, counts
