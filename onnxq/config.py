@@ -8,6 +8,7 @@ from onnxq.errors import UserError
 
 WEIGHT_BITS = (8, 4)
 ACTIVATION_DTYPES = ("uint8", "int8")
+ACTIVATION_BITS = (8, 4)
 SCALE_KINDS = ("float", "pow2")
 CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
 WEIGHT_METHODS = ("minmax", "mse")
@@ -22,6 +23,8 @@ class QuantConfig:
         weight_bits: 8 or 4 (INT4 is stored natively, opset 21).
         per_channel: one weight scale per output channel (the right axis per op) or one per tensor.
         activation_dtype: "uint8" (asymmetric) or "int8" (symmetric).
+        activation_bits: 8, or 4 (uint4/int4 storage, opset 21; graph inputs and the last
+            layer's input stay at 8 bits when first_last_bits is 8).
         scale_kind: "float" or "pow2" (every scale an exact power of two).
         calib_method: activation range method: minmax | percentile | mse | entropy.
         weight_method: weight range method: minmax | mse.
@@ -40,6 +43,7 @@ class QuantConfig:
     weight_bits: int = 8
     per_channel: bool = True
     activation_dtype: str = "uint8"
+    activation_bits: int = 8
     scale_kind: str = "float"
     calib_method: str = "minmax"
     weight_method: str = "minmax"
@@ -55,6 +59,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
         _choice("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
+        _choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
         _choice("scale_kind", self.scale_kind, SCALE_KINDS)
         _choice("calib_method", self.calib_method, CALIB_METHODS)
         _choice("weight_method", self.weight_method, WEIGHT_METHODS)
@@ -68,7 +73,8 @@ class QuantConfig:
 
     @property
     def output_opset(self) -> int:
-        need = 21 if min(self.weight_bits, self.first_last_bits or 8) == 4 else 13
+        low = min(self.weight_bits, self.first_last_bits or 8, self.activation_bits)
+        need = 21 if low == 4 else 13
         return max(need, self.opset or 0)
 
     def to_dict(self) -> dict:

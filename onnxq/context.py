@@ -9,6 +9,9 @@ Fields and who writes them:
     qparams     tensor name -> QParams (CalibratePass for activations, InsertQDQPass for weights/biases).
     float_weights  weight name -> float array before quantization (InsertQDQPass; reconstruction reads it).
     float_ops   node name -> reason it stays float (AssignSpecsPass).
+    bn_stats    output tensor of an op a BatchNormalization was folded into -> (beta, gamma) of that BN,
+                so the tensor is ~ N(beta, gamma^2) per channel (FoldBatchNormPass; updated by
+                EqualizeWeightsPass and AbsorbBiasPass, read by AbsorbBiasPass and CorrectBiasPass).
     report      JSON-able dict of everything worth telling the user.
 """
 
@@ -36,6 +39,7 @@ class QuantContext:
     qparams: dict[str, QParams] = field(default_factory=dict)
     float_weights: dict[str, np.ndarray] = field(default_factory=dict)
     float_ops: dict[str, str] = field(default_factory=dict)
+    bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=lambda: {"passes": []})
 
     def log_pass(self, name: str, modified: bool, seconds: float) -> None:

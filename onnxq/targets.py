@@ -56,9 +56,10 @@ class Target:
             scale_kind=ScaleKind(config.scale_kind), narrow=bits == 8,
         )
 
-    def activation_spec(self, config: QuantConfig) -> QuantSpec:
+    def activation_spec(self, config: QuantConfig, bits: int | None = None) -> QuantSpec:
         signed = config.activation_dtype == "int8"
-        return QuantSpec(bits=8, signed=signed, symmetric=signed, granularity=Granularity.TENSOR,
+        return QuantSpec(bits=bits or config.activation_bits, signed=signed, symmetric=signed,
+                         granularity=Granularity.TENSOR,
                          scale_kind=ScaleKind(config.scale_kind))
 
 

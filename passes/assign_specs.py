@@ -113,8 +113,18 @@ class AssignSpecsPass(Pass):
                 ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
 
         self._propagate_passthrough(graph, ctx, target, output_ids)
+        if cfg.activation_bits < 8 and cfg.first_last_bits == 8:
+            # The network input and the classifier's input stay at 8 bits (BRECQ's convention);
+            # a tensor sharing its parameters takes its source (and every other sharer) along.
+            act8 = target.activation_spec(cfg, bits=8)
+            keep8 = [t.name for t in graph.inputs] + ([weighted[-1].inputs[0].name] if weighted else [])
+            roots = {ctx.shared.get(n, n) for n in keep8 if n in ctx.specs}
+            for name in list(ctx.specs):
+                if name in roots or ctx.shared.get(name) in roots:
+                    ctx.specs[name] = act8
+        tensors = graph.tensors()
         ctx.report["plan"] = {
-            "activations": len([n for n in ctx.specs if ctx.specs[n] is act_spec]),
+            "activations": len([n for n in ctx.specs if not isinstance(tensors.get(n), gs.Constant)]),
             "shared": len(ctx.shared),
             "float_ops": len(ctx.float_ops),
         }
@@ -172,7 +182,7 @@ class AssignSpecsPass(Pass):
             if node.op not in target.passthrough_ops or not node.inputs or not node.outputs:
                 continue
             src = node.inputs[0]
-            if src.name not in ctx.specs or ctx.specs[src.name].bits != 8 or isinstance(src, gs.Constant):
+            if src.name not in ctx.specs or ctx.specs[src.name].bits > 8 or isinstance(src, gs.Constant):
                 continue
             for out in node.outputs:
                 if is_float_activation(out) and (target.quantize_graph_outputs or id(out) not in output_ids):

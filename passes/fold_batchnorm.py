@@ -37,6 +37,11 @@ models that carry them in Constant nodes.
 rank of ``X`` (from ``X`` or ``Y``); when both are unknown the node is refused (run shape inference
 first). ``lone_bn="keep"`` leaves it as it is.
 
+**Statistics for DFQ.** Each fold records ``ctx.bn_stats[y] = (beta, gamma)`` for the folded op's new
+output ``y`` (the BN's output name): on the data the BN was trained on, channel ``c`` of ``y`` is
+roughly ``N(beta_c, gamma_c^2)``. Bias absorption and data-free bias correction read it; passes that
+rescale or shift that output (cross-layer equalization, bias absorption) keep it up to date.
+
 The whole pass is skipped when ``ctx.config.fold_batchnorm`` is False. Report:
 ``ctx.report["fold_batchnorm"] = {"folded": n, "decomposed": n, "refused": [{"node", "reason"}]}``.
 """
@@ -88,7 +93,7 @@ class FoldBatchNormPass(Pass):
             if bn.op != "BatchNormalization" or bn.domain not in (None, "", "ai.onnx") or not bn.outputs:
                 continue
             try:
-                kind = self._rewrite(graph, bn, names)
+                kind = self._rewrite(graph, bn, names, ctx.bn_stats)
             except _Refused as exc:
                 reason = str(exc)
                 log.debug("BatchNormalization %s not folded: %s", bn.name, reason)
@@ -101,13 +106,18 @@ class FoldBatchNormPass(Pass):
                 modified = True
         return PassResult(graph, modified=modified)
 
-    def _rewrite(self, graph: gs.Graph, bn: gs.Node, names: _Names) -> str | None:
+    def _rewrite(self, graph: gs.Graph, bn: gs.Node, names: _Names,
+                 bn_stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> str | None:
         """Fold or decompose ``bn``; returns "folded", "decomposed" or None (kept), raises _Refused."""
         k, s = _bn_affine(graph, bn)
         x = bn.inputs[0]
         prod = x.inputs[0] if x.inputs else None
         if prod is not None and prod.op in FOLDABLE_PRODUCERS and prod.domain in (None, "", "ai.onnx"):
+            gamma, beta = (np.asarray(t.values, dtype=np.float64).reshape(-1).copy() for t in bn.inputs[1:3])
+            x_name, y_name = x.name, bn.outputs[0].name
             _fold_into(graph, bn, prod, k, s, names)
+            bn_stats.pop(x_name, None)  # a BN folded earlier into the same op no longer describes its output
+            bn_stats[y_name] = (beta, gamma)
             return "folded"
         if self.lone_bn == "keep":
             return None

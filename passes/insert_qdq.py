@@ -18,6 +18,7 @@ fusion needs it).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -57,18 +58,37 @@ def make_dq(graph: gs.Graph, codes: np.ndarray, qp: QParams, name: str, *, keep_
     return out
 
 
+def container_spec(spec: QuantSpec) -> QuantSpec:
+    """The 8-bit storage of a sub-8-bit activation grid (QCDQ)."""
+    return replace(spec, bits=8, narrow=False) if spec.bits < 8 else spec
+
+
 def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, qp: QParams) -> None:
-    """t -> QuantizeLinear -> DequantizeLinear -> consumers of t (graph outputs keep their name)."""
+    """t -> QuantizeLinear -> DequantizeLinear -> consumers of t (graph outputs keep their name).
+
+    Sub-8-bit activations are stored as Q -> Clip(qmin, qmax) -> DQ in an 8-bit container
+    ("QCDQ"): onnxruntime's QDQ propagation moves Q/DQ through MaxPool/Reshape/... and cannot run
+    those ops on int4 tensors, while 8-bit containers run everywhere and still fuse into integer
+    kernels (values restricted to the 4-bit grid).
+    """
     consumers = list(tensor.outputs)
     name = tensor.name
-    q_out = gs.Variable(name + "_quantized", dtype=qp.spec.numpy_dtype, shape=tensor.shape)
+    store = container_spec(qp.spec)
+    q_out = gs.Variable(name + "_quantized", dtype=store.numpy_dtype, shape=tensor.shape)
     dq_out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=tensor.shape)
     scale = constant(name + "_scale", qp.scale)
-    zp = _zp_constant(name + "_zero_point", qp)
+    zp = constant(name + "_zero_point", qp.zero_point.astype(store.numpy_dtype).reshape(qp.scale.shape))
     q_node = gs.Node("QuantizeLinear", name=name + "_QuantizeLinear", inputs=[tensor, scale, zp], outputs=[q_out])
+    graph.nodes.append(q_node)
+    if store is not qp.spec:
+        clipped = gs.Variable(name + "_clipped", dtype=store.numpy_dtype, shape=tensor.shape)
+        lo = constant(name + "_qmin", np.array(qp.spec.qmin, dtype=store.numpy_dtype))
+        hi = constant(name + "_qmax", np.array(qp.spec.qmax, dtype=store.numpy_dtype))
+        graph.nodes.append(gs.Node("Clip", name=name + "_Clip", inputs=[q_out, lo, hi], outputs=[clipped]))
+        q_out = clipped
     dq_node = gs.Node("DequantizeLinear", name=name + "_DequantizeLinear", inputs=[q_out, scale, zp],
                       outputs=[dq_out])
-    graph.nodes.extend([q_node, dq_node])
+    graph.nodes.append(dq_node)
     for node in consumers:
         for i, t in enumerate(node.inputs):
             if t is tensor:

@@ -160,7 +160,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"torch {meta['torch']}, numpy {meta['numpy']}.",
         f"- Latency: CPUExecutionProvider, ORT_ENABLE_ALL, default threads; median of "
         f"{meta['latency_runs']} (batch 1) / {meta['latency_runs_b32']} (batch 32) runs after "
-        f"warmup, the models' runs interleaved in 5 rounds; ratios are to FP32. Load average "
+        f"warmup, the models' runs interleaved in up to 5 rounds; ratios are to FP32. Load average "
         f"(1 min) {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end.",
         "- Accuracy: top-1 on the evaluation split with batch-32 sessions; agreement = same "
         "top-1 class as FP32.",
@@ -203,6 +203,7 @@ def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int
     """
     feed = {INPUT: np.ascontiguousarray(x[:batch])}
     sessions = {name: _session(p) for name, p in paths.items()}
+    rounds = max(1, min(rounds, runs))
     per_round = max(1, -(-runs // rounds))
     times: dict[str, list[float]] = {name: [] for name in paths}
     for name, sess in sessions.items():  # first warmup (arena allocation, kernel selection)

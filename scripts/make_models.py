@@ -201,7 +201,7 @@ class TinyMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x, self.w1) + self.b1
-        h = h + torch.matmul(F.gelu(self.ln1(h)), self.w2) + self.b2
+        h = h + (torch.matmul(F.gelu(self.ln1(h)), self.w2) + self.b2)
         return torch.softmax(torch.matmul(self.ln2(h), self.w3) + self.b3, dim=-1)
 
 
@@ -258,7 +258,7 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, in_name: str, ou
                           training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
                           dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
-    proto.doc_string = f"onnxq test asset made by scripts/make_models.py ({path.stem}); not a production model"
+    proto.doc_string = f"onnxq test asset {path.stem}, made by scripts/make_models.py; not a production model"
     onnx.checker.check_model(proto, full_check=True)
     path.write_bytes(proto.SerializeToString())
 
@@ -332,7 +332,8 @@ def main() -> None:
     export(unet, torch.rand(1, 3, 32, 32), unet_path, "image", "mask",
            {0: "N", 2: "H", 3: "W"}, 13, out_dyn={0: "N", 2: "H", 3: "W"})
     g = torch.Generator().manual_seed(SEED_TORCH + 11)
-    err = check_ort(unet, unet_path, [torch.rand(2, 3, 32, 48, generator=g), torch.rand(1, 3, 64, 40, generator=g)])
+    err = check_ort(unet, unet_path, [torch.rand(2, 3, 32, 48, generator=g),
+                                      torch.rand(1, 3, 64, 40, generator=g)])
     print(f"tiny_unet: max |torch-ORT| {err:.2e}")
 
     mlp = TinyMLP().eval()
@@ -343,7 +344,8 @@ def main() -> None:
     print(f"tiny_mlp: max |torch-ORT| {err:.2e}")
 
     for p in sorted(args.out.glob("tiny_*")):
-        print(f"  {p.name:22s} {p.stat().st_size / 1024:8.1f} KiB  sha256 {hashlib.sha256(p.read_bytes()).hexdigest()}")
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        print(f"  {p.name:22s} {p.stat().st_size / 1024:8.1f} KiB  sha256 {digest}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
 
 

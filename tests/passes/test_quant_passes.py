@@ -226,3 +226,17 @@ def test_onnxruntime_fuses_matmul_with_per_column_weights():
     counts = optimized_op_counts(q)
     integer = {k: v for k, v in counts.items() if k in ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")}
     assert sum(integer.values()) == 2, counts
+
+
+def test_4bit_activations_keep_network_input_and_classifier_input_at_8_bits():
+    model = make_model(CNN)
+    q, ctx = _quantize(model, QuantConfig(weight_bits=4, activation_bits=4))
+    assert ctx.specs["x"].bits == 8 and ctx.specs["f"].bits == 8
+    assert ctx.specs["r1"].bits == 4 and ctx.specs["a"].bits == 4
+    dtypes = {i.name: i.data_type for i in q.graph.initializer}
+    # 4-bit activations live in uint8 containers clipped to [0, 15] (QCDQ).
+    assert dtypes["r1_zero_point"] == onnx.TensorProto.UINT8
+    clip = next(n for n in q.graph.node if n.name == "r1_Clip")
+    assert initializer(q, clip.input[2]) == 15 and initializer(q, clip.input[1]) == 0
+    feeds = random_feeds(model, seed=3, batch=2)
+    assert _sqnr(run_ort(model, feeds)[0], run_ort(q, feeds)[0]) > 5

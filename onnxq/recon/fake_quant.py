@@ -1,0 +1,214 @@
+"""Fake quantization with the exact numerics of ONNX ``QuantizeLinear -> DequantizeLinear``.
+
+Forward (float32, the same operations in the same order as onnxruntime's CPU kernels)::
+
+    v     = x / s                                   (a division, not x * (1/s): the results differ)
+    q     = clamp(round_half_even(v) + z, qmin, qmax)
+    x_hat = (q - z) * s
+
+``s`` and ``z`` are scalars (per tensor) or 1-D along ``axis`` (per channel). ``torch.round`` rounds
+half to even, as ONNX does.
+
+Backward (straight-through estimator for ``x``, LSQ for ``s``; Esser et al., ICLR 2020). With the
+continuous position ``u = x / s + z``::
+
+    d x_hat / d x = 1                    if qmin <= u <= qmax,   else 0
+    d x_hat / d s = round(x / s) - x / s if qmin <= u <= qmax
+                    qmin - z             if u < qmin
+                    qmax - z             if u > qmax
+
+The range test uses the unrounded ``u`` (LSQ's convention), so an element whose ``u`` lies within half
+a step outside the grid already counts as clipped. The scale gradient is summed over every element
+that shares the scale and multiplied by an optional gradient scale ``g``. LSQ recommends
+``g = 1 / sqrt(N * qmax)`` (``N`` = elements per scale, see :func:`lsq_grad_scale`); the default is
+``g = 1``, the convention of BRECQ's activation phase, for which its learning rates were tuned. The
+zero-point gets no gradient (it stays fixed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["MIN_SCALE", "FakeQuant", "fake_quant", "lsq_grad_scale", "round_ste"]
+
+#: Smallest step size a learnable scale may take (the forward clamps to it).
+MIN_SCALE = 1e-8
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` (half to even, like ONNX) in the forward pass, identity gradient."""
+    return _RoundSTE.apply(x)
+
+
+def lsq_grad_scale(numel: int, qmax: int) -> float:
+    """LSQ's gradient scale ``1 / sqrt(numel * qmax)`` (``numel`` = elements sharing one scale)."""
+    return 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
+
+
+def _shape_for(p: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    """Reshape a scale/zero-point so that it broadcasts against an ``ndim`` tensor along ``axis``."""
+    if axis is None or p.dim() == 0:
+        return p
+    shape = [1] * ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+class _FakeQuantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):  # type: ignore[override]
+        s = _shape_for(scale, x.dim(), axis)
+        z = _shape_for(zero_point, x.dim(), axis)
+        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.params = (qmin, qmax, axis, grad_scale)
+        return (q - z) * s
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, axis, grad_scale = ctx.params
+        s = _shape_for(scale, x.dim(), axis)
+        z = _shape_for(zero_point, x.dim(), axis)
+        v = x / s
+        u = v + z
+        below = u < qmin
+        above = u > qmax
+        inside = ~(below | above)
+        grad_x = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(inside, torch.round(v) - v, torch.where(below, qmin - z, qmax - z))
+            contrib = grad * local
+            if scale.dim() == 0 or axis is None:
+                grad_s = contrib.sum().reshape(scale.shape)
+            else:
+                dims = [d for d in range(x.dim()) if d != axis]
+                grad_s = contrib.sum(dim=dims).reshape(scale.shape)
+            if grad_scale is not None:
+                grad_s = grad_s * grad_scale
+        return grad_x, grad_s, None, None, None, None, None
+
+
+def _as_tensor(p: float | int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(p, dtype=like.dtype, device=like.device)
+
+
+def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor,
+               qmin: int, qmax: int, axis: int | None = None, *,
+               grad_scale: float | None = None) -> torch.Tensor:
+    """ONNX ``DequantizeLinear(QuantizeLinear(x))`` with STE/LSQ gradients (see the module docstring).
+
+    Args:
+        x: float tensor.
+        scale: positive step size, 0-d (per tensor) or 1-D of length ``x.shape[axis]``.
+        zero_point: integer zero-point(s), same shape rules as ``scale`` (any dtype; integral values).
+        qmin, qmax: the integer grid, e.g. [-128, 127], [0, 255], [-8, 7], or [-1, 1] (ternary).
+        axis: channel axis for per-channel parameters (negative allowed); ignored for per-tensor ones.
+        grad_scale: multiplies the scale gradient (LSQ's ``g``); None means 1.
+
+    Returns:
+        The fake-quantized tensor, same shape and dtype as ``x``.
+    """
+    s = _as_tensor(scale, x)
+    z = _as_tensor(zero_point, x)
+    if s.numel() == 1 and axis is None:
+        s = s.reshape(())
+        z = z.reshape(())
+    if s.dim() > 1 or z.shape != s.shape:
+        raise ValueError(f"scale {tuple(s.shape)} and zero_point {tuple(z.shape)} must be 0-d or the same 1-D shape")
+    ax = None
+    if s.dim() == 1:
+        if axis is None:
+            raise ValueError("a per-channel scale needs an axis")
+        ax = axis % x.dim()
+        if x.shape[ax] != s.numel():
+            raise ValueError(f"{s.numel()} scales for axis {axis} of a tensor of shape {tuple(x.shape)}")
+    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale)
+
+
+class FakeQuant(nn.Module):
+    """Activation quantizer: an ONNX ``QuantizeLinear -> DequantizeLinear`` pair with explicit modes.
+
+    Modes (plain attributes, set by the caller; nothing is initialised lazily):
+        enabled: quantize (True) or pass ``x`` through unchanged (False).
+        drop_prob: QDrop's random drop, used only in training mode. Per forward and per element,
+            ``out = where(rand < drop_prob, x, x_hat)``: each element is *left in float* with probability
+            ``drop_prob`` and quantized otherwise. So ``drop_prob`` = 1 - p, where p is the "quantized
+            with probability p" of the QDrop description; at QDrop's default 0.5 the two readings
+            coincide. 0.0 (the default) = always quantize, as at export.
+        learn_scale: the scale is an ``nn.Parameter`` whose ``requires_grad`` this flag mirrors (LSQ).
+            The forward uses ``max(scale, MIN_SCALE)``, so a learned scale stays positive.
+        generator: optional ``torch.Generator`` for the drop masks (the engine sets one for
+            reproducible runs); None uses torch's global generator.
+
+    The zero-point is a fixed int64 buffer.
+    """
+
+    def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, qmin: int, qmax: int,
+                 axis: int | None = None, *, learn_scale: bool = False, grad_scale: float | None = None) -> None:
+        super().__init__()
+        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+        z = torch.as_tensor(zero_point).detach().clone().to(torch.int64)
+        if s.numel() == 1 and axis is None:
+            s, z = s.reshape(()), z.reshape(())
+        if z.shape != s.shape or s.dim() > 1:
+            raise ValueError(f"scale {tuple(s.shape)} and zero_point {tuple(z.shape)} must be 0-d or the same 1-D shape")
+        if not bool(torch.all(s > 0)):
+            raise ValueError("scales must be positive")
+        if qmin >= qmax or bool(torch.any(z < qmin)) or bool(torch.any(z > qmax)):
+            raise ValueError(f"bad grid [{qmin}, {qmax}] or zero-point outside it")
+        self.scale = nn.Parameter(s, requires_grad=learn_scale)
+        self.register_buffer("zero_point", z)
+        self.qmin = int(qmin)
+        self.qmax = int(qmax)
+        self.axis = axis
+        self.grad_scale = grad_scale
+        self.enabled = True
+        self.drop_prob = 0.0
+        self.generator: torch.Generator | None = None
+
+    @property
+    def learn_scale(self) -> bool:
+        return self.scale.requires_grad
+
+    @learn_scale.setter
+    def learn_scale(self, value: bool) -> None:
+        self.scale.requires_grad_(bool(value))
+
+    def current_scale(self) -> torch.Tensor:
+        """The step size the forward uses (clamped to ``MIN_SCALE``), detached: write this back."""
+        return self.scale.detach().clamp_min(MIN_SCALE)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Always-quantize path (no drop), regardless of ``enabled`` and training mode."""
+        s = self.scale.clamp_min(MIN_SCALE)
+        return fake_quant(x, s, self.zero_point.to(x.dtype), self.qmin, self.qmax, self.axis,
+                          grad_scale=self.grad_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        xq = self.quantize(x)
+        if self.training and self.drop_prob > 0.0:
+            noise = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+            return torch.where(noise < self.drop_prob, x, xq)
+        return xq
+
+    def extra_repr(self) -> str:
+        kind = "per-tensor" if self.scale.dim() == 0 else f"per-channel axis={self.axis}"
+        return (f"[{self.qmin}, {self.qmax}], {kind}, enabled={self.enabled}, drop_prob={self.drop_prob}, "
+                f"learn_scale={self.learn_scale}")
