@@ -108,9 +108,18 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         val_set = load_calibration(validation, inputs, recipe=recipe, batch_size=batch_size)
 
     reference, ctx = prepare_float(original, config)
-    ctx.calib = calib_set
+    ctx.calib, ctx.reference = calib_set, reference
     graph = g.to_graph(reference)
-    PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
+    passes = [AssignSpecsPass(), CalibratePass(), InsertQDQPass()]
+    if config.method != "rtn":
+        from onnxq.passes.reconstruct import ReconstructPass
+
+        passes.append(ReconstructPass(config.recon_config(), max_chain=config.max_chain,
+                                      checkpoint_dir=config.checkpoint_dir,
+                                      cache_budget_bytes=config.cache_budget_mb << 20,
+                                      layerwise=config.method == "adaround"))
+        passes.insert(-1, CleanupPass())  # unique node names: blocks refer to nodes by name
+    PassManager([*passes, CleanupPass()])(graph, ctx)
     quantized = g.to_model(graph, template=original)
     seconds = time.perf_counter() - t0
 

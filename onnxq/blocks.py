@@ -1,48 +1,45 @@
 """Partition a QDQ graph into reconstruction blocks (BRECQ granularity).
 
 BRECQ reconstructs one *block* at a time: every residual unit (shortcut and downsample conv
-included), chains of up to three plain layers (as MQBench merges them), and the first conv and the
-classifier as single layers. onnxq finds these units on the graph rather than on torch classes.
+included), chains of up to three plain layers (MQBench), and the first conv and the classifier as
+single layers. onnxq finds these units on the ONNX graph rather than on torch classes.
 
-**Compute graph.** Structure is read on the float computation hidden in the QDQ graph:
+**Compute graph.** Structure is read on the float computation inside the QDQ graph: *static* nodes
+(all inputs constant: weight/bias DQs, ``Constant``...) and *probes* (``Shape``/``Size``) carry no
+activation; an activation quantizer ``t -> Q [-> Clip] -> DQ`` (QCDQ for sub-8-bit grids) is
+contracted: a DQ output reads as ``t``.
+The *main* input is the graph input with the most compute descendants; compute nodes that do not
+descend from it (branches fed only by other graph inputs) are *side* nodes. The rest, ``U``, is
+what the cut search sees.
 
-* *static* nodes (all inputs constant: weight/bias ``DequantizeLinear``, ``Constant``, ...) and
-  *probe* nodes (``Shape``/``Size``, whose output depends only on a shape) carry no activation;
-* an activation quantizer ``t -> QuantizeLinear -> DequantizeLinear(s)`` is contracted: every
-  ``DequantizeLinear`` output is read as its pre-Q float tensor ``t``;
-* the *main* input is the graph input with the most compute descendants; compute nodes that do not
-  descend from it (branches fed only by other graph inputs) are *side* nodes.
+**Cuts (single entry, single exit, as PPQ's BlockBuilder).** Walk ``U`` in topological order.
+After ``U[i]`` the live set holds the tensors produced so far (main input included) that a later
+node of ``U`` reads, plus graph outputs. When it is one tensor ``t``, no other tensor crosses from
+the executed nodes to the rest, every later node descends from ``t`` and every earlier one is an
+ancestor (in a graph without dead ends, which CleanupPass guarantees), so ``t`` is a cut whatever
+topological order is used. The nodes between consecutive cuts form an SESE *region*; a graph with
+no cut is one region. Probes and side nodes are left out of this walk, so ``Shape`` logic or a
+second input does not hide cuts.
 
-What is left, the main compute nodes ``U`` in topological order, is what the cut search sees.
-
-**Cuts (single entry, single exit).** After executing ``U[i]`` the live set is the set of tensors
-already produced (or the main input) that a later node of ``U`` still reads, plus graph outputs.
-When it holds exactly one tensor ``t``, ``t`` is a cut: the executed nodes are exactly the
-ancestors of ``t``'s producer (every other node reads ``t`` directly or indirectly), so the
-criterion does not depend on which topological order is used. This is PPQ's definition (the
-entry lies on every path to the exit and vice versa). Nodes between consecutive cuts form an SESE
-*region* ``(t_{k-1}, t_k]``. A graph without any cut is one region.
-
-**Blocks.** A region is *branchy* when one of its nodes joins two different main tensors (Add,
-Mul, Concat, ...); with weighted ops (Conv, ConvTranspose, Gemm, MatMul with a constant weight) it
-is a ``"residual"`` block: inverted residuals, bottlenecks and downsample shortcuts all close at
-their join, and a following Relu/Clip (a region without weights) is attached to it. Weight-free
-regions (activations, pooling, reshapes) are attached to the previous block, else the next one.
-Runs of consecutive plain regions are split into ``"chain"`` blocks of at most ``max_chain``
-weighted ops each, as evenly as possible (``ceil(n / max_chain)`` groups: 5 -> 3 + 2, 4 -> 2 + 2);
-a group of one is a ``"layer"``. With ``separate_first_last`` the first and last weighted ops (stem
-conv, classifier) are ``"layer"`` blocks of their own when their region is plain.
+**Blocks.** A region where one node reads two different main tensors (Add, Mul, Concat... joining
+two paths) and that has weighted ops (Conv, ConvTranspose, Gemm, MatMul with a constant weight)
+is a ``"residual"`` block: inverted residuals, bottlenecks and downsample shortcuts close at their
+join. Weight-free regions (a Relu after the Add, pooling, reshapes) join the previous block, else
+the next. Runs of plain one-op regions become ``"chain"`` blocks of at most ``max_chain`` weighted
+ops, split evenly (``ceil(n / max_chain)`` groups: 5 -> 3 + 2, 4 -> 2 + 2); a group of one is a
+``"layer"``. With ``separate_first_last`` the first and last weighted ops (stem conv, classifier)
+are ``"layer"`` blocks when their region is plain.
 
 **Node ownership.** A block owns its compute nodes and every auxiliary node feeding them: weight
 and bias DQs, internal activation Q/DQ pairs and the Q/DQ pair of its inputs (a quantizer belongs
-to the block that consumes its output); the Q/DQ of its output belongs to the next block. Static
-nodes and quantizers read by several blocks (a shared weight, a tensor read in two blocks) are
-listed in each; probe and side nodes go to the first consuming block only, and the tensors they
-read from elsewhere become extra block inputs (which is then not single entry).
+to the block that reads its output); the Q/DQ of its output belongs to the next block. Static
+nodes and quantizers read by several blocks (a shared weight) are listed in each. Probe and side
+nodes go to the first block that reads them; tensors they read from elsewhere (the input of a
+``Shape``, a second graph input) are extra block inputs, so such a block is not single entry.
 
-``is_supported`` is asked about every node of a region except the quantizer Q/DQ pairs and the
-constant DQs (reconstruction replaces those by its own quantizers); one refusal skips the region
-and breaks a chain. Ops inside control-flow subgraphs are not inspected.
+``is_supported`` is asked about every node of a region except activation Q/DQ pairs and constant
+DQs (reconstruction replaces those by its own quantizers); one refusal skips the region and breaks
+a chain. Nodes inside control-flow subgraphs are not inspected.
 """
 
 from __future__ import annotations
@@ -114,7 +111,8 @@ class _View:
         self.nodes = _toposort(graph)
         names = [n.name for n in self.nodes]
         if any(not n for n in names) or len(set(names)) != len(names):
-            raise UserError("blocks.partition needs unique node names: run onnxq's CleanupPass on the graph first")
+            raise UserError("blocks.partition needs unique node names: "
+                            "run onnxq's CleanupPass on the graph first")
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         for i, node in enumerate(self.nodes):
@@ -130,7 +128,7 @@ class _View:
         self.alias: dict[str, str] = {}     # DQ output -> pre-Q tensor
         self._classify()
 
-    def _is_static(self, t: gs.Tensor) -> bool:
+    def is_static(self, t: gs.Tensor) -> bool:
         return isinstance(t, gs.Constant) or t.name in self.static
 
     def _classify(self) -> None:
@@ -138,20 +136,28 @@ class _View:
         for node in self.nodes:
             ins = [t for t in node.inputs if t.name]
             if node.op in _PROBES:
-                self.kind.append("static" if all(self._is_static(t) for t in ins) else "probe")
+                self.kind.append("static" if all(self.is_static(t) for t in ins) else "probe")
             else:
-                self.kind.append("static" if all(self._is_static(t) for t in ins) else "compute")
+                self.kind.append("static" if all(self.is_static(t) for t in ins) else "compute")
             if self.kind[-1] != "compute":
                 self.static.update(t.name for t in node.outputs)
         for i, node in enumerate(self.nodes):
-            if node.op != _Q or self.kind[i] != "compute" or not node.outputs:
+            if node.op != _Q or self.kind[i] != "compute" or len(node.outputs) != 1:
                 continue
-            q_out = node.outputs[0].name
-            dqs = self.consumers.get(q_out, [])
-            if (not dqs or q_out in outs or len(node.outputs) != 1
-                    or any(self.nodes[j].op != _DQ or self.nodes[j].inputs[0].name != q_out for j in dqs)):
+            chain, cur = [i], node.outputs[0].name
+            while True:  # QCDQ: sub-8-bit grids are clipped to [qmin, qmax] between Q and DQ
+                users = self.consumers.get(cur, [])
+                nxt = self.nodes[users[0]] if len(users) == 1 else None
+                if (nxt is None or nxt.op != "Clip" or cur in outs or nxt.inputs[0].name != cur
+                        or not all(self.is_static(t) for t in nxt.inputs[1:] if t.name)):
+                    break
+                chain.append(users[0])
+                cur = nxt.outputs[0].name
+            dqs = self.consumers.get(cur, [])
+            if (not dqs or cur in outs
+                    or any(self.nodes[j].op != _DQ or self.nodes[j].inputs[0].name != cur for j in dqs)):
                 continue
-            for j in [i, *dqs]:
+            for j in chain + dqs:
                 self.kind[j] = "quant"
             for j in dqs:
                 self.alias[self.nodes[j].outputs[0].name] = node.inputs[0].name
@@ -165,7 +171,7 @@ class _View:
         """Distinct non-static inputs of node ``i``, read through activation quantizers."""
         seen: list[str] = []
         for t in self.nodes[i].inputs:
-            if t.name and not self._is_static(t):
+            if t.name and not self.is_static(t):
                 r = self.resolve(t.name)
                 if r not in seen:
                     seen.append(r)
@@ -176,7 +182,7 @@ class _View:
         if node.op not in WEIGHT_INPUTS or self.kind[i] not in ("compute", "side"):
             return False
         w_idx = WEIGHT_INPUTS[node.op][0]
-        return len(node.inputs) > w_idx and self._is_static(node.inputs[w_idx])
+        return len(node.inputs) > w_idx and self.is_static(node.inputs[w_idx])
 
     def weight_dqs(self, i: int) -> list[str]:
         """Outputs of the constant DQs that the weight input of node ``i`` is computed from."""
@@ -199,7 +205,7 @@ def _toposort(graph: gs.Graph) -> list[gs.Node]:
     """Kahn's algorithm, ties broken by the original position (deterministic, stable)."""
     nodes = list(graph.nodes)
     made = {t.name: i for i, n in enumerate(nodes) for t in n.outputs}
-    deps = [{made[t.name] for t in n.inputs if t.name in made and made[t.name] != i} for i, n in enumerate(nodes)]
+    deps = [{made[t.name] for t in n.inputs if made.get(t.name, i) != i} for i, n in enumerate(nodes)]
     users: list[list[int]] = [[] for _ in nodes]
     for i, d in enumerate(deps):
         for j in d:
@@ -216,7 +222,7 @@ def _toposort(graph: gs.Graph) -> list[gs.Node]:
             if left[j] == 0:
                 heapq.heappush(ready, j)
     if len(order) < len(nodes):
-        log.warning("graph has a cycle or dangling edges: %d node(s) kept in file order", len(nodes) - len(order))
+        log.warning("graph has a cycle: %d node(s) kept in file order", len(nodes) - len(order))
         done = set(order)
         order += [i for i in range(len(nodes)) if i not in done]
     return [nodes[i] for i in order]
@@ -273,13 +279,8 @@ def _regions(view: _View, main: str, order: list[int]) -> list[_Region]:
         if len(live) == 1 or pos == len(order) - 1:
             regions.append(_Region(order[start:pos + 1]))
             start = pos + 1
-    for r in regions:
-        inside = {t.name for i in r.nodes for t in view.nodes[i].outputs}
-        entry = {view.data_inputs(r.nodes[0])[0]} if view.data_inputs(r.nodes[0]) else set()
-        for i in r.nodes:
-            ins = [n for n in view.data_inputs(i) if n in produced]
-            if len(ins) >= 2 and all(n in inside or n in entry or n == main for n in ins):
-                r.join = True
+    for r in regions:  # a region is single entry: two main inputs of one node join two of its paths
+        r.join = any(sum(n in produced for n in view.data_inputs(i)) >= 2 for i in r.nodes)
     return regions
 
 
@@ -303,7 +304,8 @@ def _home(view: _View, regions: list[_Region]) -> dict[int, set[int]]:
     return home
 
 
-def partition(graph: gs.Graph, *, max_chain: int = 3, is_supported: Callable[[gs.Node], bool] = lambda n: True,
+def partition(graph: gs.Graph, *, max_chain: int = 3,
+              is_supported: Callable[[gs.Node], bool] = lambda n: True,
               separate_first_last: bool = True) -> list[Block]:
     """Partition a QDQ graph into BRECQ reconstruction blocks (see the module docstring).
 
@@ -338,7 +340,8 @@ def partition(graph: gs.Graph, *, max_chain: int = 3, is_supported: Callable[[gs
     blocks: list[Block] = []
     for kind, group in _groups(units, max_chain):
         nodes = sorted({i for r in group for i in members[r]})
-        blocks.append(_make_block(view, len(blocks), kind, nodes, [i for r in group for i in regions[r].nodes]))
+        compute = [i for r in group for i in regions[r].nodes]
+        blocks.append(_make_block(view, len(blocks), kind, nodes, compute))
     log.info("partition: %d compute nodes, %d regions, %d blocks (%d region(s) skipped as unsupported)",
              len(order), len(regions), len(blocks), sum(not r.supported for r in regions))
     return blocks
@@ -406,12 +409,15 @@ def _make_block(view: _View, index: int, kind: str, nodes: list[int], compute: l
     outputs: list[str] = []
     for i in nodes:
         for t in view.nodes[i].inputs:
-            name = view.resolve(t.name) if t.name else ""
-            if t.name and t.name not in made and not view._is_static(t) and name not in inputs:
-                inputs.append(name)
+            if isinstance(t, gs.Variable) and t.name and t.name not in made:
+                name = view.resolve(t.name)
+                if name not in inputs:
+                    inputs.append(name)
+        if view.kind[i] in ("static", "quant"):  # copies of these live in every block that reads them
+            continue
         for t in view.nodes[i].outputs:
             leaves = any(j not in inside for j in view.consumers.get(t.name, [])) or t.name in outs
-            name = _float_name(view, view.resolve(t.name))
+            name = _float_name(view, t.name)
             if leaves and name not in outputs:
                 outputs.append(name)
     weighted = [i for i in nodes if view.is_weighted(i)]
@@ -419,8 +425,9 @@ def _make_block(view: _View, index: int, kind: str, nodes: list[int], compute: l
     first, last = view.nodes[min(compute)].name, view.nodes[max(compute)].name
     span = first if first == last else f"{first}..{last}"
     return Block(index=index, name=f"block{index:02d}:{kind}({span})", kind=kind,
-                 nodes=tuple(view.nodes[i].name for i in nodes), inputs=tuple(inputs), outputs=tuple(outputs),
-                 weights=tuple(dict.fromkeys(weights)), weighted_ops=tuple(view.nodes[i].name for i in weighted))
+                 nodes=tuple(view.nodes[i].name for i in nodes), inputs=tuple(inputs),
+                 outputs=tuple(outputs), weights=tuple(dict.fromkeys(weights)),
+                 weighted_ops=tuple(view.nodes[i].name for i in weighted))
 
 
 def _float_name(view: _View, name: str) -> str:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxq.config import CALIB_METHODS, QuantConfig
+from onnxq.config import CALIB_METHODS, RECON_METHODS, QuantConfig
 from onnxq.errors import UserError
 
 log = logging.getLogger("onnxq")
@@ -42,7 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--validation", default=None, help="held-out data for the fidelity check (default: part of --calib)")
     q.add_argument("--exclude", nargs="*", default=(), help="node names or op types to keep in float")
     q.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
+    q.add_argument("--activation-bits", type=int, choices=(8, 4), default=8,
+                   help="activation bit width (4: stored as QCDQ in 8-bit containers; default 8)")
     q.add_argument("--seed", type=int, default=0)
+    r = q.add_argument_group("reconstruction (torch engine)")
+    r.add_argument("--method", choices=RECON_METHODS, default="rtn",
+                   help="rtn (round to nearest), adaround (layer-wise), brecq (block-wise), qdrop")
+    r.add_argument("--schedule", choices=("fast", "paper"), default="fast",
+                   help="fast: sized for a 2-core CPU; paper: 20k iterations, batch 32, 1024 samples")
+    r.add_argument("--iters", type=int, default=None, help="iterations per block (overrides the schedule)")
+    r.add_argument("--recon-batch-size", type=int, default=None, help="mini-batch size (overrides the schedule)")
+    r.add_argument("--recon-samples", type=int, default=None,
+                   help="calibration samples cached per block (overrides the schedule)")
+    r.add_argument("--fisher", action="store_true", help="weight the block error by the diagonal Fisher")
+    r.add_argument("--drop-prob", type=float, default=0.5, help="QDrop: probability of keeping an element float")
+    r.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
+    r.add_argument("--checkpoint-dir", default=None,
+                   help="where finished blocks are saved to resume an interrupted run (default: OUTPUT.ckpt)")
 
     i = sub.add_parser("inspect", help="list ops, what will be quantized and why not")
     i.add_argument("model")
@@ -88,7 +105,11 @@ def _quantize(args: argparse.Namespace) -> int:
         activation_dtype=args.activations, scale_kind=args.scale, calib_method=args.calib_method,
         weight_method=args.weight_method, percentile=args.percentile, calib_samples=args.calib_samples,
         first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
-        validate=not args.no_validate, seed=args.seed,
+        validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
+        method=args.method, schedule=args.schedule, recon_iters=args.iters,
+        recon_batch_size=args.recon_batch_size, recon_samples=args.recon_samples, fisher=args.fisher,
+        drop_prob=args.drop_prob, device=args.device, max_chain=args.max_chain,
+        checkpoint_dir=args.checkpoint_dir or (str(out) + ".ckpt" if args.method != "rtn" else None),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     result = quantize(args.model, args.data, config, validation=args.validation, recipe=_recipe(args.recipe),

@@ -12,6 +12,8 @@ ACTIVATION_BITS = (8, 4)
 SCALE_KINDS = ("float", "pow2")
 CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
 WEIGHT_METHODS = ("minmax", "mse")
+RECON_METHODS = ("rtn", "adaround", "brecq", "qdrop")
+SCHEDULES = ("fast", "paper")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,16 @@ class QuantConfig:
         validate: run the validation after quantization.
         seed: seed of everything random.
         opset: minimum output opset (None: 13, or 21 for INT4 weights).
+        method: weight rounding: rtn (round to nearest), adaround (layer-wise), brecq (block-wise,
+            then activation step sizes), qdrop (block-wise, joint with random activation drop).
+        schedule: "fast" (sized for a 2-core CPU) or "paper" (20k iterations, batch 32, 1024 samples).
+        recon_iters / recon_batch_size / recon_samples: override the schedule's values.
+        fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
+        drop_prob: QDrop's probability of leaving an activation element in float.
+        device: "cpu" or "cuda" for the torch engine.
+        max_chain: longest chain of single layers merged into one block.
+        checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.
+        cache_budget_mb: RAM for cached block tensors before spilling to disk.
     """
 
     target: str = "ort-cpu"
@@ -55,6 +67,17 @@ class QuantConfig:
     validate: bool = True
     seed: int = 0
     opset: int | None = None
+    method: str = "rtn"
+    schedule: str = "fast"
+    recon_iters: int | None = None
+    recon_batch_size: int | None = None
+    recon_samples: int | None = None
+    fisher: bool = False
+    drop_prob: float = 0.5
+    device: str = "cpu"
+    max_chain: int = 3
+    checkpoint_dir: str | None = None
+    cache_budget_mb: int = 2048
 
     def __post_init__(self) -> None:
         _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
@@ -67,6 +90,16 @@ class QuantConfig:
             _choice("first_last_bits", self.first_last_bits, WEIGHT_BITS)
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile {self.percentile} out of range: use a value in (50, 100]")
+        _choice("method", self.method, RECON_METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        for name in ("recon_iters", "recon_batch_size", "recon_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise UserError(f"drop_prob {self.drop_prob} is not a probability: use a value in [0, 1]")
+        if self.max_chain < 1:
+            raise UserError("max_chain must be >= 1")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise UserError("calib_samples must be >= 1")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -76,6 +109,16 @@ class QuantConfig:
         low = min(self.weight_bits, self.first_last_bits or 8, self.activation_bits)
         need = 21 if low == 4 else 13
         return max(need, self.opset or 0)
+
+    def recon_config(self):
+        """The engine's ReconConfig for this run (imports torch)."""
+        from onnxq.recon import ReconConfig
+
+        overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
+                                       ("num_samples", self.recon_samples)) if v is not None}
+        overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed)
+        factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
+        return factory(self.method, **overrides)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -3,7 +3,8 @@
 Fields and who writes them:
     config      the run's QuantConfig (read by all).
     target      the resolved Target profile.
-    calib       calibration feeds (read by CalibratePass).
+    calib       calibration feeds (read by CalibratePass, ReconstructPass).
+    reference   the float model after the float phase (ReconstructPass's targets).
     specs       tensor name -> QuantSpec (AssignSpecsPass).
     shared      activation tensor name -> tensor whose qparams it reuses (AssignSpecsPass).
     qparams     tensor name -> QParams (CalibratePass for activations, InsertQDQPass for weights/biases).
@@ -34,6 +35,7 @@ class QuantContext:
     config: QuantConfig
     target: Any = None
     calib: Any = None
+    reference: Any = None
     specs: dict[str, QuantSpec] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict)
     qparams: dict[str, QParams] = field(default_factory=dict)

@@ -92,6 +92,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export a graph; keeps the template's ir_version/producer/metadata when given."""
+    _repack_low_bit(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     # The lowest IR version the opsets need (onnxruntime refuses IR versions newer than it knows).
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
@@ -101,6 +102,15 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
             model.metadata_props.append(prop)
     model.producer_name = "onnxq"
     return model
+
+
+def _repack_low_bit(graph: gs.Graph) -> None:
+    """Reading ``Constant.values`` turns LazyValues into a plain array, which graphsurgeon then
+    exports unpacked for INT4/INT2: wrap such constants again before every export."""
+    for tensor in graph.tensors().values():
+        raw = getattr(tensor, "_values", None)
+        if isinstance(tensor, gs.Constant) and isinstance(raw, np.ndarray) and raw.dtype.name in _LOW_BIT:
+            tensor._values = LazyValues(onnx.numpy_helper.from_array(raw, tensor.name))
 
 
 def set_opset(graph: gs.Graph, opset: int) -> None:

@@ -155,7 +155,9 @@ def ternary_mquant(w: np.ndarray, axis: int | None = 0, variant: str = "b") -> T
     group uses variant b's scale instead. All-zero group: s = 1, t = 0.
     """
     if variant not in ("a", "b"):
-        raise UserError(f"unknown MQuant variant {variant!r}: use 'a' (s = 2t) or 'b' (s = mean|w| above t)")
+        raise UserError(
+            f"unknown MQuant variant {variant!r}: use 'a' (s = 2t) or 'b' (s = mean|w| above t)"
+        )
     g, ax = _groups(w, axis)
     a = np.sort(np.abs(g), axis=1)
     n = a.shape[1]
@@ -166,7 +168,8 @@ def ternary_mquant(w: np.ndarray, axis: int | None = 0, variant: str = "b") -> T
     if np.any(swallowed):
         below = np.where(a < m[:, None], a, 0.0).max(axis=1)
         t = np.where(swallowed, below, t)
-        logger.debug("mquant: %d group(s) with >2/3 of |w| at the max; threshold lowered", int(swallowed.sum()))
+        logger.debug("mquant: %d group(s) with >2/3 of |w| at the max: threshold lowered",
+                     int(swallowed.sum()))
     s_b = _mean_above(g, t)
     if variant == "b":
         scale = s_b
@@ -221,7 +224,9 @@ def _groups(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, int | None]:
     if axis is None:
         return x.reshape(1, -1), None
     if not -w.ndim <= axis < w.ndim:
-        raise UserError(f"axis {axis} is out of range for a weight of shape {w.shape}: use 0..{w.ndim - 1} or None")
+        raise UserError(
+            f"axis {axis} is out of range for a weight of shape {w.shape}: use 0..{w.ndim - 1} or None"
+        )
     ax = axis % w.ndim
     return np.moveaxis(x, ax, 0).reshape(w.shape[ax], -1), ax
 
@@ -235,9 +240,11 @@ def _mean_above(g: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.divide(tot, cnt, out=np.zeros_like(tot), where=cnt > 0)
 
 
-def _finish(w: np.ndarray, g: np.ndarray, ax: int | None, *, threshold: np.ndarray, scale: np.ndarray) -> TernaryResult:
+def _finish(
+    w: np.ndarray, g: np.ndarray, ax: int | None, *, threshold: np.ndarray, scale: np.ndarray
+) -> TernaryResult:
     """Codes sign(w) * [|w| > t], scales made positive (1 for groups with no non-zero code)."""
-    q = (np.sign(g) * (np.abs(g) >= threshold[:, None])).astype(np.int8)
+    q = (np.sign(g) * (np.abs(g) > threshold[:, None])).astype(np.int8)
     nonzero = np.any(q != 0, axis=1)
     scale = np.where(nonzero & (scale > 0), scale, 1.0)
     if np.any(scale > np.finfo(np.float32).max):

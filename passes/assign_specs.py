@@ -173,9 +173,15 @@ class AssignSpecsPass(Pass):
             b = np.asarray(node.inputs[b_idx].values)
             if b.ndim == 1 and b.dtype == _FLOAT and len(node.inputs[b_idx].outputs) == 1:
                 ctx.specs[node.inputs[b_idx].name] = INT32_BIAS
-        out = effective_output(node, target)
+        # Relu/Clip vanish into the output quantizer only when its zero-point can sit at qmin
+        # (unsigned grids); with symmetric int8 they would stay, blocking the integer kernel.
+        out = node.outputs[0] if self._act_signed(ctx) else effective_output(node, target)
         if is_float_activation(out):
             want(out)
+
+    @staticmethod
+    def _act_signed(ctx: QuantContext) -> bool:
+        return ctx.config.activation_dtype == "int8"
 
     def _propagate_passthrough(self, graph: gs.Graph, ctx: QuantContext, target: Target, output_ids: set) -> None:
         for node in graph.nodes:  # topological order: chains propagate in one sweep

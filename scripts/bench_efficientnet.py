@@ -1,26 +1,17 @@
 """EfficientNet-Lite0 benchmark: onnxq against onnxruntime's own static quantizer.
 
-For the FP32 model and each quantized model, on the evaluation split of the shared ImageNet
-sample (750 images; calibration uses the other 250), it measures: top-1 accuracy, top-1
-agreement with FP32, file size (and ratio to FP32), quantization wall time, and ORT CPU latency
-at batch 1 and 32 (``ORT_ENABLE_ALL``, ``CPUExecutionProvider``, default threads; warmup, then
-the median of N timed runs). It also records which kernels ORT ends up running (op counts of
-the ORT-optimized graph), which shows whether Q/DQ pairs were fused into integer kernels.
-
-ORT side: ``quant_pre_process`` (ORT's recommended pre-step: symbolic shape inference, basic
-graph optimization, ONNX shape inference), then ``quantize_static`` in QDQ format, per-channel,
-QUInt8 activations, QInt8 weights, with MinMax / Entropy / Percentile calibration (ORT defaults
-otherwise). ORT W4A8 (QInt4 weights) needs INT4 Q/DQ, which ONNX has from opset 21: the
-preprocessed model is converted to opset 21 with ``onnx.version_converter`` first (without that,
-ORT keeps opset 13 and writes ``com.microsoft`` Q/DQ contrib ops; see ``ort_w4a8_minmax_contrib``).
-
-onnxq side: ``onnxq.quantize`` with the named ``QuantConfig`` entries of ``ONNXQ_CONFIGS``;
-skipped with a note while ``onnxq.quantize`` does not exist.
-
-Usage::
+Per model (FP32 and each quantized one), on the 750-image evaluation split: top-1, top-1
+agreement with FP32, file size (ratio to FP32), quantization wall time, ORT CPU latency at batch 1
+and 32 (ORT_ENABLE_ALL, CPUExecutionProvider, default threads, median after warmup, models
+interleaved), and the kernels ORT runs after optimization (were Q/DQ fused into integer ops?).
+ORT side: ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, QUInt8 activations,
+QInt8 weights; MinMax/Entropy/Percentile on the 250 calibration images). ORT W4A8 (QInt4) is
+converted to opset 21 first (native INT4 Q/DQ); left at opset 13, ORT writes ``com.microsoft``
+Q/DQ instead (``ort_w4a8_minmax_contrib``). onnxq side: ``onnxq.quantize`` with the named
+``QuantConfig`` entries of ``ONNXQ_CONFIGS`` (skipped with a note if onnxq lacks the API).
 
     python scripts/bench_efficientnet.py [--out-dir build/bench] [--only NAME[,NAME]]
-        [--latency-runs N] [--limit N] [--json results.json] [--markdown [PATH]]
+        [--latency-runs N] [--latency-runs-b32 N] [--limit N] [--json results.json] [--markdown [PATH]]
 """
 
 from __future__ import annotations
@@ -218,11 +209,10 @@ def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int
 def _op_counts(path: Path) -> dict[str, int]:
     import onnx
 
+    from collections import Counter
+
     model = onnx.load(str(path), load_external_data=False)
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
 
 
 def evaluate(path: Path, x: np.ndarray, y: np.ndarray, opt_dir: Path) -> dict[str, Any]:
@@ -256,9 +246,6 @@ class _Reader:
         self.i += 1
         return {INPUT: self.batches[self.i - 1]}
 
-    def rewind(self) -> None:
-        self.i = self.start
-
 
 def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) -> dict[str, Any]:
     """Run ORT's recommended flow for one entry; return timing and notes."""
@@ -291,6 +278,8 @@ def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) ->
         activation_type=QuantType.QUInt8, weight_type=QuantType[entry.weight_type],
         calibrate_method=CalibrationMethod[entry.method], extra_options=extra)
     seconds = time.perf_counter() - t0
+    for tmp in {pre, src}:
+        tmp.unlink(missing_ok=True)
     model = onnx.load(str(out), load_external_data=False)
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import
               if o.domain in ("", "ai.onnx", "com.microsoft")}
@@ -322,7 +311,8 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
     result.save(str(out))
     seconds = time.perf_counter() - t0
     report = getattr(result, "report", {}) or {}
-    return {"quant_s": seconds, "notes": [f"QuantConfig({entry.params})"],
+    shown = ", ".join(f"{k}={v}" for k, v in entry.params.items() if k not in ("target", "seed"))
+    return {"quant_s": seconds, "notes": [f"QuantConfig({shown})"],
             "onnxq_report": {k: report.get(k) for k in ("validation", "float_ops", "timings")}}
 
 

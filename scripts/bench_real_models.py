@@ -8,7 +8,10 @@ same held-out evaluation feeds go through:
 * ``ort``: ``onnxruntime.quantization.quantize_static`` on the model as shipped (QDQ, per-channel,
   QUInt8 activations, QInt8 weights, MinMax);
 * ``ort+pre``: the same after ORT's recommended ``quant_pre_process`` (shape inference + ORT basic
-  optimizations, which fold Constant nodes into initializers and BatchNormalization into Conv).
+  optimizations, which fold Constant nodes into initializers and BatchNormalization into Conv); where
+  symbolic shape inference fails it is retried with ``skip_symbolic_shape=True`` (noted);
+* ``ort+op13+pre``: as ``ort+pre`` after ``onnx.version_converter`` to opset 13 (models below 13 only),
+  which per-channel ``DequantizeLinear(axis=...)`` requires.
 
 Metrics on the evaluation feeds, quantized model run by ORT CPU at ``ORT_ENABLE_ALL`` against the FP32 model:
 
@@ -20,7 +23,7 @@ Metrics on the evaluation feeds, quantized model run by ORT CPU at ``ORT_ENABLE_
 * checker (``onnx.checker`` full check), ORT load+run at ``ORT_DISABLE_ALL`` and ``ORT_ENABLE_ALL``, integer
   kernels after ORT fusion (QLinear*/ *Integer ops in the optimized graph) and float compute ops left.
 
-Usage: ``python scripts/bench_real_models.py [--methods onnxq,ort,ort+pre] [--models det,cls,rec,yolov8n]
+Usage: ``python scripts/bench_real_models.py [--methods onnxq,ort,ort+pre,ort+op13+pre] [--models det,cls,rec,yolov8n]
 [--md OUT.md]``. Outputs (models, optimized graphs, results.json) go under ``build/bench_real/``.
 """
 
@@ -40,6 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -163,7 +167,8 @@ def app_metric(key: str, ref: np.ndarray, got: np.ndarray, meta: list[Any]) -> d
 
 def evaluate(key: str, qpath: Path, fp_path: Path, ref: list[np.ndarray], ref_ms: float,
              feeds: list[dict[str, np.ndarray]], meta: list[Any], threads: int) -> dict[str, Any]:
-    res: dict[str, Any] = {"size_ratio": qpath.stat().st_size / fp_path.stat().st_size}
+    res: dict[str, Any] = {"size_ratio": qpath.stat().st_size / fp_path.stat().st_size,
+                           "runtime_quantized_constants": runtime_quantized_constants(qpath)}
     try:
         onnx.checker.check_model(str(qpath), full_check=True)
         res["checker"] = "OK"
@@ -220,28 +225,33 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], pre: bool) -> dict[str, Any]:
+def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], pre: bool, op13: bool = False
+                 ) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src = fp_path
     info: dict[str, Any] = {}
+    if op13 and min(o.version for o in onnx.load(str(fp_path)).opset_import if o.domain in ("", "ai.onnx")) < 13:
+        src = out.with_suffix(".op13.onnx")  # per-channel DequantizeLinear (axis) needs opset >= 13
+        onnx.save(onnx.version_converter.convert_version(onnx.load(str(fp_path)), 13), str(src))
+        info["converted_to_opset"] = 13
     if pre:
-        src = out.with_suffix(".pre.onnx")
+        pre_src, src = src, out.with_suffix(".pre.onnx")
         try:
-            quant_pre_process(str(fp_path), str(src))
+            quant_pre_process(str(pre_src), str(src))
         except Exception as exc:  # noqa: BLE001 - ORT's own advice: retry without symbolic shape inference
-            where = traceback.format_exc(limit=-1).splitlines()[-2].strip()
+            where = [ln.strip() for ln in traceback.format_exc(limit=-1).splitlines()[:-1]
+                     if ln.strip().strip("^~")][-1]
             info["pre_error"] = short_error(exc) if str(exc) else f"{type(exc).__name__} at `{where}`"
-            quant_pre_process(str(fp_path), str(src), skip_symbolic_shape=True)
+            quant_pre_process(str(pre_src), str(src), skip_symbolic_shape=True)
         pre_ops = Counter(n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node)
         info["pre_ops"] = {k: pre_ops[k] for k in ("Constant", "BatchNormalization", "Conv") if pre_ops.get(k)}
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
     quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
-    info["runtime_quantized_constants"] = runtime_quantized_constants(out)
     return info
 
 
@@ -276,7 +286,7 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
         if method == "onnxq":
             row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"]))
         else:
-            row.update(quantize_ort(fp_path, out, data["calib"], pre=method == "ort+pre"))
+            row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method, op13="+op13" in method))
     except Exception as exc:  # noqa: BLE001 - failures are results here
         row["error"] = short_error(exc)
         row["traceback"] = traceback.format_exc(limit=-3)
@@ -284,7 +294,7 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
         return row
     row["quant_s"] = time.perf_counter() - start
     row.update(evaluate(key, out, fp_path, data["ref"], data["ref_ms"], data["eval"], data["meta"], args.threads))
-    print(f"  {key}/{method}: {row.get('app', '')} sqnr {[round(o['sqnr_db'], 1) for o in row.get('outputs', [])]}"
+    print(f"  {key}/{method}: {row.get('app', '')} sqnr {[round(float(o['sqnr_db']), 1) for o in row.get('outputs', [])]}"
           f" ({row['quant_s']:.0f} s)", flush=True)
     return row
 
@@ -345,7 +355,7 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(rm.MODEL_KEYS))
-    parser.add_argument("--methods", default="onnxq,ort,ort+pre")
+    parser.add_argument("--methods", default="onnxq,ort,ort+pre,ort+op13+pre")
     parser.add_argument("--calib-n", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=0, help="0: per-model default (det 32, others 64)")
     parser.add_argument("--seed", type=int, default=0)
@@ -382,7 +392,9 @@ def main() -> None:
         "threads": args.threads,
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "command": "python scripts/bench_real_models.py " + " ".join(sys.argv[1:]),
-        "feeds": f"{args.calib_n} calib / per-model eval ({args.eval_n or EVAL_N}) samples, seed {args.seed}; "
+        "feeds": f"{args.calib_n} calib samples; eval samples: "
+                 + (str(args.eval_n) if args.eval_n else ", ".join(f"{k} {v}" for k, v in EVAL_N.items()))
+                 + f"; seed {args.seed}; "
                  "det: rendered 640x640 pages -> 736x736; cls 3x48x192 and rec 3x48x320 rendered text lines "
                  "(cls: half rotated 180); yolov8n: ImageNet sample letterboxed to 320x320 "
                  "(calib split class%4==0, eval = others)",

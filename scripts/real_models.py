@@ -100,7 +100,9 @@ def input_name(key: str) -> str:
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
     dims = value_info.type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    # Paddle exports write dynamic dims as dim_value -1: report them as symbolic too.
+    return [(d.dim_value if d.dim_value >= 0 else f"{d.dim_value} (negative dim_value)")
+            if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
 
 
 def _const_scalar(name: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]

@@ -107,7 +107,8 @@ def _prelu(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
     data, slope = x[0], x[1]
     out = torch.where(data >= 0, data, data * slope)
     if out.shape != data.shape:
-        raise ValueError(f"PRelu slope of shape {tuple(slope.shape)} does not broadcast to {tuple(data.shape)}")
+        raise ValueError(f"PRelu slope of shape {tuple(slope.shape)} does not broadcast to "
+                         f"{tuple(data.shape)}")
     return [out]
 
 

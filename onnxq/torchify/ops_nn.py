@@ -1,4 +1,5 @@
-"""Neural-network ONNX ops in torch: convolutions, Gemm/MatMul, pooling, normalisation, Softmax.
+"""Neural-network ONNX ops in torch: convolutions, Gemm/MatMul, pooling, reductions,
+normalisation, Softmax.
 
 Padding (Conv, ConvTranspose, pools), per spatial axis with input size n, kernel k, stride s,
 dilation d and effective kernel dk = (k - 1) d + 1:
@@ -12,8 +13,9 @@ Asymmetric pads are applied with ``F.pad`` before the torch op (zeros for Conv/A
 for MaxPool). Pool output sizes: out = floor((n + b + e - dk) / s) + 1 (``ceil`` with
 ``ceil_mode``, dropping a last window that would start in the end padding); the end is padded
 further when a ceil-mode window runs past it. AveragePool divides each window sum by the number
-of input elements in it, or with ``count_include_pad`` by the elements inside the explicit pads;
-windows are summed in raster order like onnxruntime, so results match to the last bit.
+of input elements in it, or with ``count_include_pad`` by the elements inside the explicit pads
+(window taps summed in raster order; onnxruntime's MLAS kernels sum in their own order, so
+AveragePool agrees to ~2 ulp, not bit for bit; MaxPool is exact).
 """
 
 from __future__ import annotations
@@ -96,9 +98,13 @@ def _conv_transpose(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Te
     out_pad = list(attrs.get("output_padding", [0] * nd))
     auto = attrs.get("auto_pad", "NOTSET")
     sizes = data.shape[2:]
-    full = [s * (n - 1) + (k - 1) * d + 1 + op for n, k, s, d, op in zip(sizes, kernel, strides, dilations, out_pad)]
+    full = [s * (n - 1) + (k - 1) * d + 1 + op
+            for n, k, s, d, op in zip(sizes, kernel, strides, dilations, out_pad)]
     if "output_shape" in attrs or auto in ("SAME_UPPER", "SAME_LOWER"):
-        target = list(attrs["output_shape"])[-nd:] if "output_shape" in attrs else [n * s for n, s in zip(sizes, strides)]
+        if "output_shape" in attrs:
+            target = list(attrs["output_shape"])[-nd:]
+        else:
+            target = [n * s for n, s in zip(sizes, strides)]
         pads = []
         for f, t in zip(full, target):
             total = f - t
@@ -205,9 +211,10 @@ def _avg_pool(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
     include_pad = bool(attrs.get("count_include_pad", 0))
     padded = F.pad(data, _torch_pad([(b, e + ex) for (b, e), ex in zip(pads, extra)]))
     total: Tensor | None = None
-    for taps in itertools.product(*(range(k) for k in kernel)):  # raster order, like onnxruntime
+    for taps in itertools.product(*(range(k) for k in kernel)):  # works for any dilation
         index = [slice(None), slice(None)]
-        index += [slice(j * d, j * d + (o - 1) * s + 1, s) for j, d, o, s in zip(taps, dilations, outs, strides)]
+        index += [slice(j * d, j * d + (o - 1) * s + 1, s)
+                  for j, d, o, s in zip(taps, dilations, outs, strides)]
         part = padded[tuple(index)]
         total = part if total is None else total + part
     count = torch.ones((), dtype=data.dtype, device=data.device)
@@ -216,6 +223,22 @@ def _avg_pool(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
         c = torch.tensor(_window_counts(n, k, s, d, o, lo, hi), dtype=data.dtype, device=data.device)
         count = count * c.reshape([-1] + [1] * (len(sizes) - 1 - axis))
     return [total / count]
+
+
+@register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+def _reduce(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
+    """Axes from input 1 (ReduceSum opset >= 13, the others >= 18) or the ``axes`` attribute;
+    no axes reduces everything unless ``noop_with_empty_axes``."""
+    data = x[0]
+    axes = x[1].reshape(-1).tolist() if len(x) > 1 and x[1] is not None else attrs.get("axes")
+    keep = bool(attrs.get("keepdims", 1))
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return [data]
+        axes = list(range(data.dim()))
+    dims = tuple(int(a) % data.dim() for a in axes)
+    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin}
+    return [fn[attrs["_op"]](data, dim=dims, keepdim=keep)]
 
 
 @register("LayerNormalization")
@@ -227,7 +250,8 @@ def _layer_norm(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor
     dims = tuple(range(axis, data.dim()))
     mean = data.mean(dim=dims, keepdim=True)
     centred = data - mean
-    inv_std = torch.rsqrt((centred * centred).mean(dim=dims, keepdim=True) + float(attrs.get("epsilon", 1e-5)))
+    var = (centred * centred).mean(dim=dims, keepdim=True)
+    inv_std = torch.rsqrt(var + float(attrs.get("epsilon", 1e-5)))
     y = centred * inv_std * scale
     if bias is not None:
         y = y + bias

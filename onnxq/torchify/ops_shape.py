@@ -1,5 +1,5 @@
 """Shape and data-movement ONNX ops in torch: Concat, Reshape, Flatten, Transpose, Squeeze,
-Unsqueeze, Slice, Split, Gather, Shape, Cast, Resize.
+Unsqueeze, Slice, Split, Gather, Shape, Cast, Constant, Expand, ConstantOfShape, Range, Resize.
 
 Shape-like inputs (Reshape's shape, Squeeze's axes, Slice's starts, Resize's scales, ...) are
 read into Python integers at run time. Resize (nearest / linear, no antialias) is evaluated by
@@ -51,7 +51,8 @@ def _reshape(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
 @register("Flatten")
 def _flatten(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
     data = x[0]
-    axis = int(attrs.get("axis", 1)) % (data.dim() + 1) if data.dim() else 0
+    axis = int(attrs.get("axis", 1))
+    axis = axis + data.dim() if axis < 0 else axis  # range [-r, r]
     outer = math.prod(data.shape[:axis])
     return [data.reshape(outer, math.prod(data.shape[axis:]))]
 
@@ -165,6 +166,26 @@ def _constant(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
     value = np.asarray(attrs["value"])
     t = torch.from_numpy(value.astype(np.float32) if value.dtype.kind == "f" else value.astype(np.int64))
     return [t]
+
+
+@register("Expand", check=lambda n: const_or_computed(n, 1))
+def _expand(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
+    """Bidirectional (numpy) broadcast of the input with the given shape."""
+    return [x[0].expand(torch.broadcast_shapes(tuple(x[0].shape), tuple(_ints(x[1]))))]
+
+
+@register("ConstantOfShape", check=lambda n: const_or_computed(n, 0))
+def _constant_of_shape(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
+    value = np.asarray(attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
+    fill = torch.from_numpy(value.astype(np.float32) if value.dtype.kind == "f" else value.astype(np.int64))
+    return [fill.to(x[0].device).expand(_ints(x[0])).clone()]
+
+
+@register("Range", check=lambda n: const_or_computed(n, 0, 1, 2))
+def _range(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
+    """start, start + delta, ... while < limit (> limit for negative delta); dtype of start."""
+    start, limit, delta = x[0], x[1], x[2]
+    return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)]
 
 
 # ----------------------------------------------------------------------------- Resize

@@ -5,10 +5,10 @@ An op function takes the node's attributes and its input tensors and returns its
     OpFn = Callable[[Mapping[str, Any], list[Tensor | None]], list[Tensor]]
 
 ``attrs`` holds the ONNX attributes of the node (strings decoded, tensors as numpy arrays) plus
-a few derived private keys that start with ``_`` (see :func:`node_attrs`): ``_num_outputs``
-(how many outputs the node has) and whatever the op's ``prepare`` hook adds (e.g. the integer
-range of a QuantizeLinear, known only from the zero-point's ONNX type). Omitted optional inputs
-are ``None``.
+a few derived private keys that start with ``_`` (see :func:`node_attrs`): ``_op`` (the op
+type, for functions shared by several ops), ``_num_outputs`` (how many outputs the node has)
+and whatever the op's ``prepare`` hook adds (e.g. the integer range of a QuantizeLinear, known
+only from the zero-point's ONNX type). Omitted optional inputs are ``None``.
 
 Every op assumes the opset >= 13 semantics (onnxq upgrades models to opset >= 13 before it
 quantizes); where an older opset moved an input into an attribute (Squeeze axes, Split split,
@@ -75,6 +75,7 @@ def node_attrs(node: gs.Node) -> dict[str, Any]:
     _load_ops()
     attrs = {k: _attr_value(v) for k, v in node.attrs.items()}
     attrs["_num_outputs"] = len(node.outputs)
+    attrs["_op"] = node.op
     prepare = PREPARES.get(node.op)
     if prepare is not None:
         attrs.update(prepare(node))

@@ -1,0 +1,112 @@
+"""Calibration tensors of one reconstruction block, captured in onnxruntime, within a memory budget.
+
+For block k (BRECQ's asymmetric setting):
+  * ``inputs_q``: the block inputs computed by the model quantized so far (blocks < k already
+    reconstructed and written back), pre-quantizer float values;
+  * ``inputs_fp``: the same tensors from the float model (QDrop mixes both; BRECQ's activation
+    phase uses them);
+  * ``targets``: the block outputs of the float model.
+Tensors are stored as float16 (halving memory; batches are cast back to float32 when used) and
+spill to memory-mapped files in a temporary folder once the budget is exceeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from onnxq.capture import capture
+
+log = logging.getLogger(__name__)
+
+
+class TensorStore:
+    """Float16 arrays in RAM up to ``budget_bytes`` in total, memory-mapped files beyond."""
+
+    def __init__(self, budget_bytes: int, spill_dir: str | Path | None = None):
+        self.budget = budget_bytes
+        self.used = 0
+        self._dir = Path(spill_dir) if spill_dir else None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.spilled = 0
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * 2
+        if self.used + nbytes <= self.budget:
+            self.used += nbytes
+            return np.empty(shape, dtype=np.float16)
+        if self._dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxq_cache_")
+            self._dir = Path(self._tmp.name)
+        self.spilled += nbytes
+        safe = "".join(c if c.isalnum() else "_" for c in name)
+        path = self._dir / f"{safe}_{self.spilled}.f16"
+        return np.memmap(path, dtype=np.float16, mode="w+", shape=shape)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+@dataclass
+class BlockData:
+    inputs_q: list[np.ndarray]
+    inputs_fp: list[np.ndarray]
+    targets: list[np.ndarray]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.targets[0].shape[0])
+
+    @staticmethod
+    def as_torch(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Zero-copy float16 tensors (batches are cast to float32 by the engine)."""
+        return [torch.from_numpy(np.asarray(a)) for a in arrays]
+
+
+def _collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
+             num_samples: int, store: TensorStore, desc: str) -> dict[str, np.ndarray]:
+    """Run ``feeds`` through ``model`` and stack the first ``num_samples`` rows of each tensor."""
+    out: dict[str, np.ndarray] = {}
+    filled = dict.fromkeys(names, 0)
+
+    def take(name: str, value: np.ndarray) -> None:
+        start = filled[name]
+        if start >= num_samples:
+            return
+        value = np.asarray(value)
+        if name not in out:
+            out[name] = store.allocate(name, (num_samples, *value.shape[1:]))
+        if value.shape[1:] != out[name].shape[1:]:
+            log.warning("%s: batch of shape %s differs from %s; skipped", name, value.shape, out[name].shape)
+            return
+        rows = min(value.shape[0], num_samples - start)
+        out[name][start:start + rows] = value[:rows]
+        filled[name] = start + rows
+
+    capture(model, list(names), feeds, take, desc=desc)
+    n = min(filled.values()) if filled else 0
+    return {k: v[:n] for k, v in out.items()}
+
+
+def capture_block_data(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, inputs: Sequence[str],
+                       outputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], num_samples: int,
+                       store: TensorStore, *, need_fp_inputs: bool = True) -> BlockData:
+    """Capture one block's inputs (quantized-so-far and float models) and float targets."""
+    q = _collect(quant_model, inputs, feeds, num_samples, store, "capture q")
+    fp = _collect(float_model, list(outputs) + (list(inputs) if need_fp_inputs else []), feeds, num_samples,
+                  store, "capture fp")
+    n = min(v.shape[0] for v in [*q.values(), *fp.values()])
+    return BlockData(
+        inputs_q=[q[i][:n] for i in inputs],
+        inputs_fp=[fp[i][:n] for i in inputs] if need_fp_inputs else [q[i][:n] for i in inputs],
+        targets=[fp[o][:n] for o in outputs],
+    )

@@ -1,0 +1,445 @@
+"""Block reconstruction: AdaRound, BRECQ and QDrop on one torch block.
+
+The caller builds a block module whose weights are :class:`AdaRoundWeight` modules and whose activation
+Q->DQ pairs are :class:`FakeQuant` modules, and caches (N samples, batch first, any float dtype):
+``inputs_q`` = block inputs from the model quantized so far, ``inputs_fp`` = block inputs from the float
+model, ``targets`` = block outputs of the float model. ``module(*inputs)`` returns one tensor or a tuple.
+
+Methods (every step draws a random mini-batch of ``batch_size`` of the N samples):
+
+* ``adaround`` / ``brecq`` weight phase: activation quantizers off, only the rounding variables V train
+  (Adam, ``round_lr``), loss = error(module(inputs_q), targets) + lambda * regulariser (BRECQ's
+  asymmetric setting: quantized-upstream inputs, float targets). Then hard rounding. ``adaround`` is meant
+  for single-layer blocks; the two differ only in what the caller passes.
+* ``brecq`` activation phase (only when activations are quantized): weights hard and frozen, the step
+  sizes of the enabled, ``trainable`` activation quantizers train (LSQ, Adam ``act_lr`` with cosine decay to 0 over
+  ``act_iters``), loss = sum |dz|^act_p, inputs from the float model (BRECQ's act phase is not asymmetric).
+* ``qdrop``: V and the activation step sizes train jointly in one loop (two Adams; the activation one with
+  cosine decay). Every enabled in-block FakeQuant drops quantization per element with probability
+  ``drop_prob`` (see :class:`FakeQuant`), and the block input is ``where(rand < drop_prob, inputs_fp,
+  inputs_q)`` per element. Drop is switched off (``drop_prob = 0``) at the end.
+* ``rtn``: no training, only the evaluation.
+
+Before and after, the module is evaluated on a fixed subset (the first ``eval_samples`` samples) with the
+hard codes, the activation quantizers as the caller configured them, inputs_q and the weight-phase error
+(p = ``config.p``, Fisher-weighted if ``config.fisher``). ``loss_rtn`` is the loss of the starting codes
+(round-to-nearest, or the ``init_codes`` the weights were built with); the caller keeps the better.
+On return the weights are hard (``soft = False``) and every FakeQuant has ``drop_prob = 0`` and its caller's
+``enabled``/``learn_scale``; learned V and scales stay in the modules. KeyboardInterrupt propagates
+(after the same clean-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from onnxq.errors import UserError
+from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight
+from onnxq.recon.fake_quant import FakeQuant, bernoulli_mask
+from onnxq.recon.loss import BetaSchedule, ReconLoss
+
+__all__ = ["METHODS", "BlockResult", "ReconConfig", "reconstruct_block"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rtn", "adaround", "brecq", "qdrop")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Reconstruction settings. The defaults are the papers' (see :meth:`paper`); :meth:`fast` is a CPU budget.
+
+    Attributes:
+        method: "rtn", "adaround", "brecq" or "qdrop".
+        iters: iterations per block (weight phase; the joint loop for qdrop).
+        batch_size: mini-batch size.
+        num_samples: calibration samples the caller should cache per block (the engine uses what it gets).
+        round_lr: Adam learning rate of the rounding variables V.
+        act_lr: Adam learning rate of the activation step sizes; None = 4e-4 for brecq, 4e-5 otherwise.
+        round_weight: lambda, the weight of the rounding regulariser.
+        beta: (start, end) of the regulariser temperature.
+        warmup: fraction of ``iters`` with the regulariser off.
+        p: exponent of the weight-phase output error (and of the before/after evaluation).
+        act_iters: iterations of BRECQ's activation phase; None = iters // 4 (paper: 5,000 for 20,000).
+        act_p: exponent of the activation-phase error.
+        fisher: weight the error with (|g| + 1)^2 (needs ``fisher`` gradients from the caller).
+        drop_prob: QDrop's per-element probability of leaving an activation in float.
+        device: "cpu" or "cuda[:k]" (must be available).
+        seed: seeds the mini-batch and drop generators (the same run twice gives identical codes).
+        eval_samples: size of the fixed evaluation subset (the first samples).
+        log_every: record the training loss in the history every this many iterations.
+    """
+
+    method: str
+    iters: int = 20000
+    batch_size: int = 32
+    num_samples: int = 1024
+    round_lr: float = 1e-3
+    act_lr: float | None = None
+    round_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    p: float = 2.0
+    act_iters: int | None = None
+    act_p: float = 2.4
+    fisher: bool = False
+    drop_prob: float = 0.5
+    device: str = "cpu"
+    seed: int = 0
+    eval_samples: int = 256
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in ("iters", "batch_size", "num_samples", "seed", "eval_samples", "log_every"):
+            _check(_is_int(getattr(self, name)), f"recon {name} must be an integer, got {getattr(self, name)!r}")
+        _check(self.iters >= (0 if self.method == "rtn" else 1), f"recon iters must be >= 1, got {self.iters}")
+        for name in ("batch_size", "num_samples", "eval_samples", "log_every"):
+            _check(getattr(self, name) >= 1, f"recon {name} must be >= 1, got {getattr(self, name)}")
+        if self.act_lr is None:
+            object.__setattr__(self, "act_lr", 4e-4 if self.method == "brecq" else 4e-5)
+        if self.act_iters is None:
+            object.__setattr__(self, "act_iters", self.iters // 4)
+        _check(_is_int(self.act_iters) and self.act_iters >= 0, f"recon act_iters must be an integer >= 0, got {self.act_iters!r}")
+        for name in ("round_lr", "act_lr", "p", "act_p"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and np.isfinite(v) and v > 0, f"recon {name} must be > 0, got {v!r}")
+        _check(np.isfinite(self.round_weight) and self.round_weight >= 0, f"recon round_weight must be >= 0, got {self.round_weight}")
+        _check(len(tuple(self.beta)) == 2, f"recon beta must be (start, end), got {self.beta!r}")
+        object.__setattr__(self, "beta", (float(self.beta[0]), float(self.beta[1])))
+        _check(self.beta[0] >= self.beta[1] > 0, f"recon beta must satisfy start >= end > 0, got {self.beta}")
+        _check(0.0 <= self.warmup < 1.0, f"recon warmup is a fraction in [0, 1), got {self.warmup}")
+        _check(0.0 <= self.drop_prob <= 1.0, f"recon drop_prob is a probability in [0, 1], got {self.drop_prob}")
+        _check(isinstance(self.fisher, bool), f"recon fisher must be true or false, got {self.fisher!r}")
+        dev = str(self.device)
+        _check(dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
+               f"recon device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
+
+    @classmethod
+    def paper(cls, method: str, **overrides) -> ReconConfig:
+        """The papers' schedule: 20,000 iterations, batch 32, 1,024 samples; BRECQ act phase 5,000 at lr 4e-4,
+        QDrop act lr 4e-5 (cosine), lambda 0.01, beta 20 -> 2, warm-up 0.2."""
+        return cls(method=method, **overrides)
+
+    @classmethod
+    def fast(cls, method: str, **overrides) -> ReconConfig:
+        """A CPU budget: EfficientNet-Lite0 W4A4 in about 25 minutes on 2 cores, data capture included.
+
+        FAST-SCHEDULE-DOC
+        """
+        base = dict(iters=FAST_ITERS, batch_size=32, num_samples=256, act_iters=FAST_ACT_ITERS,
+                    round_lr=FAST_ROUND_LR, eval_samples=128, log_every=25)
+        base.update(overrides)
+        return cls(method=method, **base)
+
+
+FAST_ITERS = 300
+FAST_ACT_ITERS = 100
+FAST_ROUND_LR = 1e-3
+
+
+@dataclass
+class BlockResult:
+    """Outcome of :func:`reconstruct_block`.
+
+    Attributes:
+        loss_rtn: evaluation loss of the starting (round-to-nearest / init) codes.
+        loss_final: evaluation loss after reconstruction (hard codes, learned scales).
+        history: training reconstruction error (without the regulariser) every ``log_every`` iterations
+            and at the last one, weight/joint phase first, then BRECQ's activation phase.
+        seconds: wall time of the whole call.
+        iters: optimisation steps taken (all phases).
+    """
+
+    loss_rtn: float
+    loss_final: float
+    history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    iters: int = 0
+
+    @property
+    def improved(self) -> bool:
+        """True when the reconstructed codes beat the starting ones."""
+        return self.loss_final < self.loss_rtn
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"recon device {name!r} was asked for but CUDA is not available: use device='cpu'")
+    return torch.device(name)
+
+
+class _Cache:
+    """The cached block data on the target device; batches are cast to float32 on the fly."""
+
+    def __init__(self, inputs_q, inputs_fp, targets, fisher, device: torch.device) -> None:
+        def put(seq):
+            return None if seq is None else [torch.as_tensor(t).to(device) for t in seq]
+
+        self.q, self.fp, self.targets, self.fisher = put(inputs_q), put(inputs_fp), put(targets), put(fisher)
+        self.device = device
+        if not self.q or not self.targets:
+            raise ValueError("reconstruct_block needs at least one input and one target tensor")
+        self.n = int(self.q[0].shape[0])
+        for name, seq in (("inputs_q", self.q), ("inputs_fp", self.fp), ("targets", self.targets), ("fisher", self.fisher)):
+            for t in seq or ():
+                if int(t.shape[0]) != self.n:
+                    raise ValueError(f"{name} has {t.shape[0]} samples, inputs_q has {self.n}")
+        if self.fp is not None and [t.shape for t in self.fp] != [t.shape for t in self.q]:
+            raise ValueError("inputs_fp and inputs_q must have the same number and shapes of tensors")
+        if self.fisher is not None and [t.shape for t in self.fisher] != [t.shape for t in self.targets]:
+            raise ValueError("fisher gradients must match the targets in number and shape")
+
+    @staticmethod
+    def take(seq, idx: torch.Tensor) -> list[torch.Tensor]:
+        return [t[idx].float() if t.is_floating_point() else t[idx] for t in seq]
+
+    def need_fp(self, why: str) -> list[torch.Tensor]:
+        if self.fp is None:
+            raise ValueError(f"{why} needs inputs_fp (block inputs from the float model)")
+        return self.fp
+
+
+def _outputs(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    out = module(*xs)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class _State:
+    """Caller-visible mode flags, saved before and restored after the run."""
+
+    def __init__(self, module: nn.Module, weights, acts) -> None:
+        self.params = {id(p): (p, p.requires_grad) for m in (module, *weights, *acts) for p in m.parameters()}
+        self.training = module.training
+        self.acts = [(a, a.enabled, a.learn_scale) for a in acts]
+
+    def freeze_all(self) -> None:
+        for p, _ in self.params.values():
+            p.requires_grad_(False)
+
+    def restore(self, module: nn.Module, weights) -> None:
+        for p, flag in self.params.values():
+            p.requires_grad_(flag)
+        module.train(self.training)
+        for a, enabled, learn in self.acts:
+            a.enabled, a.learn_scale, a.drop_prob, a.generator = enabled, learn, 0.0, None
+        for w in weights:
+            w.soft = False
+
+
+class _Runner:
+    """One block's optimisation loops, sharing generators, data, progress bar and history."""
+
+    def __init__(self, module, cache: _Cache, config: ReconConfig, bar) -> None:
+        self.module, self.cache, self.config, self.bar = module, cache, config, bar
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.mask_gen = torch.Generator(device=cache.device).manual_seed(config.seed + 1)
+        self.history: list[float] = []
+        self.steps = 0
+
+    def batch_inputs(self, idx: torch.Tensor, source: str) -> list[torch.Tensor]:
+        c = self.cache
+        if source == "q":
+            return c.take(c.q, idx)
+        fp = c.take(c.need_fp(f"input source {source!r}"), idx)
+        if source == "fp":
+            return fp
+        q = c.take(c.q, idx)  # "mix": QDrop's element-wise choice between float and quantized inputs
+        p = self.config.drop_prob
+        return [torch.lerp(b, a, bernoulli_mask(a.shape, p, generator=self.mask_gen, device=a.device))
+                for a, b in zip(fp, q, strict=True)]
+
+    def loop(self, iters: int, loss: ReconLoss, optimizers, schedulers, source: str) -> None:
+        c, cfg = self.cache, self.config
+        bs = min(cfg.batch_size, c.n)
+        self.module.train()
+        for it in range(iters):
+            idx = torch.randperm(c.n, generator=self.gen)[:bs].to(c.device)
+            preds = _outputs(self.module, self.batch_inputs(idx, source))
+            fisher = c.take(c.fisher, idx) if (cfg.fisher and c.fisher is not None) else None
+            terms = loss(preds, c.take(c.targets, idx), it, fisher)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            for opt in optimizers:
+                opt.step()
+            for sch in schedulers:
+                sch.step()
+            self.steps += 1
+            if it % cfg.log_every == 0 or it == iters - 1:
+                self.history.append(float(terms.rec.detach()))
+                self.bar.set_postfix(rec=f"{self.history[-1]:.4g}", reg=f"{float(terms.reg.detach()):.3g}", refresh=False)
+            self.bar.update(1)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        c, cfg = self.cache, self.config
+        self.module.eval()
+        n = min(cfg.eval_samples, c.n)
+        chunk = max(cfg.batch_size, 1)
+        loss = ReconLoss(p=cfg.p)
+        total = 0.0
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n), device=c.device)
+            preds = _outputs(self.module, c.take(c.q, idx))
+            fisher = c.take(c.fisher, idx) if (cfg.fisher and c.fisher is not None) else None
+            total += float(loss(preds, c.take(c.targets, idx), 0, fisher).rec) * len(idx)
+        return total / n
+
+
+def _cosine(opt: torch.optim.Optimizer, iters: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=0.0)
+
+
+def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | RoundToNearestWeight],
+                      acts: Mapping[str, FakeQuant], inputs_q: Sequence[torch.Tensor],
+                      inputs_fp: Sequence[torch.Tensor] | None, targets: Sequence[torch.Tensor],
+                      config: ReconConfig, *, fisher: Sequence[torch.Tensor] | None = None,
+                      quantize_activations: bool | None = None, desc: str = "recon",
+                      progress: bool | None = None) -> BlockResult:
+    """Optimise one block's rounding (and activation step sizes) in place; see the module docstring.
+
+    Args:
+        module: the block; ``module(*inputs)`` -> tensor or tuple. Its other parameters are frozen meanwhile.
+        weights: the block's weight quantizers (RoundToNearestWeight entries stay fixed).
+        acts: the block's activation quantizers (the block-input one included, if any).
+        inputs_q: block inputs captured from the model quantized so far, ``(N, ...)`` each.
+        inputs_fp: block inputs from the float model (needed by brecq's act phase and qdrop).
+        targets: block outputs of the float model.
+        config: the schedule.
+        fisher: per-output gradients ``dL/dz`` (same shapes as targets), used when ``config.fisher``.
+        quantize_activations: whether the deployed model quantizes activations, i.e. whether step sizes
+            are learned (brecq act phase, qdrop); None = whether any FakeQuant in ``acts`` is enabled.
+        desc: label of the tqdm bar.
+        progress: show the bar (True), hide it (False), or show it only on a terminal (None).
+
+    Returns:
+        BlockResult with the before/after evaluation losses, history and timing.
+    """
+    t0 = time.perf_counter()
+    device = _resolve_device(config.device)
+    if config.fisher and fisher is None:
+        raise ValueError("config.fisher is set but no fisher gradients were given")
+    wq = list(weights.values())
+    aq = list(acts.values())
+    rounding = [w for w in wq if isinstance(w, AdaRoundWeight)]
+    if quantize_activations is None:
+        quantize_activations = any(a.enabled for a in aq)
+    first = next((t for m in (module, *wq, *aq) for t in (*m.parameters(), *m.buffers())), None)
+    home = first.device if first is not None else torch.device("cpu")
+    for m in (module, *wq, *aq):
+        m.to(device)
+    cache = _Cache(inputs_q, inputs_fp, targets, fisher if config.fisher else None, device)
+    learnable = [a for a in aq if a.enabled and a.trainable] if quantize_activations else []
+    method = config.method
+    act_phase = method == "brecq" and bool(learnable) and config.act_iters > 0
+    total = 0 if method == "rtn" else config.iters + (config.act_iters if act_phase else 0)
+    state = _State(module, wq, aq)
+    bar = tqdm(total=total, desc=desc, disable=(None if progress is None else not progress), leave=False,
+               unit="it", dynamic_ncols=True)
+    try:
+        state.freeze_all()
+        for w in wq:
+            w.soft = False
+        runner = _Runner(module, cache, config, bar)
+        loss_rtn = runner.evaluate()
+        if method in ("adaround", "brecq"):
+            _weight_phase(runner, rounding, aq, config)
+            for a, enabled, _ in state.acts:
+                a.enabled = enabled
+            if act_phase:
+                _act_phase(runner, learnable, config)
+        elif method == "qdrop":
+            _qdrop(runner, rounding, learnable, aq, config)
+        for w in wq:
+            w.soft = False
+        for a in aq:
+            a.drop_prob, a.generator = 0.0, None
+        loss_final = runner.evaluate() if method != "rtn" else loss_rtn
+    finally:
+        bar.close()
+        state.restore(module, wq)
+        for m in (module, *wq, *aq):
+            m.to(home)
+    seconds = time.perf_counter() - t0
+    logger.debug("%s: %s loss %.6g -> %.6g in %d steps, %.1f s", desc, method, loss_rtn, loss_final,
+                 runner.steps, seconds)
+    return BlockResult(loss_rtn, loss_final, runner.history, seconds, runner.steps)
+
+
+def _weight_phase(runner: _Runner, rounding: list[AdaRoundWeight], acts: list[FakeQuant], cfg: ReconConfig) -> None:
+    """AdaRound/BRECQ weight phase: act quantizers off, V trains on quantized-upstream inputs."""
+    for a in acts:
+        a.enabled = False
+    if not rounding:
+        runner.bar.update(cfg.iters)
+        return
+    for w in rounding:
+        w.soft = True
+        w.v.requires_grad_(True)
+    loss = ReconLoss(rounding, p=cfg.p, round_weight=cfg.round_weight,
+                     schedule=BetaSchedule(cfg.iters, cfg.beta[0], cfg.beta[1], cfg.warmup))
+    opt = torch.optim.Adam([w.v for w in rounding], lr=cfg.round_lr)
+    runner.loop(cfg.iters, loss, [opt], [], "q")
+    for w in rounding:
+        w.soft = False
+        w.v.requires_grad_(False)
+
+
+def _act_phase(runner: _Runner, learnable: list[FakeQuant], cfg: ReconConfig) -> None:
+    """BRECQ activation phase: hard frozen weights, LSQ step sizes, float-model inputs, |dz|^act_p."""
+    for a in learnable:
+        a.learn_scale = True
+    opt = torch.optim.Adam([a.scale for a in learnable], lr=cfg.act_lr)
+    runner.loop(cfg.act_iters, ReconLoss(p=cfg.act_p), [opt], [_cosine(opt, cfg.act_iters)], "fp")
+    for a in learnable:
+        a.learn_scale = False
+
+
+def _qdrop(runner: _Runner, rounding: list[AdaRoundWeight], learnable: list[FakeQuant], acts: list[FakeQuant],
+           cfg: ReconConfig) -> None:
+    """QDrop: joint V + step sizes, random per-element drop in the block and on its input."""
+    for a in acts:
+        a.drop_prob, a.generator = cfg.drop_prob, runner.mask_gen
+    for w in rounding:
+        w.soft = True
+        w.v.requires_grad_(True)
+    for a in learnable:
+        a.learn_scale = True
+    optimizers, schedulers = [], []
+    if rounding:
+        optimizers.append(torch.optim.Adam([w.v for w in rounding], lr=cfg.round_lr))
+    if learnable:
+        act_opt = torch.optim.Adam([a.scale for a in learnable], lr=cfg.act_lr)
+        optimizers.append(act_opt)
+        schedulers.append(_cosine(act_opt, cfg.iters))
+    loss = ReconLoss(rounding, p=cfg.p, round_weight=cfg.round_weight,
+                     schedule=BetaSchedule(cfg.iters, cfg.beta[0], cfg.beta[1], cfg.warmup))
+    if optimizers:
+        runner.loop(cfg.iters, loss, optimizers, schedulers, "mix")
+    else:
+        runner.bar.update(cfg.iters)
+    for a in acts:
+        a.drop_prob, a.generator = 0.0, None
+    for a in learnable:
+        a.learn_scale = False
+    for w in rounding:
+        w.soft = False
+        w.v.requires_grad_(False)

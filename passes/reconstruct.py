@@ -1,0 +1,136 @@
+"""ReconstructPass: learn the rounding (and activation step sizes) block by block, in torch.
+
+Reads ``ctx.reference`` (the float model after the float phase: block inputs/targets),
+``ctx.calib``, ``ctx.float_weights`` and ``ctx.qparams``; rewrites the integer weight constants
+(and activation scales, INT32 biases) of the round-to-nearest QDQ graph; writes
+``ctx.report["reconstruction"]``.
+
+For each block (:func:`onnxq.blocks.partition`) in topological order, BRECQ's asymmetric setting:
+inputs x~ come from the QDQ model quantized so far (earlier blocks already written back), targets
+z = f_fp(x) from the float model, and the engine minimises
+
+    E || f_q(x~; W_hat(V)) - z ||^p + lambda * sum_ij (1 - |2 h(V_ij) - 1|^beta)
+
+over the rounding variables V (AdaRound / BRECQ weight phase), then learns activation step sizes
+(BRECQ's second phase) or does both jointly with random activation drop (QDrop). A block keeps its
+new codes only when its evaluation loss beats round-to-nearest. After every block the changed
+constants are checkpointed, so an interrupted run resumes from the last finished block. The first
+weighted layer is not reconstructed (8-bit round-to-nearest, as BRECQ).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from tqdm.auto import tqdm
+
+from onnxq.block_build import apply_constants, build_block, write_back
+from onnxq.block_data import BlockData, TensorStore, capture_block_data
+from onnxq.blocks import Block, partition
+from onnxq.context import QuantContext
+from onnxq.errors import PassError
+from onnxq.graph import to_model
+from onnxq.layer_blocks import layer_blocks
+from onnxq.pass_infra import Pass, PassResult
+from onnxq.recon import ReconConfig, reconstruct_block
+from onnxq.recon_checkpoint import Checkpoint, fingerprint
+from onnxq.torchify import supported
+
+log = logging.getLogger(__name__)
+
+
+def rebatch(feeds, size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Concatenate consecutive feeds into batches of up to ``size`` samples where shapes allow,
+    stopping once ``limit`` samples have been handed out."""
+    pending: list[Mapping[str, np.ndarray]] = []
+    count = total = 0
+    for feed in feeds:
+        if limit is not None and total >= limit:
+            break
+        total += next(iter(feed.values())).shape[0] if feed else 1
+        if pending and any(feed[k].shape[1:] != pending[0][k].shape[1:] for k in feed):
+            yield {k: np.concatenate([f[k] for f in pending]) for k in pending[0]}
+            pending, count = [], 0
+        pending.append(feed)
+        count += next(iter(feed.values())).shape[0] if feed else 1
+        if count >= size:
+            yield {k: np.concatenate([f[k] for f in pending]) for k in pending[0]}
+            pending, count = [], 0
+    if pending:
+        yield {k: np.concatenate([f[k] for f in pending]) for k in pending[0]}
+
+
+class ReconstructPass(Pass):
+    def __init__(self, config: ReconConfig, *, max_chain: int = 3, checkpoint_dir: str | None = None,
+                 cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False):
+        self.config = config
+        self.max_chain = max_chain
+        self.checkpoint_dir = checkpoint_dir
+        self.cache_budget = cache_budget_bytes
+        self.dynamic_batch = dynamic_batch
+        self.layerwise = layerwise
+
+    def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
+        if ctx.reference is None or ctx.calib is None:
+            raise PassError("ReconstructPass needs ctx.reference and ctx.calib")
+
+    def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        cfg = self.config
+        ok = lambda n: supported(n) is None  # noqa: E731
+        blocks = (layer_blocks(graph, is_supported=ok) if self.layerwise
+                  else partition(graph, max_chain=self.max_chain, is_supported=ok))
+        first_weighted = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                               and n.inputs[1].name.endswith("_dequantized")), None)
+        todo = [b for b in blocks if not (b.kind == "layer" and first_weighted in b.weighted_ops)]
+        settings = {"recon": cfg.__dict__, "max_chain": self.max_chain}
+        ckpt = Checkpoint(self.checkpoint_dir, fingerprint(to_model(graph).SerializeToString(), settings))
+        for index in ckpt.done:
+            apply_constants(graph, ctx, ckpt.load(index))
+        store = TensorStore(self.cache_budget)
+        # The calibration samples, re-batched once (every block runs them through both models).
+        self.feeds = list(rebatch(ctx.calib, 32 if self.dynamic_batch else 1, limit=cfg.num_samples))
+        report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,
+                  "num_samples": cfg.num_samples, "blocks": [], "resumed_blocks": len(ckpt.done)}
+        start = time.perf_counter()
+        quantize_acts = any(ctx.qparams[n].spec.bits <= 8 for n in ctx.qparams if n not in ctx.float_weights)
+        try:
+            bar = tqdm(todo, desc=f"{cfg.method} blocks", unit="block", disable=None)
+            for block in bar:
+                if block.index in ckpt.done:
+                    report["blocks"].append({"block": block.name, **ckpt.results.get(str(block.index), {})})
+                    continue
+                entry = self._one_block(graph, ctx, block, store, quantize_acts)
+                report["blocks"].append(entry)
+                ckpt.save(block.index, entry.pop("_constants"), entry)
+        finally:
+            store.close()
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["improved_blocks"] = sum(1 for b in report["blocks"] if b.get("kept"))
+        report["skipped"] = [b.name for b in blocks if b not in todo]
+        ctx.report["reconstruction"] = report
+        ckpt.clear()
+        return PassResult(graph, report["improved_blocks"] > 0)
+
+    def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,
+                   quantize_acts: bool) -> dict:
+        cfg = self.config
+        need_fp = cfg.method in ("brecq", "qdrop")
+        data: BlockData = capture_block_data(to_model(graph), ctx.reference, block.inputs, block.outputs, self.feeds,
+                                             cfg.num_samples, store, need_fp_inputs=need_fp)
+        built = build_block(graph, block, ctx, rounding=cfg.method != "rtn", learn_scales=quantize_acts)
+        result = reconstruct_block(
+            built.module, built.weights, built.acts, BlockData.as_torch(data.inputs_q),
+            BlockData.as_torch(data.inputs_fp) if need_fp else None, BlockData.as_torch(data.targets), cfg,
+            quantize_activations=quantize_acts, desc=f"block {block.index} ({block.kind})")
+        kept = cfg.method != "rtn" and result.improved
+        constants = write_back(graph, built, ctx) if kept else {}
+        log.info("%s: loss %.4g -> %.4g (%s)", block.name, result.loss_rtn, result.loss_final,
+                 "kept" if kept else "round-to-nearest kept")
+        return {"block": block.name, "kind": block.kind, "loss_rtn": result.loss_rtn,
+                "loss_final": result.loss_final, "kept": kept, "seconds": round(result.seconds, 1),
+                "samples": data.num_samples, "history": [round(h, 6) for h in result.history],
+                "_constants": constants}
