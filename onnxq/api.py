@@ -1,8 +1,9 @@
 """Public entry point: ``quantize(model, calib, config) -> QuantResult``.
 
 The pipeline is data: a float phase (canonicalize, fold BatchNorm) that preserves the function,
-then the quantization phase (assign specs, calibrate, insert QDQ, cleanup). The output is checked
-and validated in onnxruntime against the user's original float model on held-out samples.
+then the quantization phase (assign specs, calibrate, align scales, insert QDQ, cleanup). The output
+is checked against its target's rules (:mod:`onnxq.rules`; a violation is an internal error) and
+validated in onnxruntime against the user's original float model on held-out samples.
 """
 
 from __future__ import annotations
@@ -24,20 +25,25 @@ from onnxq.config import QuantConfig
 from onnxq.context import QuantContext
 from onnxq.errors import UserError
 from onnxq.pass_infra import PassManager
+from onnxq.passes.absorb_bias import AbsorbBiasPass
+from onnxq.passes.align_scales import AlignScalesPass
 from onnxq.passes.assign_specs import AssignSpecsPass
 from onnxq.passes.calibrate import CalibratePass
 from onnxq.passes.canonicalize import CanonicalizePass
 from onnxq.passes.cleanup import CleanupPass
+from onnxq.passes.correct_bias import CorrectBiasPass
+from onnxq.passes.equalize_weights import EqualizeWeightsPass
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from onnxq.passes.insert_qdq import InsertQDQPass
-from onnxq.targets import get_target
+from onnxq.rules import check_target, format_violations
+from onnxq.targets import get_target, resolve_config
 from onnxq.validate import ValidationReport, validate, write_report
 
 log = logging.getLogger(__name__)
 
 CalibSource = CalibrationSet | Iterable[Mapping[str, np.ndarray]] | str | Path
 
-#: Batches set aside for validation when the caller gives none: a fifth, between 1 and 32.
+#: Samples set aside for validation when the caller gives none: an eighth, at most 32.
 _MAX_HOLDOUT = 32
 
 
@@ -51,8 +57,14 @@ class QuantResult:
     validation: ValidationReport | None = None
 
     def save(self, path: str | Path) -> Path:
-        """Write the model atomically, and ``<stem>.report.json`` next to it."""
+        """Write the model atomically, ``<stem>.report.json`` next to it, and the target's extra
+        files (``<stem>.encodings`` for the qnn profiles, :mod:`onnxq.encodings`)."""
         out = g.save_model(self.model, path, source=self.source)
+        target = (self.report.get("config") or {}).get("target")
+        if target and "aimet_encodings" in get_target(target).exporters:
+            from onnxq.encodings import write_encodings
+
+            write_encodings(self.model, out.with_suffix(".encodings"))
         write_report(self.report, out)
         return out
 
@@ -65,12 +77,22 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | 
     raise UserError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
-def prepare_float(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.ModelProto, QuantContext]:
-    """Upgrade the opset, run the float phase; returns the float reference and a fresh context."""
-    ctx = QuantContext(config=config, target=get_target(config.target))
+def prepare_float(model: onnx.ModelProto, config: QuantConfig, calib: CalibrationSet | None = None
+                  ) -> tuple[onnx.ModelProto, QuantContext]:
+    """Upgrade the opset, run the float phase; returns the float reference and a fresh context.
+
+    ``ctx.config`` is ``config`` made consistent with its target (:func:`onnxq.targets.resolve_config`).
+    """
+    config = resolve_config(config)
+    ctx = QuantContext(config=config, target=get_target(config.target), calib=calib)
     work = g.infer_shapes(g.upgrade_opset(model, config.output_opset))
     graph = g.to_graph(work)
-    PassManager([CanonicalizePass(), FoldBatchNormPass()])(graph, ctx)
+    float_passes = [CanonicalizePass(), FoldBatchNormPass()]
+    if config.equalize:
+        float_passes.append(EqualizeWeightsPass(relu6=config.relu6))
+    if config.bias_absorb is not None:
+        float_passes.append(AbsorbBiasPass(source=config.bias_absorb))
+    PassManager(float_passes)(graph, ctx)
     reference = g.infer_shapes(g.to_model(graph, template=model))
     return reference, ctx
 
@@ -84,14 +106,15 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         model: path to an .onnx file or a ModelProto (never modified).
         calib: CalibrationSet, iterable of feed dicts, or a path (.npz, .npy, folder of images).
         config: the run's QuantConfig (defaults: W8A8 per-channel for onnxruntime CPU).
-        validation: held-out feeds for the fidelity check; None sets aside part of ``calib``.
+        validation: held-out feeds for the fidelity check; None sets aside an eighth of ``calib``
+            (at most 32 samples, at least one batch).
         recipe: preprocessing for a folder of images.
         batch_size: samples per calibration batch for file sources.
 
     Returns:
         QuantResult with the QDQ model and its report.
     """
-    config = config or QuantConfig()
+    config = resolve_config(config or QuantConfig())
     t0 = time.perf_counter()
     original, source = _load(model)
     inputs = model_inputs(original)
@@ -99,18 +122,22 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
     if len(calib_set) == 0:
         raise UserError("the calibration data is empty: give at least one sample")
     if validation is None and len(calib_set) > 1:
-        holdout = min(_MAX_HOLDOUT, max(1, len(calib_set) // 5))
-        calib_set, val_set = calib_set.split(holdout)
+        per_batch = max(1, calib_set.num_samples // len(calib_set))
+        wanted = min(_MAX_HOLDOUT, max(1, calib_set.num_samples // 8))
+        calib_set, val_set = calib_set.split(max(1, min(len(calib_set) // 2, round(wanted / per_batch))))
     elif validation is None:
         log.warning("a single calibration batch: validating on the calibration sample itself")
         val_set = calib_set
     else:
         val_set = load_calibration(validation, inputs, recipe=recipe, batch_size=batch_size)
 
-    reference, ctx = prepare_float(original, config)
-    ctx.calib, ctx.reference = calib_set, reference
+    reference, ctx = prepare_float(original, config, calib_set)
+    ctx.reference = reference
     graph = g.to_graph(reference)
-    passes = [AssignSpecsPass(), CalibratePass(), InsertQDQPass()]
+    passes = [AssignSpecsPass(), CalibratePass(), AlignScalesPass()]
+    if config.bias_correction is not None:
+        passes.append(CorrectBiasPass(source=config.bias_correction))
+    passes.append(InsertQDQPass())
     if config.method != "rtn":
         from onnxq.passes.reconstruct import ReconstructPass
 
@@ -132,6 +159,7 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         "float_ops": dict(sorted(ctx.float_ops.items())),
         **{k: v for k, v in ctx.report.items()},
     }
+    report["target_check"] = _check_output(quantized, ctx)
     val = None
     if config.validate:
         val = validate(original, quantized, val_set)
@@ -140,6 +168,17 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         if not (val.checker_ok and val.runs_enable_all and val.runs_disable_all):
             raise RuntimeError("the quantized model failed validation: " + "; ".join(val.errors))
     return QuantResult(quantized, json.loads(json.dumps(report, default=_json_default)), source, val)
+
+
+def _check_output(model: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:
+    """Run the target's rule checker on our own output: a violation is an internal error."""
+    target = ctx.target
+    violations = check_target(model, target)
+    if violations:
+        raise RuntimeError(f"internal error: the output violates target {target.name} "
+                           f"({len(violations)} violation(s)):\n{format_violations(violations)}")
+    return {"target": target.name, "ok": True, "violations": [],
+            "activation_bits": target.act_bits(ctx.config)}
 
 
 def _json_default(obj: object) -> object:

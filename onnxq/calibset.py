@@ -80,7 +80,9 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
         shape = None
         if tensor.HasField("shape"):
             shape = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+                # A negative dim_value (Paddle writes -1 for the batch) is a dynamic dim.
+                (d.dim_value if d.dim_value > 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tensor.shape.dim
             )
         out.append(InputInfo(value.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
     return out

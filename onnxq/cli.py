@@ -1,6 +1,7 @@
-"""Command line: ``onnxq quantize | inspect | validate``. Parses arguments and calls the API only.
+"""Command line: ``onnxq quantize | inspect | validate | check``. Parses arguments and calls the API only.
 
 A user mistake (:class:`UserError`) prints one line ``onnxq: error: ...`` and exits with status 2.
+``onnxq check`` exits 0 when the model obeys the target, 1 with one line per violation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from onnxq.errors import UserError
 
 log = logging.getLogger("onnxq")
 
+_TARGET_NAMES = "ort-cpu, tensorrt, openvino, qnn, qnn-a16, npu-pow2"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models to QDQ.")
@@ -26,11 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a float ONNX model to QDQ")
     q.add_argument("model", help="input .onnx file (never modified)")
     q.add_argument("-o", "--output", required=True, help="output .onnx file (a .report.json is written next to it)")
-    q.add_argument("--target", default="ort-cpu", help="target profile (default: ort-cpu)")
+    q.add_argument("--target", default="ort-cpu", help=f"target profile: {_TARGET_NAMES} (default: ort-cpu)")
     q.add_argument("--weights", choices=("int8", "int4"), default="int8", help="weight type (default: int8)")
-    q.add_argument("--activations", choices=("uint8", "int8"), default="uint8",
-                   help="activation type: uint8 asymmetric or int8 symmetric (default: uint8)")
-    q.add_argument("--scale", choices=("float", "pow2"), default="float", help="scale kind (default: float)")
+    q.add_argument("--activations", choices=("uint8", "int8"), default=None,
+                   help="activation type: uint8 asymmetric or int8 symmetric (default: the target's choice)")
+    q.add_argument("--scale", choices=("float", "pow2"), default=None,
+                   help="scale kind (default: the target's choice)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     q.add_argument("--first-last", choices=("8", "same"), default="8",
                    help="bits of the first and last weighted layers when --weights int4 (default: 8)")
@@ -45,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--activation-bits", type=int, choices=(8, 4), default=8,
                    help="activation bit width (4: stored as QCDQ in 8-bit containers; default 8)")
     q.add_argument("--seed", type=int, default=0)
+    f = q.add_argument_group("data-free quantization (DFQ)")
+    f.add_argument("--equalize", action="store_true", help="cross-layer equalization of Conv/Gemm pairs")
+    f.add_argument("--relu6", choices=("skip", "replace"), default="skip",
+                   help="equalization across ReLU6: skip the pair, or replace ReLU6 by Relu (changes the model)")
+    f.add_argument("--bias-absorb", choices=("bn", "data"), default=None, help="high-bias absorption across Relu")
+    f.add_argument("--bias-correction", choices=("data", "bn"), default=None,
+                   help="correct the output shift that weight rounding causes")
     r = q.add_argument_group("reconstruction (torch engine)")
     r.add_argument("--method", choices=RECON_METHODS, default="rtn",
                    help="rtn (round to nearest), adaround (layer-wise), brecq (block-wise), qdrop")
@@ -72,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("quant_model")
     _add_calib_args(v, required=True, flag="--data")
     v.add_argument("--json", default=None, help="also write the report to this JSON file")
+
+    c = sub.add_parser("check", help="check a QDQ model (any tool's) against a target profile's rules")
+    c.add_argument("model")
+    c.add_argument("--target", required=True, help=f"target profile: {_TARGET_NAMES}")
+    c.add_argument("--json", action="store_true", help="print the violations as JSON")
     return p
 
 
@@ -100,15 +116,17 @@ def _quantize(args: argparse.Namespace) -> int:
         raise UserError(f"output path {out} is the input model: choose another -o path")
     if out.suffix != ".onnx":
         raise UserError(f"output path {out} should end in .onnx")
+    explicit = _explicit_target_options(args)
     config = QuantConfig(
         target=args.target, weight_bits=8 if args.weights == "int8" else 4, per_channel=not args.per_tensor,
-        activation_dtype=args.activations, scale_kind=args.scale, calib_method=args.calib_method,
+        **explicit, calib_method=args.calib_method,
         weight_method=args.weight_method, percentile=args.percentile, calib_samples=args.calib_samples,
         first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
         validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
         method=args.method, schedule=args.schedule, recon_iters=args.iters,
         recon_batch_size=args.recon_batch_size, recon_samples=args.recon_samples, fisher=args.fisher,
-        drop_prob=args.drop_prob, device=args.device, max_chain=args.max_chain,
+        drop_prob=args.drop_prob, device=args.device, max_chain=args.max_chain, equalize=args.equalize,
+        relu6=args.relu6, bias_absorb=args.bias_absorb, bias_correction=args.bias_correction,
         checkpoint_dir=args.checkpoint_dir or (str(out) + ".ckpt" if args.method != "rtn" else None),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +137,41 @@ def _quantize(args: argparse.Namespace) -> int:
     if result.validation is not None:
         sys.stdout.write(result.validation.summary() + "\n")
     return 0
+
+
+def _explicit_target_options(args: argparse.Namespace) -> dict[str, str]:
+    """The --activations/--scale values the user gave; one the target forbids is a UserError."""
+    from onnxq.targets import get_target
+
+    target = get_target(args.target)
+    given = {"activation_dtype": (args.activations, target.activation_dtypes),
+             "scale_kind": (args.scale, target.scale_kinds)}
+    for name, (value, allowed) in given.items():
+        if value is not None and value not in allowed:
+            flag = "--activations" if name == "activation_dtype" else "--scale"
+            raise UserError(f"target {target.name} does not allow {flag} {value}: use "
+                            f"{' or '.join(allowed)}, or leave {flag} out for the target's choice")
+    if args.per_tensor and "tensor" not in target.weight_granularity:
+        raise UserError(f"target {target.name} does not allow --per-tensor weights")
+    return {name: value for name, (value, _) in given.items() if value is not None}
+
+
+def _check(args: argparse.Namespace) -> int:
+    from onnxq.graph import load_model
+    from onnxq.rules import check_target
+    from onnxq.targets import get_target
+
+    target = get_target(args.target)
+    violations = check_target(load_model(args.model), target)
+    if args.json:
+        rows = [{"rule": v.rule, "node": v.node, "message": v.message} for v in violations]
+        sys.stdout.write(json.dumps({"target": target.name, "ok": not violations, "violations": rows},
+                                    indent=2) + "\n")
+    elif violations:
+        sys.stdout.write("".join(f"{v}\n" for v in violations))
+    else:
+        sys.stdout.write(f"{args.model}: ok for target {target.name}\n")
+    return 1 if violations else 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -156,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"quantize": _quantize, "inspect": _inspect, "validate": _validate}
+    handlers = {"quantize": _quantize, "inspect": _inspect, "validate": _validate, "check": _check}
     try:
         return handlers[args.command](args)
     except UserError as exc:

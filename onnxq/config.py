@@ -49,6 +49,12 @@ class QuantConfig:
         max_chain: longest chain of single layers merged into one block.
         checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.
         cache_budget_mb: RAM for cached block tensors before spilling to disk.
+        equalize: cross-layer equalization (DFQ) of Conv/Gemm pairs in the float phase.
+        relu6: what equalization does with ReLU6 (Clip 0..6) between a pair: "skip" the pair
+            (function-preserving) or "replace" it by Relu (changes the float function, as DFQ did).
+        bias_absorb: high-bias absorption across Relu: None, "bn" (from folded BatchNorm
+            statistics) or "data" (from calibration data).
+        bias_correction: None, "data" (E[x] measured on calibration data) or "bn" (analytic).
     """
 
     target: str = "ort-cpu"
@@ -78,6 +84,10 @@ class QuantConfig:
     max_chain: int = 3
     checkpoint_dir: str | None = None
     cache_budget_mb: int = 2048
+    equalize: bool = False
+    relu6: str = "skip"
+    bias_absorb: str | None = None
+    bias_correction: str | None = None
 
     def __post_init__(self) -> None:
         _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
@@ -98,6 +108,9 @@ class QuantConfig:
                 raise UserError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise UserError(f"drop_prob {self.drop_prob} is not a probability: use a value in [0, 1]")
+        _choice("relu6", self.relu6, ("skip", "replace"))
+        _choice("bias_absorb", self.bias_absorb, (None, "bn", "data"))
+        _choice("bias_correction", self.bias_correction, (None, "data", "bn"))
         if self.max_chain < 1:
             raise UserError("max_chain must be >= 1")
         if self.calib_samples is not None and self.calib_samples < 1:

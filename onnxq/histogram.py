@@ -21,7 +21,9 @@ Statistics (pure functions of the counts):
 * :meth:`StreamingHistogram.quantile`: inverse CDF, linear inside a bin.
 * :func:`lp_errors`: mean ``|x - fq(x)|**p`` for many candidate grids, integrated exactly per bin
   assuming the mass of a bin is spread uniformly over it.
-* :func:`kl_divergences`: TensorRT-style entropy calibration, vectorized over all thresholds.
+* :func:`slice_kl_divergences` / :func:`kl_clip_bins`: TensorRT-style entropy (KL) calibration on a
+  histogram split at 0, vectorized over all thresholds (:func:`kl_divergences` and
+  :func:`entropy_threshold`: the one-sided special case).
 """
 
 from __future__ import annotations
@@ -176,10 +178,15 @@ class StreamingHistogram:
         """Counts re-distributed onto ``bins`` equal bins over ``[lo, hi]`` (mass uniform inside a bin).
 
         The cumulative count is interpolated linearly at the new edges; mass outside ``[lo, hi]``
-        is added to the first / last new bin.
+        is added to the first / last new bin. An empty histogram gives zeros; a degenerate one (all
+        values equal) puts its whole count in the new bin holding that value.
         """
         if self._counts is None:
-            raise ValueError("degenerate histogram (all values equal) has no bins")
+            out = np.zeros(bins)
+            if self._total > 0:
+                k = np.floor((self._min - lo) / (hi - lo) * bins) if hi > lo else 0
+                out[int(np.clip(k, 0, bins - 1))] = self._total
+            return out
         cum = np.concatenate([[0.0], np.cumsum(self._counts)])
         new_edges = np.linspace(lo, hi, bins + 1)
         new_cum = np.interp(new_edges, self.edges, cum)
@@ -241,20 +248,73 @@ def _xlogx(a: np.ndarray) -> np.ndarray:
     return np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0)), 0.0)
 
 
+def _prefix(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(a, dtype=np.float64)])
+
+
+def slice_kl_divergences(
+    counts: np.ndarray, start: np.ndarray, stop: np.ndarray, levels: int, eps: float = 1e-4
+) -> np.ndarray:
+    """KL(P || Q) of clipping a histogram ``h`` to bins ``[start, stop)`` and quantizing them on ``levels``.
+
+    For each candidate slice of ``n = stop - start >= levels`` bins:
+
+    * ``P`` (reference) = ``h[start:stop]`` with the outliers ``sum(h[:start])`` added to its first bin and
+      ``sum(h[stop:])`` to its last bin, normalised: the clipped data;
+    * ``Q`` (candidate) = ``h[start:stop]`` (outliers *not* added) merged into ``L = levels`` groups of
+      consecutive bins (group ``g`` = slice bins ``floor(g n / L) .. floor((g + 1) n / L) - 1``), each
+      group's mass spread evenly over its bins where ``P > 0`` (empty bins stay empty), normalised;
+    * ``Q`` is smoothed as ``(1 - eps) Q + eps / |supp P|`` on the support of ``P``, so KL stays finite
+      where the folded outliers land in a group that ``Q`` leaves empty.
+
+    ``Q`` is constant over the support inside a group, so with prefix sums
+    ``KL = sum_b P_b log P_b - sum_g P(g) log Q_g`` costs ``O(L)`` per candidate (vectorized, in chunks).
+
+    Returns:
+        ``(len(start),)`` divergences.
+    """
+    h = np.asarray(counts, dtype=np.float64)
+    start = np.asarray(start, dtype=np.int64).ravel()
+    stop = np.asarray(stop, dtype=np.int64).ravel()
+    n = stop - start
+    if levels < 2 or start.size and (n.min() < levels or start.min() < 0 or stop.max() > h.size):
+        raise ValueError("each slice needs at least `levels` >= 2 bins inside the histogram")
+    total = h.sum()
+    if total <= 0:
+        raise ValueError("empty histogram")
+    cum, cum_nz, cum_xlogx = _prefix(h), _prefix(h > 0), _prefix(_xlogx(h))
+    out = np.empty(start.size)
+    rows = max(1, (1 << 19) // levels)  # bounds the (candidates, levels) temporaries
+    g = np.arange(levels)
+    for c in range(0, start.size, rows):
+        a, b, m = start[c : c + rows], stop[c : c + rows], n[c : c + rows]
+        left, right = cum[a], total - cum[b]
+        first, last = h[a] + left, h[b - 1] + right  # folded end bins of P (distinct bins: n >= 2)
+        p_log_p = (cum_xlogx[b - 1] - cum_xlogx[a + 1] + _xlogx(first) + _xlogx(last)) / total - np.log(total)
+        gs = a[:, None] + (g * m[:, None]) // levels
+        ge = a[:, None] + ((g + 1) * m[:, None]) // levels
+        group_sum = cum[ge] - cum[gs]
+        group_nz = cum_nz[ge] - cum_nz[gs]
+        group_nz[:, 0] += (first > 0).astype(np.float64) - (h[a] > 0)
+        group_nz[:, -1] += (last > 0).astype(np.float64) - (h[b - 1] > 0)
+        support = group_nz.sum(axis=1, keepdims=True)
+        q_total = (cum[b] - cum[a])[:, None]
+        q = np.where((group_nz > 0) & (q_total > 0),
+                     group_sum / np.maximum(group_nz, 1.0) / np.maximum(q_total, 1e-300), 0.0)
+        q = np.where(q_total > 0, (1.0 - eps) * q + eps / support, 1.0 / support)
+        p_mass = group_sum
+        p_mass[:, 0] += left
+        p_mass[:, -1] += right
+        p_mass /= total
+        cross = np.sum(np.where(p_mass > 0, p_mass * np.log(np.where(p_mass > 0, q, 1.0)), 0.0), axis=1)
+        out[c : c + rows] = p_log_p - cross
+    return out
+
+
 def kl_divergences(counts: np.ndarray, levels: int, eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
-    """KL(P || Q) of every clipping threshold of a histogram of ``|x|`` (bins starting at 0).
+    """KL of every threshold of a one-sided histogram (bins from 0): slices ``[0, i)``, ``levels <= i <= n``.
 
-    For a threshold after ``i`` bins (``levels <= i <= n``, ``n`` = last non-empty bin + 1):
-
-    * ``P`` = the first ``i`` bins with the outliers ``sum(h[i:])`` added to bin ``i - 1``;
-    * ``Q`` = the first ``i`` bins (outliers not added) merged into ``levels`` groups of consecutive
-      bins (group ``g`` = bins ``floor(g i / L) .. floor((g + 1) i / L) - 1``), each group's mass spread
-      evenly over its bins where ``P > 0`` (empty bins stay empty), normalised to 1;
-    * ``Q`` is smoothed as ``(1 - eps) Q + eps / |supp P|`` on the support of ``P`` so KL stays finite
-      when the clipped tail lands in a group that ``Q`` leaves empty.
-
-    ``Q`` is constant over the support inside each group, so with prefix sums
-    ``KL = sum_b P_b log P_b - sum_g P(g) log Q_g`` costs ``O(levels)`` per threshold.
+    ``n`` = last non-empty bin + 1; see :func:`slice_kl_divergences` for ``P`` and ``Q``.
 
     Returns:
         ``(i, kl)``: candidate bin counts and their divergences (empty arrays when ``n <= levels``).
@@ -264,41 +324,49 @@ def kl_divergences(counts: np.ndarray, levels: int, eps: float = 1e-4) -> tuple[
     n = int(nonzero[-1]) + 1 if nonzero.size else 0
     if n <= levels:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    h = h[:n]
-    total = h.sum()
-    cum = np.concatenate([[0.0], np.cumsum(h)])
-    cum_nz = np.concatenate([[0], np.cumsum(h > 0)])
-    cum_xlogx = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
-
     i = np.arange(levels, n + 1)
-    outliers = total - cum[i]
-    last = h[i - 1] + outliers  # folded last bin of P
-    p_log_p = (cum_xlogx[i - 1] + _xlogx(last)) / total - np.log(total)
+    return i, slice_kl_divergences(h[:n], np.zeros_like(i), i, levels, eps)
 
-    g = np.arange(levels)
-    start = (g[None, :] * i[:, None]) // levels
-    end = ((g[None, :] + 1) * i[:, None]) // levels
-    group_sum = cum[end] - cum[start]
-    group_nz = (cum_nz[end] - cum_nz[start]).astype(np.float64)
-    group_nz[:, -1] += (last > 0).astype(np.float64) - (h[i - 1] > 0)
-    support = cum_nz[i - 1] + (last > 0)
 
-    q_total = cum[i][:, None]
-    q_val = group_sum / np.maximum(group_nz, 1.0) / np.maximum(q_total, 1e-300)
-    q_val = np.where((group_nz > 0) & (q_total > 0), q_val, 0.0)
-    smooth = eps / support[:, None]
-    q_val = np.where(q_total > 0, (1.0 - eps) * q_val + smooth, 1.0 / support[:, None])
-    p_mass = group_sum.copy()
-    p_mass[:, -1] += outliers
-    p_mass /= total
-    cross = np.sum(np.where(p_mass > 0, p_mass * np.log(np.where(p_mass > 0, q_val, 1.0)), 0.0), axis=1)
-    return i, p_log_p - cross
+def kl_clip_bins(neg: np.ndarray, pos: np.ndarray, levels: int, symmetric: bool, eps: float = 1e-4) -> int:
+    """Bins ``i`` per side (threshold ``T = i w``) minimising KL on a histogram split at 0.
+
+    ``neg[k]`` / ``pos[k]`` count the values in ``[k w, (k + 1) w)`` of ``-x`` / ``x`` (same width ``w``,
+    same length ``B``); the signed histogram ``h = [neg reversed, pos]`` has 0 at edge ``B``. Candidate
+    ``i`` keeps the slice of ``h`` the grid covers, quantized onto ``levels`` groups:
+
+    * ``symmetric`` grid (range ``[-T, T]`` whatever the data): slice ``[B - i, B + i)``;
+    * asymmetric grid (range ``[max(lo, -T), min(hi, T)]``): slice ``[B - min(i, n-), B + min(i, n+))``
+      with ``n-``/``n+`` the bins the data occupies on each side, so a side is clipped only where its
+      tail exceeds ``T``.
+
+    Candidates run from the first slice of at least ``levels`` bins to ``i = max(n-, n+)`` (no clipping);
+    the widest candidate wins ties. No slice reaching ``levels`` bins means no clipping.
+    """
+    neg, pos = np.asarray(neg, dtype=np.float64), np.asarray(pos, dtype=np.float64)
+    if neg.shape != pos.shape:
+        raise ValueError(f"both sides need the same bins, got {neg.shape} and {pos.shape}")
+    big = pos.size
+    n_neg, n_pos = (int(np.flatnonzero(s)[-1]) + 1 if np.any(s) else 0 for s in (neg, pos))
+    i_max = max(n_neg, n_pos)
+    i = np.arange(1, i_max + 1)
+    if symmetric:
+        start, stop = big - i, big + i
+    else:
+        start, stop = big - np.minimum(i, n_neg), big + np.minimum(i, n_pos)
+    ok = stop - start >= levels
+    if np.count_nonzero(ok) <= 1:
+        return i_max
+    kl = slice_kl_divergences(np.concatenate([neg[::-1], pos]), start[ok], stop[ok], levels, eps)
+    best = np.flatnonzero(kl <= kl.min() + 1e-12)[-1]  # widest of the (numerically) tied minima
+    return int(i[ok][best])
 
 
 def entropy_threshold(counts: np.ndarray, bin_width: float, amax: float, levels: int) -> float:
-    """Threshold ``T = i * w`` minimising :func:`kl_divergences` (``amax`` when nothing to search)."""
-    i, kl = kl_divergences(counts, levels)
-    if i.size == 0:
-        return float(amax)
-    best = int(i[int(np.argmin(kl))])
-    return float(min(best * bin_width, amax))
+    """Threshold ``T = i * w`` minimising KL on a histogram of ``x >= 0`` (``amax`` when nothing to search).
+
+    Same as :func:`kl_clip_bins` with no negative side (slices ``[0, i)``, widest on ties).
+    """
+    pos = np.asarray(counts, dtype=np.float64)
+    i = kl_clip_bins(np.zeros_like(pos), pos, levels, symmetric=False)
+    return float(min(i * bin_width, amax))

@@ -4,14 +4,18 @@ Reads ``ctx.config`` and ``ctx.target``; writes ``ctx.specs`` (tensor -> QuantSp
 (passthrough output -> the tensor whose scale/zero-point it reuses), ``ctx.float_ops`` (node ->
 reason it stays float) and ``ctx.report["plan"]``. The graph itself is not changed.
 
-Placement rules (onnxruntime's QDQ conventions, so its optimizer fuses integer kernels):
+Placement rules (the defaults are onnxruntime's QDQ conventions, so its optimizer fuses integer
+kernels; the target's fields change them for other runtimes, see :mod:`onnxq.targets`):
   * weighted ops (Conv, ConvTranspose, Gemm, MatMul with a constant float weight): the activation
-    input and the *effective output* are quantized, the weight gets a per-channel (or per-tensor)
-    spec on the op's output-channel axis, the bias an INT32 spec with s_b = s_in * s_w. The
-    effective output is the output of a single-consumer chain of fusable activations
-    (Relu, Clip with constant bounds): ``Conv -> Relu -> Q`` fuses into one QLinearConv;
+    input is quantized, the weight gets a per-channel (or per-tensor) spec on the op's
+    output-channel axis, the bias an INT32 spec with s_b = s_in * s_w (``target.quantize_bias``).
+    The output Q goes where ``target.weighted_output`` says (:func:`weighted_output`): after the
+    single-consumer chain of fusable activations (Relu, Clip with constant bounds), so
+    ``Conv -> Relu -> Q`` fuses into one QLinearConv; on the raw output for signed activations
+    under ``ort``; nowhere under ``none`` (TensorRT: the next op's input Q closes it);
   * activation ops (Add, Mul, Concat, pooling, Sigmoid, ...): every non-constant float input and
-    the output are quantized;
+    (``target.activation_op_outputs``) the output are quantized; with ``add_inputs="residual"``
+    the Add input coming straight from a weighted op stays float (:func:`residual_fused_input`);
   * passthrough ops (MaxPool, Reshape, Transpose, Resize, ...): when the input is quantized the
     output reuses the input's parameters (s_out = s_in, z_out = z_in), so the Q/DQ pair is dropped
     and the op runs on integers;
@@ -106,9 +110,12 @@ class AssignSpecsPass(Pass):
                 if len(acts) != sum(1 for t in node.inputs if t.name):
                     ctx.float_ops[node_key(node)] = "has a constant operand (no integer kernel planned for it)"
                     continue
+                fused = residual_fused_input(node, target, excluded) if node.op == "Add" else None
                 for t in acts:
-                    want(t)
-                want(node.outputs[0])
+                    if t is not fused:
+                        want(t)
+                if target.activation_op_outputs:
+                    want(node.outputs[0])
             elif node.op not in target.passthrough_ops and node.op not in target.fusable_activations:
                 ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
 
@@ -169,19 +176,14 @@ class AssignSpecsPass(Pass):
                              scale_kind=spec.scale_kind, narrow=max(bits, previous.bits) == 8)
         ctx.specs[w.name] = spec
         want(node.inputs[0])
-        if b_idx is not None and len(node.inputs) > b_idx and isinstance(node.inputs[b_idx], gs.Constant):
+        if (target.quantize_bias and b_idx is not None and len(node.inputs) > b_idx
+                and isinstance(node.inputs[b_idx], gs.Constant)):
             b = np.asarray(node.inputs[b_idx].values)
             if b.ndim == 1 and b.dtype == _FLOAT and len(node.inputs[b_idx].outputs) == 1:
                 ctx.specs[node.inputs[b_idx].name] = INT32_BIAS
-        # Relu/Clip vanish into the output quantizer only when its zero-point can sit at qmin
-        # (unsigned grids); with symmetric int8 they would stay, blocking the integer kernel.
-        out = node.outputs[0] if self._act_signed(ctx) else effective_output(node, target)
-        if is_float_activation(out):
+        out = weighted_output(node, target, target.activation_spec(ctx.config).signed)
+        if out is not None and is_float_activation(out):
             want(out)
-
-    @staticmethod
-    def _act_signed(ctx: QuantContext) -> bool:
-        return ctx.config.activation_dtype == "int8"
 
     def _propagate_passthrough(self, graph: gs.Graph, ctx: QuantContext, target: Target, output_ids: set) -> None:
         for node in graph.nodes:  # topological order: chains propagate in one sweep
@@ -194,6 +196,48 @@ class AssignSpecsPass(Pass):
                 if is_float_activation(out) and (target.quantize_graph_outputs or id(out) not in output_ids):
                     ctx.specs[out.name] = ctx.specs[src.name]
                     ctx.shared[out.name] = ctx.shared.get(src.name, src.name)
+
+
+def weighted_output(node: gs.Node, target: Target, signed: bool) -> gs.Tensor | None:
+    """The tensor whose Q/DQ closes a weighted op, or None (``target.weighted_output``).
+
+    "after_activation": after the single-consumer chain of fusable activations (the activation
+    nodes stay; the runtime fuses them into the op). "ort": that for unsigned activations, where
+    onnxruntime drops a Relu/Clip whose lower bound is the zero-point (qmin), and the raw output
+    for signed ones (a kept Relu between the op and its Q would block QLinearConv). "none":
+    not quantized here; the consumers' inputs decide (TensorRT).
+    """
+    mode = target.weighted_output
+    if mode == "none":
+        return None
+    if mode == "ort" and signed:
+        return node.outputs[0]
+    return effective_output(node, target)
+
+
+def residual_fused_input(node: gs.Node, target: Target, excluded: set[str]) -> gs.Tensor | None:
+    """With ``target.add_inputs == "residual"``: the input of Add ``node`` left float for fusion.
+
+    That is the first input produced (through fusable activations) by a quantizable weighted op
+    whose only consumer is this Add: TensorRT fuses ``Conv -> Add(residual)`` into the convolution
+    epilogue when the *other* (residual) input is quantized, and a Q/DQ on the convolution side
+    would split the fusion. None when every input gets Q/DQ.
+    """
+    if target.add_inputs != "residual":
+        return None
+    for t in node.inputs:
+        if len(t.outputs) != 1 or not t.inputs:
+            continue
+        producer = t.inputs[0]
+        while producer.op in target.fusable_activations and producer.inputs and producer.inputs[0].inputs:
+            src = producer.inputs[0]
+            if len(src.outputs) != 1:
+                break
+            producer = src.inputs[0]
+        if (producer.op in target.weight_ops and AssignSpecsPass._weighted_reason(producer) is None
+                and not AssignSpecsPass._is_excluded(producer, excluded)):
+            return t
+    return None
 
 
 def effective_output(node: gs.Node, target: Target) -> gs.Tensor:

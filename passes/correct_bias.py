@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.special import ndtr
 
 from onnxq.capture import capture
 from onnxq.context import QuantContext
@@ -71,6 +71,11 @@ SOURCES = ("data", "bn")
 _MEAN_PRESERVING = ("GlobalAveragePool", "Flatten")
 
 
+def _ndtr(z: np.ndarray) -> np.ndarray:
+    """Standard normal CDF Phi(z) (math.erf; +-inf allowed)."""
+    return 0.5 * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(np.asarray(z) / math.sqrt(2.0)))
+
+
 def clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float = -np.inf,
                         hi: float = np.inf) -> np.ndarray:
     """``E[clip(h, lo, hi)]`` for ``h ~ N(mu, sigma^2)`` (elementwise; ``sigma = 0`` gives ``clip(mu)``)."""
@@ -79,7 +84,7 @@ def clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float = -np.inf,
     safe = np.where(sigma > 0, sigma, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         a, b = (lo - mu) / safe, (hi - mu) / safe
-    pa, pb = ndtr(a), ndtr(b)
+    pa, pb = _ndtr(a), _ndtr(b)
     da = np.exp(-0.5 * np.square(np.where(np.isfinite(a), a, 0.0))) / np.sqrt(2 * np.pi) * np.isfinite(a)
     db = np.exp(-0.5 * np.square(np.where(np.isfinite(b), b, 0.0))) / np.sqrt(2 * np.pi) * np.isfinite(b)
     low = lo * pa if np.isfinite(lo) else 0.0
@@ -107,7 +112,8 @@ class CorrectBiasPass(Pass):
             raise PassError("CorrectBiasPass(source='data') needs ctx.calib")
 
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
-        report = ctx.report.setdefault("bias_correction", {"source": self.source, "layers": [], "skipped": []})
+        report = ctx.report.setdefault("bias_correction",
+                                       {"source": self.source, "layers": [], "skipped": []})
         report["skipped"] = []
         done = {entry["node"] for entry in report["layers"]}
         layers = [n for n in self._layers(graph, ctx, report) if node_key(n) not in done]

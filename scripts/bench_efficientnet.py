@@ -76,9 +76,27 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w8a8_percentile", {**_W8A8, "calib_method": "percentile"}),
     OnnxqEntry("onnxq_w8a8_mse", {**_W8A8, "calib_method": "mse"}),
     OnnxqEntry("onnxq_w8a8_entropy", {**_W8A8, "calib_method": "entropy"}),
-    OnnxqEntry("onnxq_w8a8_pow2", {**_W8A8, "activation_dtype": "int8", "scale_kind": "pow2",
-                                   "calib_method": "mse"}),
+    OnnxqEntry("onnxq_w8a8_mse_wmse", {**_W8A8, "calib_method": "mse", "weight_method": "mse"}),
+    OnnxqEntry("onnxq_w8a8_pow2", {**_W8A8, "scale_kind": "pow2", "calib_method": "mse", "weight_method": "mse"}),
+    OnnxqEntry("onnxq_w8a8_pow2_minmax", {**_W8A8, "scale_kind": "pow2", "calib_method": "minmax"}),
+    OnnxqEntry("onnxq_w8a8_minmax_bc", {**_W8A8, "calib_method": "minmax", "bias_correction": "data"}),
+    OnnxqEntry("onnxq_w8a8_percentile_bc", {**_W8A8, "calib_method": "percentile", "bias_correction": "data"}),
+    OnnxqEntry("onnxq_w8a8_pow2_bc", {**_W8A8, "scale_kind": "pow2", "calib_method": "mse", "weight_method": "mse",
+                                      "bias_correction": "data"}),
     OnnxqEntry("onnxq_w4a8_rtn", {**_W8A8, "weight_bits": 4, "calib_method": "minmax"}),
+    OnnxqEntry("onnxq_w4a8_rtn_bc", {**_W8A8, "weight_bits": 4, "calib_method": "minmax",
+                                     "bias_correction": "data"}),
+    # Reconstruction (fast CPU schedule): W4A8 and W4A4, first/last layers 8-bit.
+    OnnxqEntry("onnxq_w4a8_adaround", {**_W8A8, "weight_bits": 4, "method": "adaround"}),
+    OnnxqEntry("onnxq_w4a8_brecq", {**_W8A8, "weight_bits": 4, "method": "brecq"}),
+    OnnxqEntry("onnxq_w4a8_qdrop", {**_W8A8, "weight_bits": 4, "method": "qdrop"}),
+    OnnxqEntry("onnxq_w4a4_rtn", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}),
+    OnnxqEntry("onnxq_w4a4_adaround", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
+                                       "method": "adaround"}),
+    OnnxqEntry("onnxq_w4a4_brecq", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
+                                    "method": "brecq"}),
+    OnnxqEntry("onnxq_w4a4_qdrop", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
+                                    "method": "qdrop"}),
 ]
 
 
@@ -292,7 +310,7 @@ def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) ->
 
 
 def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
-                   out: Path) -> dict[str, Any] | None:
+                   out: Path, holdout_x: np.ndarray) -> dict[str, Any] | None:
     """Run ``onnxq.quantize``; return None (with a printed note) when not available."""
     try:
         import onnxq
@@ -307,7 +325,9 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
         return None
     calib = [{INPUT: calib_x[i:i + CALIB_BATCH]} for i in range(0, len(calib_x), CALIB_BATCH)]
     t0 = time.perf_counter()
-    result = quantize(str(fp32), calib, cfg)  # validation=None: onnxq holds out calib batches
+    # All 250 calibration images calibrate (as for onnxruntime); the report's fidelity check runs on
+    # held-out evaluation images (they never influence the model).
+    result = quantize(str(fp32), calib, cfg, validation=[{INPUT: holdout_x}])
     result.save(str(out))
     seconds = time.perf_counter() - t0
     report = getattr(result, "report", {}) or {}
@@ -368,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{name}] quantizing")
             try:
                 info = (quantize_ort(entry, fp32, x_cal, path) if tool == "onnxruntime"
-                        else quantize_onnxq(entry, fp32, x_cal, path))
+                        else quantize_onnxq(entry, fp32, x_cal, path, x_eval[:32]))
                 if info is None:
                     continue
                 print(f"[{name}] evaluating")

@@ -23,13 +23,15 @@ Metrics on the evaluation feeds, quantized model run by ORT CPU at ``ORT_ENABLE_
 * checker (``onnx.checker`` full check), ORT load+run at ``ORT_DISABLE_ALL`` and ``ORT_ENABLE_ALL``, integer
   kernels after ORT fusion (QLinear*/ *Integer ops in the optimized graph) and float compute ops left.
 
-Usage: ``python scripts/bench_real_models.py [--methods onnxq,ort,ort+pre,ort+op13+pre] [--models det,cls,rec,yolov8n]
-[--md OUT.md]``. Outputs (models, optimized graphs, results.json) go under ``build/bench_real/``.
+Usage: ``python scripts/bench_real_models.py [--methods onnxq,ort,ort+pre,ort+op13+pre]
+[--models det,cls,rec,yolov8n] [--md OUT.md]``. Outputs (models, ORT-optimized graphs, results.json)
+go under ``build/bench_real/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -52,8 +54,8 @@ import real_models as rm  # noqa: E402
 OUT_DIR = rm.REPO / "build" / "bench_real"
 EVAL_N = {"det": 32, "cls": 64, "rec": 64, "yolov8n": 64}
 _MOVE_OPS = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Transpose", "Shape", "Gather", "Unsqueeze",
-             "Squeeze", "Slice", "Split", "Cast", "Constant", "ConstantOfShape", "Expand", "Range", "Identity",
-             "Flatten", "ReorderInput", "ReorderOutput", "Concat", "MaxPool", "QLinearConcat"}
+             "Squeeze", "Slice", "Split", "Cast", "Constant", "ConstantOfShape", "Expand", "Range",
+             "Identity", "Flatten", "ReorderInput", "ReorderOutput", "Concat", "MaxPool", "QLinearConcat"}
 
 
 def short_error(exc: BaseException) -> str:
@@ -196,8 +198,8 @@ def evaluate(key: str, qpath: Path, fp_path: Path, ref: list[np.ndarray], ref_ms
         return res
     if "L0" in outs and "L99" in outs:
         res["L0_vs_L99_maxabs"] = max(float(np.abs(a - b).max()) for a, b in zip(outs["L0"], outs["L99"]))
-    res["outputs"] = [{"sqnr_db": sqnr_db(r, g), "cosine": cosine(r, g), "max_abs": float(np.abs(r - g).max())}
-                      for r, g in zip(ref, got)]
+    res["outputs"] = [{"sqnr_db": sqnr_db(r, g), "cosine": cosine(r, g),
+                       "max_abs": float(np.abs(r - g).max())} for r, g in zip(ref, got)]
     if key == "yolov8n":
         res["yolo_parts_sqnr_db"] = {"boxes": sqnr_db(ref[0][:, :4], got[0][:, :4]),
                                      "scores": sqnr_db(ref[0][:, 4:], got[0][:, 4:])}
@@ -233,21 +235,26 @@ def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], p
 
     src = fp_path
     info: dict[str, Any] = {}
-    if op13 and min(o.version for o in onnx.load(str(fp_path)).opset_import if o.domain in ("", "ai.onnx")) < 13:
+    opsets = onnx.load(str(fp_path), load_external_data=False).opset_import
+    if op13 and min(o.version for o in opsets if o.domain in ("", "ai.onnx")) < 13:
         src = out.with_suffix(".op13.onnx")  # per-channel DequantizeLinear (axis) needs opset >= 13
         onnx.save(onnx.version_converter.convert_version(onnx.load(str(fp_path)), 13), str(src))
         info["converted_to_opset"] = 13
     if pre:
-        pre_src, src = src, out.with_suffix(".pre.onnx")
-        try:
-            quant_pre_process(str(pre_src), str(src))
-        except Exception as exc:  # noqa: BLE001 - ORT's own advice: retry without symbolic shape inference
-            where = [ln.strip() for ln in traceback.format_exc(limit=-1).splitlines()[:-1]
-                     if ln.strip().strip("^~")][-1]
-            info["pre_error"] = short_error(exc) if str(exc) else f"{type(exc).__name__} at `{where}`"
-            quant_pre_process(str(pre_src), str(src), skip_symbolic_shape=True)
+        pre_src, src = src.resolve(), out.resolve().with_suffix(".pre.onnx")
+        # ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx + <uuid>.data into the working
+        # directory when it fails: keep them in the output folder.
+        with contextlib.chdir(src.parent):
+            try:
+                quant_pre_process(str(pre_src), str(src))
+            except Exception as exc:  # noqa: BLE001 - ORT's own advice: retry without symbolic shapes
+                where = [ln.strip() for ln in traceback.format_exc(limit=-1).splitlines()[:-1]
+                         if ln.strip().strip("^~")][-1]
+                info["pre_error"] = short_error(exc) if str(exc) else f"{type(exc).__name__} at `{where}`"
+                quant_pre_process(str(pre_src), str(src), skip_symbolic_shape=True)
         pre_ops = Counter(n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node)
-        info["pre_ops"] = {k: pre_ops[k] for k in ("Constant", "BatchNormalization", "Conv") if pre_ops.get(k)}
+        info["pre_ops"] = {k: pre_ops[k] for k in ("Constant", "BatchNormalization", "Conv")
+                           if pre_ops.get(k)}
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
     quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -286,15 +293,18 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
         if method == "onnxq":
             row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"]))
         else:
-            row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method, op13="+op13" in method))
+            row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method,
+                                    op13="+op13" in method))
     except Exception as exc:  # noqa: BLE001 - failures are results here
         row["error"] = short_error(exc)
         row["traceback"] = traceback.format_exc(limit=-3)
         print(f"  {key}/{method}: quantization FAILED: {row['error']}", flush=True)
         return row
     row["quant_s"] = time.perf_counter() - start
-    row.update(evaluate(key, out, fp_path, data["ref"], data["ref_ms"], data["eval"], data["meta"], args.threads))
-    print(f"  {key}/{method}: {row.get('app', '')} sqnr {[round(float(o['sqnr_db']), 1) for o in row.get('outputs', [])]}"
+    row.update(evaluate(key, out, fp_path, data["ref"], data["ref_ms"], data["eval"], data["meta"],
+                        args.threads))
+    sqnr = [round(float(o["sqnr_db"]), 1) for o in row.get("outputs", [])]
+    print(f"  {key}/{method}: {row.get('app', '')} sqnr {sqnr}"
           f" ({row['quant_s']:.0f} s)", flush=True)
     return row
 
@@ -335,11 +345,12 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         ms = f"{r['ms_fp32']:.0f} / {r.get('ms_L99', float('nan')):.0f}"
         levels = r.get("ort_L0", "-") if r.get("ort_L0") == r.get("ort_L99") and r.get("ort_L0") != "OK" \
             else f"{r.get('ort_L0', '-')} / {r.get('ort_L99', '-')}"
-        lines.append(f"| {r['model']} | {r['method']} | {sq} | {cos} | {mae} | {app} | {r.get('checker', '-')} | "
+        lines.append(f"| {r['model']} | {r['method']} | {sq} | {cos} | {mae} | {app} | "
+                     f"{r.get('checker', '-')} | "
                      f"{levels} | {r['quant_s']:.0f} | "
                      f"{r['size_ratio']:.2f}x | {ms} |")
-    lines += ["", "| Model | Method | Integer kernels after ORT fusion | Float compute ops left | Q/DQ left | "
-              "Constants quantized at run time |", "|---|---|---|---|---|---|"]
+    lines += ["", "| Model | Method | Integer kernels after ORT fusion | Float compute ops left | "
+              "Q/DQ left | Constants quantized at run time |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" not in r:
             lines.append(f"| {r['model']} | {r['method']} | {_fmt_counts(r.get('int_kernels'))} | "
@@ -377,7 +388,8 @@ def main() -> None:
         feeds, meta = rm.make_samples(key, args.eval_n or EVAL_N[key], args.seed, "eval")
         fp = rm.model_path(key)
         ref, ref_ms = run_all(session(fp, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, args.threads), feeds)
-        print(f"[{key}] feeds {len(calib)} calib + {len(feeds)} eval of {next(iter(feeds[0].values())).shape} "
+        shape = next(iter(feeds[0].values())).shape
+        print(f"[{key}] feeds {len(calib)} calib + {len(feeds)} eval of {shape} "
               f"in {time.perf_counter() - t0:.1f} s; FP32 {ref_ms:.0f} ms/sample", flush=True)
         data = {"calib": calib, "eval": feeds, "meta": meta, "ref": ref, "ref_ms": ref_ms}
         for method in methods:
@@ -401,7 +413,8 @@ def main() -> None:
         "notes": notes,
     }
     md = markdown(rows, header)
-    (args.out / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1, default=str))
+    results = json.dumps({"header": header, "rows": rows}, indent=1, default=str)
+    (args.out / "results.json").write_text(results)
     print(md)
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ _WORDS = ("invoice", "total", "date", "amount", "order", "price", "qty", "item",
 def _package_file(package: str, rel: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package {package!r} is not installed: pip install {package.replace('_', '-')}")
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(f"package {package!r} is not installed: pip install {pip_name}")
     path = Path(spec.origin).parent / rel
     if not path.is_file():
         raise FileNotFoundError(f"{package} is installed but {path} is missing; reinstall it")
@@ -154,7 +155,8 @@ def _count_patterns(graph: onnx.GraphProto) -> dict[str, int]:
         elif node.op_type == "Clip" and op(node.input[0]) == "Add":
             xs = [i for i in prod[node.input[0]].input if not const(i)]
             for mul in (u for u in users if len(xs) == 1 and u.op_type == "Mul" and xs[0] in u.input):
-                if any(a.op_type in ("Div", "Mul") and const(a.input[1]) for a in cons.get(mul.output[0], [])):
+                after = cons.get(mul.output[0], [])
+                if any(a.op_type in ("Div", "Mul") and const(a.input[1]) for a in after):
                     found["x*Clip(x+3,0,6)/6"] += 1
     return {k: v for k, v in found.items() if v}
 
@@ -368,7 +370,8 @@ def make_samples(model_key: str, n: int, seed: int = 0, split: str = "calib"
             meta.append(text)
         else:
             flip = int(rng.random() < 0.5)
-            feeds.append({name: line_preprocess(cv2.rotate(line, cv2.ROTATE_180) if flip else line, CLS_SHAPE)})
+            line = cv2.rotate(line, cv2.ROTATE_180) if flip else line
+            feeds.append({name: line_preprocess(line, CLS_SHAPE)})
             meta.append(flip)
     return feeds, meta
 

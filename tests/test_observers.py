@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnxq.errors import UserError
-from onnxq.histogram import StreamingHistogram, kl_divergences, lp_errors
+from onnxq.histogram import StreamingHistogram, kl_divergences, lp_errors, slice_kl_divergences
 from onnxq.observers import (
     EntropyObserver,
     MinMaxObserver,
@@ -223,6 +223,23 @@ def test_entropy_threshold_below_max_with_outliers(spec: QuantSpec) -> None:
     assert 1.5 < t < 0.5 * np.abs(x).max()
 
 
+def _naive_kl(h: np.ndarray, a: int, b: int, levels: int, eps: float) -> float:
+    """KL(P || Q) of the slice [a, b) of h, written as the docstring of slice_kl_divergences says."""
+    p = h[a:b].copy()
+    p[0] += h[:a].sum()
+    p[-1] += h[b:].sum()
+    n, q = b - a, np.zeros(b - a)
+    for grp in range(levels):
+        lo, hi = grp * n // levels, (grp + 1) * n // levels
+        supp = p[lo:hi] > 0
+        if supp.any():
+            q[lo:hi][supp] = h[a:b][lo:hi].sum() / supp.sum()
+    p /= p.sum()
+    q = (1 - eps) * q / q.sum() + eps * (p > 0) / (p > 0).sum()
+    m = p > 0
+    return float(np.sum(p[m] * np.log(p[m] / q[m])))
+
+
 def test_kl_vectorized_matches_naive_loop() -> None:
     g = rng(4)
     h = g.poisson(200 * np.exp(-np.linspace(0, 6, 96)))
@@ -230,21 +247,68 @@ def test_kl_vectorized_matches_naive_loop() -> None:
     h = np.concatenate([h, [0, 0, 3, 0, 1, 0]]).astype(np.float64)
     levels, eps = 8, 1e-4
     i, kl = kl_divergences(h, levels, eps)
-    n = int(np.flatnonzero(h)[-1]) + 1
-    assert list(i) == list(range(levels, n + 1))
+    assert list(i) == list(range(levels, int(np.flatnonzero(h)[-1]) + 2))
     for t, got in zip(i, kl):
-        p = h[:t].copy()
-        p[-1] += h[t:].sum()
-        q = np.zeros(t)
-        for grp in range(levels):
-            a, b = grp * t // levels, (grp + 1) * t // levels
-            supp = p[a:b] > 0
-            if supp.any():
-                q[a:b][supp] = h[a:b].sum() / supp.sum()
-        p /= p.sum()
-        q = (1 - eps) * q / q.sum() + eps * (p > 0) / (p > 0).sum()
-        m = p > 0
-        assert got == pytest.approx(np.sum(p[m] * np.log(p[m] / q[m])), rel=1e-9, abs=1e-12)
+        assert got == pytest.approx(_naive_kl(h, 0, t, levels, eps), rel=1e-9, abs=1e-12)
+    # Two-sided slices, both tails folded; empty end bins that only the outliers fill.
+    h = g.poisson(300 * np.exp(-np.abs(np.linspace(-5, 3, 120)))).astype(np.float64)
+    h[[5, 50, 51, 119]] = 0
+    start, stop = np.array([0, 5, 10, 30, 60, 0, 51]), np.array([120, 119, 60, 37, 90, 7, 113])
+    for a, b, got in zip(start, stop, slice_kl_divergences(h, start, stop, 7, eps)):
+        assert got == pytest.approx(_naive_kl(h, a, b, 7, eps), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError):
+        slice_kl_divergences(h, [0], [6], 7)
+
+
+def _relu6_like(g: np.random.Generator, n: int = 200_000) -> np.ndarray:
+    """Dense mass near 0 and a long tail up to 6 (no saturation spike): the positive part of ReLU6 outputs."""
+    x = np.concatenate([g.exponential(0.4, size=n), g.exponential(1.0, size=n // 20)]).astype(np.float32)
+    return x[x <= 6.0]
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.6, 0.9])
+def test_entropy_relu6_zeros_do_not_shrink_the_range(zero_fraction: float) -> None:
+    # Regression: exact zeros (60-90% of ReLU outputs) were histogrammed; Q smeared their spike over a
+    # whole level, a cost growing with T, so the KL search shrank [0, 6] ranges to ~[0, 1.5].
+    g = rng(13)
+    pos = _relu6_like(g)
+    x = g.permutation(np.concatenate([pos, np.zeros(int(pos.size * zero_fraction / (1 - zero_fraction)))]))
+    amax, bins = float(pos.max()), 2048
+    # Reference: the KL minimum (256 levels on [0, T]) of the zero-free data, one-shot histogram.
+    counts = np.histogram(pos, bins, (0.0, amax))[0]
+    i, kl = kl_divergences(counts, 256)
+    t_ref = i[np.argmin(kl)] * amax / bins
+    assert t_ref > 0.95 * amax  # the KL minimum on this data clips only its last few samples
+    with_zeros = counts.astype(np.float64)
+    with_zeros[0] += x.size - pos.size
+    i0, kl0 = kl_divergences(with_zeros, 256)
+    if zero_fraction > 0:  # what the old observer did: the zero spike drags T down to a few levels' width
+        assert i0[np.argmin(kl0)] * amax / bins < 0.35 * amax
+    per_channel = replace(UINT8_ACT, granularity=Granularity.CHANNEL).with_axis(0)
+    streamed = observe("entropy", UINT8_ACT, np.array_split(x, 8))
+    for qp in (streamed, weight_qparams(np.stack([x, x[::-1]]), per_channel, "entropy")):
+        t = np.ravel(qp.scale * (UINT8_ACT.qmax - qp.zero_point))
+        assert np.all(qp.zero_point == 0)
+        assert np.all(t >= 0.9 * amax) and np.all(np.abs(t - t_ref) <= 0.04 * amax), (t, t_ref)
+    assert lp(x, streamed) <= 1.25 * lp(x, qparams_from_range(0.0, amax, UINT8_ACT))
+
+
+def test_entropy_two_signed_asymmetric() -> None:
+    g = rng(14)
+    # Skewed: short negative tail, long positive tail with rare outliers near 40.
+    x = np.concatenate([-g.exponential(0.2, 20_000), g.exponential(1.0, 80_000), 40 + g.normal(size=10)])
+    qp = observe("entropy", UINT8_ACT, np.array_split(g.permutation(x).astype(np.float32), 8))
+    s, z = float(qp.scale), float(qp.zero_point)
+    lo, hi = -z * s, (255 - z) * s
+    assert abs(lo - x.min()) <= s  # the short tail is within T: not clipped
+    assert np.quantile(x, 0.999) < hi < 0.5 * x.max()  # the outliers are clipped
+    assert int(np.sum(x > hi)) < 100
+    # Symmetric data: one threshold for both tails, 128 levels a side, as the symmetric int8 grid.
+    y = np.concatenate([g.laplace(size=100_000), 30 * g.standard_t(1.5, 20)]).astype(np.float32)
+    asym, sym = (observe("entropy", spec, np.array_split(y, 8)) for spec in (UINT8_ACT, INT8_ACT))
+    s, z = float(asym.scale), float(asym.zero_point)
+    assert abs(z - 128) <= 2 and 5 < (255 - z) * s < 0.2 * np.abs(y).max()
+    assert float(asym.scale) * 255 == pytest.approx(float(sym.scale) * 254, rel=0.03)
 
 
 # --- streaming histogram ------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _grid_tensors(weight: np.ndarray | torch.Tensor, scale, zero_point, axis: in
     if s.numel() == 1 and (axis is None or s.dim() == 0):
         s, z, axis = s.reshape(()), z.reshape(()), None
     if z.shape != s.shape or s.dim() > 1:
-        raise ValueError(f"scale {tuple(s.shape)} and zero_point {tuple(z.shape)} must be 0-d or the same 1-D shape")
+        raise ValueError(f"scale {tuple(s.shape)}, zero_point {tuple(z.shape)}: need 0-d or one 1-D shape")
     if not bool(torch.all(s > 0)):
         raise ValueError("weight scales must be positive")
     if s.dim() == 1:
@@ -99,7 +99,8 @@ class _WeightQuantizer(nn.Module):
 
     def nearest_codes(self) -> torch.Tensor:
         """Round-to-nearest codes ``clamp(round_half_even(W/s) + z, qmin, qmax)`` (int64)."""
-        return torch.clamp(torch.round(self.weight / self.scale) + self.zero_point, self.qmin, self.qmax).to(torch.int64)
+        q = torch.round(self.weight / self.scale) + self.zero_point
+        return torch.clamp(q, self.qmin, self.qmax).to(torch.int64)
 
     def _dequant(self, q: torch.Tensor) -> torch.Tensor:
         return (q - self.zero_point) * self.scale
@@ -154,8 +155,9 @@ class AdaRoundWeight(_WeightQuantizer):
             codes = torch.as_tensor(np.asarray(init_codes) if not isinstance(init_codes, torch.Tensor)
                                     else init_codes).detach().to(torch.float32)
             if codes.shape != self.weight.shape:
-                raise ValueError(f"init_codes {tuple(codes.shape)} must have the weight's shape {tuple(self.weight.shape)}")
-            if bool(torch.any(codes != torch.round(codes))) or bool(torch.any(codes < qmin)) or bool(torch.any(codes > qmax)):
+                raise ValueError(f"init_codes {tuple(codes.shape)} must have the weight's shape "
+                                 f"{tuple(self.weight.shape)}")
+            if bool(torch.any((codes != torch.round(codes)) | (codes < qmin) | (codes > qmax))):
                 raise ValueError(f"init_codes must be integers in [{qmin}, {qmax}]")
             target = codes - self.zero_point
             base = torch.minimum(torch.maximum(floor, target - 1.0), target)
@@ -192,4 +194,5 @@ class AdaRoundWeight(_WeightQuantizer):
         return q.detach().to(torch.int64)
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.weight.shape)}, [{self.qmin}, {self.qmax}], axis={self.axis}, soft={self.soft}"
+        return (f"shape={tuple(self.weight.shape)}, [{self.qmin}, {self.qmax}], axis={self.axis}, "
+                f"soft={self.soft}")

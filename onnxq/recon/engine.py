@@ -12,8 +12,9 @@ Methods (every step draws a random mini-batch of ``batch_size`` of the N samples
   asymmetric setting: quantized-upstream inputs, float targets). Then hard rounding. ``adaround`` is meant
   for single-layer blocks; the two differ only in what the caller passes.
 * ``brecq`` activation phase (only when activations are quantized): weights hard and frozen, the step
-  sizes of the enabled, ``trainable`` activation quantizers train (LSQ, Adam ``act_lr`` with cosine decay to 0 over
-  ``act_iters``), loss = sum |dz|^act_p, inputs from the float model (BRECQ's act phase is not asymmetric).
+  sizes of the enabled, ``trainable`` activation quantizers train (LSQ, Adam ``act_lr`` with cosine
+  decay to 0 over ``act_iters``), loss = sum |dz|^act_p, inputs from the float model (BRECQ's act
+  phase is not asymmetric).
 * ``qdrop``: V and the activation step sizes train jointly in one loop (two Adams; the activation one with
   cosine decay). Every enabled in-block FakeQuant drops quantization per element with probability
   ``drop_prob`` (see :class:`FakeQuant`), and the block input is ``where(rand < drop_prob, inputs_fp,
@@ -64,7 +65,7 @@ def _is_int(v: object) -> bool:
 
 @dataclass(frozen=True)
 class ReconConfig:
-    """Reconstruction settings. The defaults are the papers' (see :meth:`paper`); :meth:`fast` is a CPU budget.
+    """Reconstruction settings. Defaults are the papers' (:meth:`paper`); :meth:`fast` is a CPU budget.
 
     Attributes:
         method: "rtn", "adaround", "brecq" or "qdrop".
@@ -73,6 +74,9 @@ class ReconConfig:
         num_samples: calibration samples the caller should cache per block (the engine uses what it gets).
         round_lr: Adam learning rate of the rounding variables V.
         act_lr: Adam learning rate of the activation step sizes; None = 4e-4 for brecq, 4e-5 otherwise.
+        act_lr_relative: scale ``act_lr`` per quantizer by its initial step size (mean over channels),
+            so one setting moves 8-bit and 4-bit steps by the same fraction per iteration. The papers
+            use absolute rates (False), tuned for 2- and 4-bit activations and 5,000+ iterations.
         round_weight: lambda, the weight of the rounding regulariser.
         beta: (start, end) of the regulariser temperature.
         warmup: fraction of ``iters`` with the regulariser off.
@@ -83,7 +87,9 @@ class ReconConfig:
         drop_prob: QDrop's per-element probability of leaving an activation in float.
         device: "cpu" or "cuda[:k]" (must be available).
         seed: seeds the mini-batch and drop generators (the same run twice gives identical codes).
-        eval_samples: size of the fixed evaluation subset (the first samples).
+        eval_samples: size of the fixed evaluation subset (the first samples; they are also trained on).
+        holdout: if > 0, the last ``holdout`` samples are never trained on and form the evaluation subset
+            instead, so that the before/after comparison is out-of-sample.
         log_every: record the training loss in the history every this many iterations.
     """
 
@@ -93,6 +99,7 @@ class ReconConfig:
     num_samples: int = 1024
     round_lr: float = 1e-3
     act_lr: float | None = None
+    act_lr_relative: bool = False
     round_weight: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
@@ -104,30 +111,38 @@ class ReconConfig:
     device: str = "cpu"
     seed: int = 0
     eval_samples: int = 256
+    holdout: int = 0
     log_every: int = 100
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("iters", "batch_size", "num_samples", "seed", "eval_samples", "log_every"):
-            _check(_is_int(getattr(self, name)), f"recon {name} must be an integer, got {getattr(self, name)!r}")
-        _check(self.iters >= (0 if self.method == "rtn" else 1), f"recon iters must be >= 1, got {self.iters}")
+        _check(self.method in METHODS,
+               f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in ("iters", "batch_size", "num_samples", "seed", "eval_samples", "holdout", "log_every"):
+            v = getattr(self, name)
+            _check(_is_int(v), f"recon {name} must be an integer, got {v!r}")
+        _check(self.iters >= (self.method != "rtn"), f"recon iters must be >= 1, got {self.iters}")
         for name in ("batch_size", "num_samples", "eval_samples", "log_every"):
             _check(getattr(self, name) >= 1, f"recon {name} must be >= 1, got {getattr(self, name)}")
+        _check(self.holdout >= 0, f"recon holdout must be >= 0, got {self.holdout}")
         if self.act_lr is None:
             object.__setattr__(self, "act_lr", 4e-4 if self.method == "brecq" else 4e-5)
         if self.act_iters is None:
             object.__setattr__(self, "act_iters", self.iters // 4)
-        _check(_is_int(self.act_iters) and self.act_iters >= 0, f"recon act_iters must be an integer >= 0, got {self.act_iters!r}")
+        _check(_is_int(self.act_iters) and self.act_iters >= 0,
+               f"recon act_iters must be an integer >= 0, got {self.act_iters!r}")
         for name in ("round_lr", "act_lr", "p", "act_p"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and np.isfinite(v) and v > 0, f"recon {name} must be > 0, got {v!r}")
-        _check(np.isfinite(self.round_weight) and self.round_weight >= 0, f"recon round_weight must be >= 0, got {self.round_weight}")
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+            _check(ok, f"recon {name} must be > 0, got {v!r}")
+        _check(np.isfinite(self.round_weight) and self.round_weight >= 0,
+               f"recon round_weight must be >= 0, got {self.round_weight}")
         _check(len(tuple(self.beta)) == 2, f"recon beta must be (start, end), got {self.beta!r}")
         object.__setattr__(self, "beta", (float(self.beta[0]), float(self.beta[1])))
         _check(self.beta[0] >= self.beta[1] > 0, f"recon beta must satisfy start >= end > 0, got {self.beta}")
         _check(0.0 <= self.warmup < 1.0, f"recon warmup is a fraction in [0, 1), got {self.warmup}")
-        _check(0.0 <= self.drop_prob <= 1.0, f"recon drop_prob is a probability in [0, 1], got {self.drop_prob}")
-        _check(isinstance(self.fisher, bool), f"recon fisher must be true or false, got {self.fisher!r}")
+        _check(0.0 <= self.drop_prob <= 1.0, f"recon drop_prob must be in [0, 1], got {self.drop_prob}")
+        for name in ("fisher", "act_lr_relative"):
+            _check(isinstance(getattr(self, name), bool), f"recon {name} must be true or false")
         dev = str(self.device)
         _check(dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
                f"recon device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
@@ -198,7 +213,8 @@ class _Cache:
         if not self.q or not self.targets:
             raise ValueError("reconstruct_block needs at least one input and one target tensor")
         self.n = int(self.q[0].shape[0])
-        for name, seq in (("inputs_q", self.q), ("inputs_fp", self.fp), ("targets", self.targets), ("fisher", self.fisher)):
+        named = (("inputs_fp", self.fp), ("targets", self.targets), ("fisher", self.fisher))
+        for name, seq in (("inputs_q", self.q), *named):
             for t in seq or ():
                 if int(t.shape[0]) != self.n:
                     raise ValueError(f"{name} has {t.shape[0]} samples, inputs_q has {self.n}")
@@ -211,11 +227,6 @@ class _Cache:
     def take(seq, idx: torch.Tensor) -> list[torch.Tensor]:
         return [t[idx].float() if t.is_floating_point() else t[idx] for t in seq]
 
-    def need_fp(self, why: str) -> list[torch.Tensor]:
-        if self.fp is None:
-            raise ValueError(f"{why} needs inputs_fp (block inputs from the float model)")
-        return self.fp
-
 
 def _outputs(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     out = module(*xs)
@@ -223,7 +234,7 @@ def _outputs(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[torch.Tenso
 
 
 class _State:
-    """Caller-visible mode flags, saved before and restored after the run."""
+    """Caller-visible flags, saved before and restored after the run (also on KeyboardInterrupt)."""
 
     def __init__(self, module: nn.Module, weights, acts) -> None:
         self.params = {id(p): (p, p.requires_grad) for m in (module, *weights, *acts) for p in m.parameters()}
@@ -233,6 +244,10 @@ class _State:
     def freeze_all(self) -> None:
         for p, _ in self.params.values():
             p.requires_grad_(False)
+
+    def restore_enabled(self) -> None:
+        for a, enabled, _ in self.acts:
+            a.enabled = enabled
 
     def restore(self, module: nn.Module, weights) -> None:
         for p, flag in self.params.values():
@@ -245,35 +260,38 @@ class _State:
 
 
 class _Runner:
-    """One block's optimisation loops, sharing generators, data, progress bar and history."""
+    """One block's optimisation loops: generators, data, progress bar, history."""
 
     def __init__(self, module, cache: _Cache, config: ReconConfig, bar) -> None:
-        self.module, self.cache, self.config, self.bar = module, cache, config, bar
+        self.module, self.cache, self.cfg, self.bar = module, cache, config, bar
         self.gen = torch.Generator().manual_seed(config.seed)
         self.mask_gen = torch.Generator(device=cache.device).manual_seed(config.seed + 1)
         self.history: list[float] = []
         self.steps = 0
+        self.n_train = cache.n - config.holdout if 0 < config.holdout < cache.n else cache.n
 
-    def batch_inputs(self, idx: torch.Tensor, source: str) -> list[torch.Tensor]:
+    def inputs(self, idx: torch.Tensor, source: str) -> list[torch.Tensor]:
         c = self.cache
         if source == "q":
             return c.take(c.q, idx)
-        fp = c.take(c.need_fp(f"input source {source!r}"), idx)
+        if c.fp is None:
+            raise ValueError(f"{self.cfg.method} needs inputs_fp (block inputs from the float model)")
+        fp = c.take(c.fp, idx)
         if source == "fp":
             return fp
-        q = c.take(c.q, idx)  # "mix": QDrop's element-wise choice between float and quantized inputs
-        p = self.config.drop_prob
-        return [torch.lerp(b, a, bernoulli_mask(a.shape, p, generator=self.mask_gen, device=a.device))
-                for a, b in zip(fp, q, strict=True)]
+        # "mix", QDrop's block input: float with probability drop_prob per element, else quantized-upstream
+        p, gen = self.cfg.drop_prob, self.mask_gen
+        return [torch.lerp(q, f, bernoulli_mask(f.shape, p, generator=gen, device=f.device))
+                for f, q in zip(fp, c.take(c.q, idx), strict=True)]
 
     def loop(self, iters: int, loss: ReconLoss, optimizers, schedulers, source: str) -> None:
-        c, cfg = self.cache, self.config
-        bs = min(cfg.batch_size, c.n)
+        c, cfg = self.cache, self.cfg
+        bs = min(cfg.batch_size, self.n_train)
         self.module.train()
         for it in range(iters):
-            idx = torch.randperm(c.n, generator=self.gen)[:bs].to(c.device)
-            preds = _outputs(self.module, self.batch_inputs(idx, source))
-            fisher = c.take(c.fisher, idx) if (cfg.fisher and c.fisher is not None) else None
+            idx = torch.randperm(self.n_train, generator=self.gen)[:bs].to(c.device)
+            preds = _outputs(self.module, self.inputs(idx, source))
+            fisher = c.take(c.fisher, idx) if c.fisher is not None else None
             terms = loss(preds, c.take(c.targets, idx), it, fisher)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -285,27 +303,45 @@ class _Runner:
             self.steps += 1
             if it % cfg.log_every == 0 or it == iters - 1:
                 self.history.append(float(terms.rec.detach()))
-                self.bar.set_postfix(rec=f"{self.history[-1]:.4g}", reg=f"{float(terms.reg.detach()):.3g}", refresh=False)
+                self.bar.set_postfix(rec=f"{self.history[-1]:.4g}", reg=f"{float(terms.reg.detach()):.3g}",
+                                     refresh=False)
             self.bar.update(1)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        c, cfg = self.cache, self.config
+        """Mean weight-phase error of the current (hard) module on the fixed evaluation subset."""
+        c, cfg = self.cache, self.cfg
         self.module.eval()
-        n = min(cfg.eval_samples, c.n)
-        chunk = max(cfg.batch_size, 1)
-        loss = ReconLoss(p=cfg.p)
-        total = 0.0
-        for start in range(0, n, chunk):
-            idx = torch.arange(start, min(start + chunk, n), device=c.device)
+        lo, hi = (self.n_train, c.n) if self.n_train < c.n else (0, min(cfg.eval_samples, c.n))
+        loss, total = ReconLoss(p=cfg.p), 0.0
+        for start in range(lo, hi, cfg.batch_size):
+            idx = torch.arange(start, min(start + cfg.batch_size, hi), device=c.device)
+            fisher = c.take(c.fisher, idx) if c.fisher is not None else None
             preds = _outputs(self.module, c.take(c.q, idx))
-            fisher = c.take(c.fisher, idx) if (cfg.fisher and c.fisher is not None) else None
             total += float(loss(preds, c.take(c.targets, idx), 0, fisher).rec) * len(idx)
-        return total / n
+        return total / (hi - lo)
 
 
 def _cosine(opt: torch.optim.Optimizer, iters: int) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=0.0)
+
+
+def _act_optimizer(learnable: list[FakeQuant], cfg: ReconConfig) -> torch.optim.Adam:
+    if not cfg.act_lr_relative:
+        return torch.optim.Adam([a.scale for a in learnable], lr=cfg.act_lr)
+    groups = [{"params": [a.scale], "lr": cfg.act_lr * float(a.current_scale().mean())} for a in learnable]
+    return torch.optim.Adam(groups, lr=cfg.act_lr)
+
+
+def _rounding_loss(rounding: list[AdaRoundWeight], cfg: ReconConfig) -> ReconLoss:
+    schedule = BetaSchedule(cfg.iters, cfg.beta[0], cfg.beta[1], cfg.warmup)
+    return ReconLoss(rounding, p=cfg.p, round_weight=cfg.round_weight, schedule=schedule)
+
+
+def _train_rounding(rounding: list[AdaRoundWeight], on: bool) -> None:
+    for w in rounding:
+        w.soft = on
+        w.v.requires_grad_(on)
 
 
 def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | RoundToNearestWeight],
@@ -317,14 +353,14 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
     """Optimise one block's rounding (and activation step sizes) in place; see the module docstring.
 
     Args:
-        module: the block; ``module(*inputs)`` -> tensor or tuple. Its other parameters are frozen meanwhile.
+        module: the block; ``module(*inputs)`` -> tensor or tuple. Its other parameters stay frozen.
         weights: the block's weight quantizers (RoundToNearestWeight entries stay fixed).
         acts: the block's activation quantizers (the block-input one included, if any).
         inputs_q: block inputs captured from the model quantized so far, ``(N, ...)`` each.
         inputs_fp: block inputs from the float model (needed by brecq's act phase and qdrop).
         targets: block outputs of the float model.
         config: the schedule.
-        fisher: per-output gradients ``dL/dz`` (same shapes as targets), used when ``config.fisher``.
+        fisher: per-output gradients ``dL/dz`` (the targets' shapes); required when ``config.fisher``.
         quantize_activations: whether the deployed model quantizes activations, i.e. whether step sizes
             are learned (brecq act phase, qdrop); None = whether any FakeQuant in ``acts`` is enabled.
         desc: label of the tqdm bar.
@@ -337,41 +373,46 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
     device = _resolve_device(config.device)
     if config.fisher and fisher is None:
         raise ValueError("config.fisher is set but no fisher gradients were given")
-    wq = list(weights.values())
-    aq = list(acts.values())
+    wq, aq = list(weights.values()), list(acts.values())
     rounding = [w for w in wq if isinstance(w, AdaRoundWeight)]
     if quantize_activations is None:
         quantize_activations = any(a.enabled for a in aq)
-    first = next((t for m in (module, *wq, *aq) for t in (*m.parameters(), *m.buffers())), None)
-    home = first.device if first is not None else torch.device("cpu")
-    for m in (module, *wq, *aq):
-        m.to(device)
-    cache = _Cache(inputs_q, inputs_fp, targets, fisher if config.fisher else None, device)
     learnable = [a for a in aq if a.enabled and a.trainable] if quantize_activations else []
     method = config.method
     act_phase = method == "brecq" and bool(learnable) and config.act_iters > 0
     total = 0 if method == "rtn" else config.iters + (config.act_iters if act_phase else 0)
+    first = next((t for m in (module, *wq, *aq) for t in (*m.parameters(), *m.buffers())), None)
+    home = first.device if first is not None else torch.device("cpu")
+    for m in (module, *wq, *aq):
+        m.to(device)
     state = _State(module, wq, aq)
-    bar = tqdm(total=total, desc=desc, disable=(None if progress is None else not progress), leave=False,
+    bar = tqdm(total=total, desc=desc, disable=None if progress is None else not progress, leave=False,
                unit="it", dynamic_ncols=True)
     try:
+        cache = _Cache(inputs_q, inputs_fp, targets, fisher if config.fisher else None, device)
         state.freeze_all()
         for w in wq:
             w.soft = False
         runner = _Runner(module, cache, config, bar)
         loss_rtn = runner.evaluate()
         if method in ("adaround", "brecq"):
-            _weight_phase(runner, rounding, aq, config)
-            for a, enabled, _ in state.acts:
-                a.enabled = enabled
-            if act_phase:
-                _act_phase(runner, learnable, config)
+            for a in aq:  # weight phase: activations in float, V only
+                a.enabled = False
+            if rounding:
+                _train_rounding(rounding, True)
+                opt = torch.optim.Adam([w.v for w in rounding], lr=config.round_lr)
+                runner.loop(config.iters, _rounding_loss(rounding, config), [opt], [], "q")
+                _train_rounding(rounding, False)
+            state.restore_enabled()
+            if act_phase:  # hard frozen weights, LSQ steps, float-model inputs, |dz|^act_p
+                for a in learnable:
+                    a.learn_scale = True
+                opt = _act_optimizer(learnable, config)
+                sched = _cosine(opt, config.act_iters)
+                runner.loop(config.act_iters, ReconLoss(p=config.act_p), [opt], [sched], "fp")
         elif method == "qdrop":
             _qdrop(runner, rounding, learnable, aq, config)
-        for w in wq:
-            w.soft = False
-        for a in aq:
-            a.drop_prob, a.generator = 0.0, None
+        state.restore(module, wq)
         loss_final = runner.evaluate() if method != "rtn" else loss_rtn
     finally:
         bar.close()
@@ -384,62 +425,22 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
     return BlockResult(loss_rtn, loss_final, runner.history, seconds, runner.steps)
 
 
-def _weight_phase(runner: _Runner, rounding: list[AdaRoundWeight], acts: list[FakeQuant], cfg: ReconConfig) -> None:
-    """AdaRound/BRECQ weight phase: act quantizers off, V trains on quantized-upstream inputs."""
-    for a in acts:
-        a.enabled = False
-    if not rounding:
-        runner.bar.update(cfg.iters)
-        return
-    for w in rounding:
-        w.soft = True
-        w.v.requires_grad_(True)
-    loss = ReconLoss(rounding, p=cfg.p, round_weight=cfg.round_weight,
-                     schedule=BetaSchedule(cfg.iters, cfg.beta[0], cfg.beta[1], cfg.warmup))
-    opt = torch.optim.Adam([w.v for w in rounding], lr=cfg.round_lr)
-    runner.loop(cfg.iters, loss, [opt], [], "q")
-    for w in rounding:
-        w.soft = False
-        w.v.requires_grad_(False)
-
-
-def _act_phase(runner: _Runner, learnable: list[FakeQuant], cfg: ReconConfig) -> None:
-    """BRECQ activation phase: hard frozen weights, LSQ step sizes, float-model inputs, |dz|^act_p."""
-    for a in learnable:
-        a.learn_scale = True
-    opt = torch.optim.Adam([a.scale for a in learnable], lr=cfg.act_lr)
-    runner.loop(cfg.act_iters, ReconLoss(p=cfg.act_p), [opt], [_cosine(opt, cfg.act_iters)], "fp")
-    for a in learnable:
-        a.learn_scale = False
-
-
 def _qdrop(runner: _Runner, rounding: list[AdaRoundWeight], learnable: list[FakeQuant], acts: list[FakeQuant],
            cfg: ReconConfig) -> None:
-    """QDrop: joint V + step sizes, random per-element drop in the block and on its input."""
+    """QDrop: V and step sizes jointly; random per-element drop in the block and on its input."""
     for a in acts:
         a.drop_prob, a.generator = cfg.drop_prob, runner.mask_gen
-    for w in rounding:
-        w.soft = True
-        w.v.requires_grad_(True)
+    _train_rounding(rounding, True)
     for a in learnable:
         a.learn_scale = True
     optimizers, schedulers = [], []
     if rounding:
         optimizers.append(torch.optim.Adam([w.v for w in rounding], lr=cfg.round_lr))
     if learnable:
-        act_opt = torch.optim.Adam([a.scale for a in learnable], lr=cfg.act_lr)
-        optimizers.append(act_opt)
-        schedulers.append(_cosine(act_opt, cfg.iters))
-    loss = ReconLoss(rounding, p=cfg.p, round_weight=cfg.round_weight,
-                     schedule=BetaSchedule(cfg.iters, cfg.beta[0], cfg.beta[1], cfg.warmup))
+        optimizers.append(_act_optimizer(learnable, cfg))
+        schedulers.append(_cosine(optimizers[-1], cfg.iters))
     if optimizers:
-        runner.loop(cfg.iters, loss, optimizers, schedulers, "mix")
+        runner.loop(cfg.iters, _rounding_loss(rounding, cfg), optimizers, schedulers, "mix")
     else:
         runner.bar.update(cfg.iters)
-    for a in acts:
-        a.drop_prob, a.generator = 0.0, None
-    for a in learnable:
-        a.learn_scale = False
-    for w in rounding:
-        w.soft = False
-        w.v.requires_grad_(False)
+    _train_rounding(rounding, False)

@@ -1,6 +1,6 @@
 """Fake quantization with the exact numerics of ONNX ``QuantizeLinear -> DequantizeLinear``.
 
-Forward (float32, the same operations in the same order as onnxruntime's CPU kernels)::
+Forward (float32; bit-identical to onnxruntime's CPU kernels, which the tests check)::
 
     v     = x / s                                   (a division, not x * (1/s): the results differ)
     q     = clamp(round_half_even(v) + z, qmin, qmax)
@@ -78,7 +78,7 @@ class _FakeQuantFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, keep):  # type: ignore[override]
         s = _shape_for(scale, x.dim(), axis)
         z = _shape_for(zero_point, x.dim(), axis)
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -86,12 +86,18 @@ class _FakeQuantFn(torch.autograd.Function):
         t = torch.clamp(v, qmin - z, qmax - z)
         c = torch.round(t)
         out = c * s
+        if keep is not None:  # QDrop: exactly x where keep == 1, exactly the quantized value where 0
+            out = out.lerp_(x, keep)
         inside = local = None
         if need_x or need_s:
             inside = t.eq_(v)  # t is not needed any more: reuse its memory for the 0/1 mask
         if need_s:
             local = c.sub_(v.mul_(inside))
-        ctx.save_for_backward(inside, local)
+            if keep is not None:
+                local = local.addcmul_(local, keep, value=-1.0)  # kept-float elements do not depend on s
+        if need_x and keep is not None:
+            inside = torch.maximum(inside, keep, out=inside)  # d out / d x = 1 where kept float
+        ctx.save_for_backward(inside if need_x else None, local)
         ctx.params = (axis, grad_scale, tuple(scale.shape))
         return out
 
@@ -109,7 +115,7 @@ class _FakeQuantFn(torch.autograd.Function):
                 grad_s = (grad * local).sum(dim=dims).reshape(scale_shape)
             if grad_scale is not None:
                 grad_s = grad_s * grad_scale
-        return grad_x, grad_s, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None
 
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
@@ -140,7 +146,7 @@ def _as_tensor(p: float | int | torch.Tensor, like: torch.Tensor) -> torch.Tenso
 
 def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor,
                qmin: int, qmax: int, axis: int | None = None, *,
-               grad_scale: float | None = None) -> torch.Tensor:
+               grad_scale: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """ONNX ``DequantizeLinear(QuantizeLinear(x))`` with STE/LSQ gradients (see the module docstring).
 
     Args:
@@ -150,6 +156,8 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
         qmin, qmax: the integer grid, e.g. [-128, 127], [0, 255], [-8, 7], or [-1, 1] (ternary).
         axis: channel axis for per-channel parameters (negative allowed); ignored for per-tensor ones.
         grad_scale: multiplies the scale gradient (LSQ's ``g``); None means 1.
+        keep: optional 0/1 mask of ``x``'s shape and dtype (QDrop): where 1 the output is ``x`` itself
+            (gradient 1 to ``x``, none to the scale), where 0 the quantized value. Fused into one pass.
 
     Returns:
         The fake-quantized tensor, same shape and dtype as ``x``.
@@ -160,7 +168,7 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
         s = s.reshape(())
         z = z.reshape(())
     if s.dim() > 1 or z.shape != s.shape:
-        raise ValueError(f"scale {tuple(s.shape)} and zero_point {tuple(z.shape)} must be 0-d or the same 1-D shape")
+        raise ValueError(f"scale {tuple(s.shape)}, zero_point {tuple(z.shape)}: need 0-d or one 1-D shape")
     ax = None
     if s.dim() == 1:
         if axis is None:
@@ -168,7 +176,9 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
         ax = axis % x.dim()
         if x.shape[ax] != s.numel():
             raise ValueError(f"{s.numel()} scales for axis {axis} of a tensor of shape {tuple(x.shape)}")
-    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale)
+    if keep is not None and (keep.shape != x.shape or keep.dtype != x.dtype):
+        raise ValueError(f"keep mask {tuple(keep.shape)} {keep.dtype} != x {tuple(x.shape)} {x.dtype}")
+    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale, keep)
 
 
 class FakeQuant(nn.Module):
@@ -177,10 +187,10 @@ class FakeQuant(nn.Module):
     Modes (plain attributes, set by the caller; nothing is initialised lazily):
         enabled: quantize (True) or pass ``x`` through unchanged (False).
         drop_prob: QDrop's random drop, used only in training mode. Per forward and per element,
-            ``out = where(rand < drop_prob, x, x_hat)``: each element is *left in float* with probability
-            ``drop_prob`` and quantized otherwise. So ``drop_prob`` = 1 - p, where p is the "quantized
-            with probability p" of the QDrop description; at QDrop's default 0.5 the two readings
-            coincide. 0.0 (the default) = always quantize, as at export.
+            ``out = x`` (*left in float*) with probability ``drop_prob`` and ``x_hat`` otherwise, i.e.
+            ``where(rand < drop_prob, x, x_hat)``. So ``drop_prob`` = 1 - p for the "quantized with
+            probability p" of the QDrop description; at QDrop's default 0.5 the two readings coincide.
+            0.0 (the default) = always quantize, as at export.
         learn_scale: the scale is an ``nn.Parameter`` whose ``requires_grad`` this flag mirrors (LSQ).
             The forward uses ``max(scale, MIN_SCALE)``, so a learned scale stays positive.
         trainable: whether a reconstruction may learn this step size at all (False for power-of-two or
@@ -192,14 +202,15 @@ class FakeQuant(nn.Module):
     """
 
     def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, qmin: int, qmax: int,
-                 axis: int | None = None, *, learn_scale: bool = False, grad_scale: float | None = None) -> None:
+                 axis: int | None = None, *, learn_scale: bool = False,
+                 grad_scale: float | None = None) -> None:
         super().__init__()
         s = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
         z = torch.as_tensor(zero_point).detach().clone().to(torch.int64)
         if s.numel() == 1 and axis is None:
             s, z = s.reshape(()), z.reshape(())
         if z.shape != s.shape or s.dim() > 1:
-            raise ValueError(f"scale {tuple(s.shape)} and zero_point {tuple(z.shape)} must be 0-d or the same 1-D shape")
+            raise ValueError(f"scale {tuple(s.shape)}, zero_point {tuple(z.shape)}: need 0-d or 1-D")
         if not bool(torch.all(s > 0)):
             raise ValueError("scales must be positive")
         if qmin >= qmax or bool(torch.any(z < qmin)) or bool(torch.any(z > qmax)):
@@ -227,21 +238,20 @@ class FakeQuant(nn.Module):
         """The step size the forward uses (clamped to ``MIN_SCALE``), detached: write this back."""
         return self.scale.detach().clamp_min(MIN_SCALE)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Always-quantize path (no drop), regardless of ``enabled`` and training mode."""
+    def quantize(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` regardless of ``enabled`` and training mode (``keep``: see fake_quant)."""
         s = self.scale.clamp_min(MIN_SCALE)
         return fake_quant(x, s, self.zero_point.to(x.dtype), self.qmin, self.qmax, self.axis,
-                          grad_scale=self.grad_scale)
+                          grad_scale=self.grad_scale, keep=keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        xq = self.quantize(x)
+        keep = None
         if self.training and self.drop_prob > 0.0:
-            # keep = 1 with probability drop_prob; lerp(xq, x, keep) is exactly xq or x (one fused pass)
-            keep = bernoulli_mask(x.shape, self.drop_prob, generator=self.generator, device=x.device, dtype=x.dtype)
-            return torch.lerp(xq, x, keep)
-        return xq
+            keep = bernoulli_mask(x.shape, self.drop_prob, generator=self.generator, device=x.device,
+                                  dtype=x.dtype)
+        return self.quantize(x, keep)
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.scale.dim() == 0 else f"per-channel axis={self.axis}"

@@ -101,7 +101,9 @@ class ReconLoss:
 
     def regularizer(self, it: int) -> torch.Tensor | None:
         """lambda-free regulariser sum at iteration ``it``, or None while it is switched off."""
-        if self.schedule is None or not self.rounding or self.round_weight == 0 or not self.schedule.active(it):
+        if self.schedule is None or not self.rounding or self.round_weight == 0:
+            return None
+        if not self.schedule.active(it):
             return None
         beta = self.schedule(it)
         return torch.stack([m.regularizer(beta) for m in self.rounding]).sum()

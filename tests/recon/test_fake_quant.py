@@ -21,7 +21,8 @@ GRIDS = {
 }
 
 
-def _qdq_model(scale: np.ndarray, zp: np.ndarray, axis: int | None, opset: int, shape: list[int]) -> onnx.ModelProto:
+def _qdq_model(scale: np.ndarray, zp: np.ndarray, axis: int | None, opset: int,
+               shape: list[int]) -> onnx.ModelProto:
     attrs = {} if axis is None else {"axis": axis}
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)]
@@ -35,8 +36,8 @@ def _qdq_model(scale: np.ndarray, zp: np.ndarray, axis: int | None, opset: int, 
     return model
 
 
-def _test_data(rng: np.random.Generator, shape: tuple[int, ...], scale: np.ndarray, zp: np.ndarray, axis: int | None,
-               qmin: int, qmax: int) -> np.ndarray:
+def _test_data(rng: np.random.Generator, shape: tuple[int, ...], scale: np.ndarray, zp: np.ndarray,
+               axis: int | None, qmin: int, qmax: int) -> np.ndarray:
     """Saturating random values, exact .5 ties of the grid and their float neighbours."""
     bshape = [1] * len(shape)
     if axis is not None:
@@ -160,7 +161,7 @@ def test_fake_quant_module_modes() -> None:
     with torch.no_grad():
         fq.scale.fill_(-1.0)  # a learned scale that went negative is clamped, never used as is
     out = fq(x)
-    assert torch.isfinite(out).all() and float(fq.current_scale()) == MIN_SCALE
+    assert torch.isfinite(out).all() and float(fq.current_scale()) == pytest.approx(MIN_SCALE)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.25])
@@ -190,3 +191,21 @@ def test_bernoulli_mask(p: float) -> None:
     assert torch.equal(m1, m2)
     assert set(torch.unique(m1).tolist()) == {0.0, 1.0}
     assert abs(float(m1.mean()) - p) < 0.01
+
+
+def test_fused_drop_matches_unfused_reference() -> None:
+    gen = torch.Generator().manual_seed(6)
+    x0 = torch.randn(4, 3, 5, 5, generator=gen) * 2
+    keep = bernoulli_mask(x0.shape, 0.5, generator=gen)
+    s0 = torch.tensor([0.1, 0.3, 0.05])
+    g = torch.randn(x0.shape, generator=gen)
+    x1, s1 = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+    out1 = fake_quant(x1, s1, torch.zeros(3), -8, 7, axis=1, keep=keep)
+    (out1 * g).sum().backward()
+    x2, s2 = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+    out2 = torch.lerp(fake_quant(x2, s2, torch.zeros(3), -8, 7, axis=1), x2, keep)
+    (out2 * g).sum().backward()
+    assert torch.equal(out1, out2)
+    assert bool(((out1 == x0) | (keep == 0)).all())
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)

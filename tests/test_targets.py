@@ -1,0 +1,208 @@
+"""Target profiles: plain data, config resolution, placement per target, end-to-end outputs, extra files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq.cli import main
+from onnxq.config import QuantConfig
+from onnxq.context import QuantContext
+from onnxq.errors import UserError
+from onnxq.graph import to_graph
+from onnxq.passes.assign_specs import AssignSpecsPass
+from onnxq.spec import INT32_BIAS
+from onnxq.targets import TARGETS, get_target, resolve_config
+from tests.helpers import initializer, make_model, random_feeds, run_ort
+
+# Conv -> Relu -> Conv -> residual Add -> GAP -> Gemm, plus a Concat of two branches.
+NET = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N,3,8,8] x) => (float[N,5] y)
+  <float[8,3,3,3] w1, float[8] b1, float[8,8,1,1] w2, float[8] b2, float[4,8,1,1] w3, float[4,8,1,1] w4,
+   float[8,5] wf, float[5] bf> {
+    c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv (r1, w2, b2)
+    a = Add (c2, r1)
+    c3 = Conv (a, w3)
+    c4 = Conv (a, w4)
+    k = Concat <axis=1> (c3, c4)
+    g1 = GlobalAveragePool (k)
+    f = Flatten (g1)
+    y = Gemm (f, wf, bf)
+}"""
+
+
+def _plan(target: str, text: str = NET) -> QuantContext:
+    model = onnx.shape_inference.infer_shapes(make_model(text))
+    config = resolve_config(QuantConfig(target=target))
+    ctx = QuantContext(config=config, target=get_target(target))
+    AssignSpecsPass()(to_graph(model), ctx)
+    return ctx
+
+
+def _calib(model: onnx.ModelProto, n: int = 6) -> list[dict[str, np.ndarray]]:
+    return [random_feeds(model, seed=i, batch=4) for i in range(n)]
+
+
+def test_profiles_are_frozen_plain_data():
+    assert set(TARGETS) == {"ort-cpu", "tensorrt", "openvino", "qnn", "qnn-a16", "npu-pow2"}
+    trt = get_target("tensorrt")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trt.name = "x"  # type: ignore[misc]
+    assert trt.activation_zero_points == {0} and trt.activation_dtypes == ("int8",)
+    assert trt.weighted_output == "none" and trt.add_inputs == "residual" and not trt.quantize_bias
+    pow2 = get_target("npu-pow2")
+    assert pow2.pow2 and pow2.align_concat and pow2.align_eltwise and pow2.activation_zero_points == {0}
+    assert not get_target("ort-cpu").pow2 and "com.microsoft" in get_target("ort-cpu").allowed_domains
+    assert get_target("qnn").exporters == ("aimet_encodings",) and get_target("qnn-a16").min_opset == 21
+    with pytest.raises(UserError, match="unknown target"):
+        get_target("gpu")
+
+
+def test_resolve_keeps_ort_cpu_and_applies_target_choices_over_defaults():
+    cfg = QuantConfig()
+    assert resolve_config(cfg) is cfg  # backward compatible: ort-cpu untouched
+    assert resolve_config(QuantConfig(activation_dtype="int8")).activation_dtype == "int8"
+    trt = resolve_config(QuantConfig(target="tensorrt"))
+    assert trt.activation_dtype == "int8" and trt.scale_kind == "float"
+    npu = resolve_config(QuantConfig(target="npu-pow2"))
+    assert npu.activation_dtype == "int8" and npu.scale_kind == "pow2"
+    a16 = resolve_config(QuantConfig(target="qnn-a16"))
+    assert a16.output_opset == 21 and get_target("qnn-a16").act_bits(a16) == 16
+    # A value the target allows is kept (pow2 scales are fine for TensorRT).
+    assert resolve_config(QuantConfig(target="tensorrt", scale_kind="pow2")).scale_kind == "pow2"
+
+
+@pytest.mark.parametrize("target, kwargs", [
+    ("tensorrt", {"weight_bits": 4}),
+    ("tensorrt", {"activation_bits": 4}),
+    ("qnn", {"activation_dtype": "int8"}),
+    ("openvino", {"activation_bits": 4}),
+    ("npu-pow2", {"first_last_bits": 4, "weight_bits": 4}),
+])
+def test_resolve_rejects_explicit_choices_the_target_forbids(target, kwargs):
+    with pytest.raises(UserError, match=f"target {target} does not allow"):
+        resolve_config(QuantConfig(target=target, **kwargs))
+
+
+def test_tensorrt_places_qdq_on_op_inputs_and_the_residual_input():
+    ctx = _plan("tensorrt")
+    specs = ctx.specs
+    assert "x" in specs and "r1" in specs  # inputs of weighted ops
+    assert "c1" not in specs  # Conv -> Relu fused by TensorRT: no Q between them, none after the Conv
+    assert "c2" not in specs  # the Add input coming straight from a Conv stays float (epilogue fusion)
+    assert "a" in specs  # the Add output is an input of the next convolutions
+    assert "c3" in specs and "c4" in specs  # Concat inputs
+    assert "g1" not in specs and "f" in specs  # pooling output not quantized, the Gemm input is
+    assert "b1" not in specs and "bf" not in specs  # biases stay float
+    acts = [s for n, s in specs.items() if not n.startswith(("w", "b"))]
+    assert acts and all(s.signed and s.symmetric and s.bits == 8 for s in acts)
+
+
+def test_after_activation_profiles_put_q_after_relu_even_for_int8():
+    for name in ("npu-pow2", "openvino"):
+        ctx = _plan(name)
+        assert "r1" in ctx.specs and "c1" not in ctx.specs, name
+        assert "c2" in ctx.specs and "a" in ctx.specs, name  # both Add inputs and the output
+        assert ctx.specs["b1"] is INT32_BIAS
+    assert all(s.pow2 for s in _plan("npu-pow2").specs.values() if s is not INT32_BIAS)
+    # ort-cpu with int8 activations keeps onnxruntime's placement (Q on the raw conv output).
+    model = onnx.shape_inference.infer_shapes(make_model(NET))
+    ctx = QuantContext(config=QuantConfig(activation_dtype="int8"), target=get_target("ort-cpu"))
+    AssignSpecsPass()(to_graph(model), ctx)
+    assert "c1" in ctx.specs
+
+
+def test_graph_outputs_stay_float_unless_the_target_says_otherwise():
+    assert "y" not in _plan("qnn").specs and "y" not in _plan("ort-cpu").specs
+    assert _plan("qnn-a16").specs["f"].bits == 16
+    model = onnx.shape_inference.infer_shapes(make_model(NET))
+    target = dataclasses.replace(get_target("qnn"), quantize_graph_outputs=True)
+    ctx = QuantContext(config=QuantConfig(target="qnn"), target=target)
+    AssignSpecsPass()(to_graph(model), ctx)
+    assert "y" in ctx.specs
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_profile_quantizes_runs_and_passes_its_checker(target):
+    model = make_model(NET)
+    result = onnxq.quantize(model, _calib(model), QuantConfig(target=target))
+    assert result.report["target_check"] == {"target": target, "ok": True, "violations": [],
+                                             "activation_bits": 16 if target == "qnn-a16" else 8}
+    assert result.validation is not None and result.validation.ok
+    feeds = random_feeds(model, seed=42, batch=3)
+    ref, got = run_ort(model, feeds)[0], run_ort(result.model, feeds)[0]
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2))
+    assert sqnr > 15, sqnr
+    zps = [initializer(result.model, n.input[2]) for n in result.model.graph.node
+           if n.op_type == "QuantizeLinear"]
+    if target in ("tensorrt", "npu-pow2"):
+        assert zps and all(np.all(z == 0) and z.dtype == np.int8 for z in zps)
+    if target == "qnn-a16":
+        assert zps and all(z.dtype == np.uint16 for z in zps)
+
+
+def test_qnn_save_writes_aimet_encodings(tmp_path):
+    model = make_model(NET)
+    result = onnxq.quantize(model, _calib(model), QuantConfig(target="qnn", validate=False))
+    path = result.save(tmp_path / "m.qnn.onnx")
+    enc = json.loads(path.with_suffix(".encodings").read_text())
+    assert enc["version"] == "0.6.1" and set(enc) >= {"activation_encodings", "param_encodings"}
+    x = enc["activation_encodings"]["x"][0]
+    zp = int(initializer(result.model, "x_zero_point"))
+    scale = float(initializer(result.model, "x_scale"))
+    assert x["bitwidth"] == 8 and x["dtype"] == "int" and x["is_symmetric"] == "False"
+    assert x["offset"] == -zp and x["scale"] == pytest.approx(scale)
+    assert x["min"] == pytest.approx(-zp * scale) and x["max"] == pytest.approx((255 - zp) * scale)
+    assert "y" not in enc["activation_encodings"]  # graph outputs stay float
+    w1 = enc["param_encodings"]["w1"]
+    assert len(w1) == 8 and all(e["offset"] == -128 and e["is_symmetric"] == "True" for e in w1)
+    assert "b1" not in enc["param_encodings"]
+    assert not (tmp_path / "m.qnn.encodings").with_name("other").exists()
+    # Other targets write no encodings file.
+    other = onnxq.quantize(model, _calib(model), QuantConfig(validate=False)).save(tmp_path / "m.cpu.onnx")
+    assert not other.with_suffix(".encodings").exists()
+
+
+def test_cli_target_conflicts_are_user_errors(tmp_path, capsys):
+    model = make_model(NET)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+                 str(tmp_path / "c.npz"), "--target", "tensorrt", "--activations", "uint8"])
+    assert code == 2 and "target tensorrt does not allow --activations uint8" in capsys.readouterr().err
+    code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+                 str(tmp_path / "c.npz"), "--target", "npu-pow2", "--batch-size", "2", "--no-validate"])
+    assert code == 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "q.onnx"), "--target", "npu-pow2"]) == 0
+    assert "ok for target npu-pow2" in capsys.readouterr().out
+
+
+def test_encodings_name_a_quantized_graph_output_by_its_visible_name_and_read_qcdq_grids():
+    from onnxq.encodings import encodings_dict
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[4] y_float) => (float[4] y, float[4] z)
+      <float s, uint16 zp, float s4, uint8 z4, uint8 lo, uint8 hi> {
+        q = QuantizeLinear (y_float, s, zp)
+        y = DequantizeLinear (q, s, zp)
+        q4 = QuantizeLinear (y_float, s4, z4)
+        c4 = Clip (q4, lo, hi)
+        z = DequantizeLinear (c4, s4, z4)
+    }"""
+    model = make_model(text, s=np.float32(0.5), zp=np.uint16(1000), s4=np.float32(0.25), z4=np.uint8(3),
+                       lo=np.uint8(0), hi=np.uint8(15))
+    acts = encodings_dict(model)["activation_encodings"]
+    assert acts["y"] == [{"bitwidth": 16, "dtype": "int", "is_symmetric": "False", "scale": 0.5,
+                          "offset": -1000, "min": -500.0, "max": (65535 - 1000) * 0.5}]
+    four = acts["z"][0]  # the QCDQ Clip [0, 15] makes it a 4-bit grid
+    assert (four["bitwidth"], four["offset"], four["max"]) == (4, -3, 12 * 0.25)
