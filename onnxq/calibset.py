@@ -80,8 +80,10 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
         shape = None
         if tensor.HasField("shape"):
             shape = tuple(
-                # A negative dim_value (Paddle writes -1 for the batch) is a dynamic dim.
-                (d.dim_value if d.dim_value > 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
+                # A negative dim_value (Paddle writes -1 for the batch) is a dynamic dim, and a
+                # dim_param of "?" (Paddle again) is anonymous, not one shared symbol.
+                (d.dim_value if d.dim_value > 0 else None) if d.HasField("dim_value")
+                else (d.dim_param if d.dim_param not in ("", "?") else None)
                 for d in tensor.shape.dim
             )
         out.append(InputInfo(value.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))

@@ -394,3 +394,18 @@ def test_load_calibration_errors(tmp_path, make_source, inputs, kwargs, piece):
 
 def test_calib_module_exports():
     assert calib.CalibrationSet is CalibrationSet and set(calib.__all__) >= {"from_npz", "random_like"}
+
+
+def test_paddle_style_dynamic_dims_are_anonymous():
+    """Paddle writes the batch as dim_value -1 and unknown dims as dim_param '?'."""
+    import onnx.helper as oh
+
+    from onnxq.calib import model_inputs as inputs_of
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, "?", "?"])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    model = oh.make_model(oh.make_graph([oh.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    info = inputs_of(model)[0]
+    assert info.shape == (None, 3, None, None)
+    feeds = load_calibration([{"x": np.zeros((2, 3, 48, 192), np.float32)}], [info])
+    assert feeds[0]["x"].shape == (2, 3, 48, 192)

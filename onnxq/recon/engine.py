@@ -21,13 +21,12 @@ Methods (every step draws a random mini-batch of ``batch_size`` of the N samples
   inputs_q)`` per element. Drop is switched off (``drop_prob = 0``) at the end.
 * ``rtn``: no training, only the evaluation.
 
-Before and after, the module is evaluated on a fixed subset (the first ``eval_samples`` samples) with the
-hard codes, the activation quantizers as the caller configured them, inputs_q and the weight-phase error
-(p = ``config.p``, Fisher-weighted if ``config.fisher``). ``loss_rtn`` is the loss of the starting codes
-(round-to-nearest, or the ``init_codes`` the weights were built with); the caller keeps the better.
-On return the weights are hard (``soft = False``) and every FakeQuant has ``drop_prob = 0`` and its caller's
-``enabled``/``learn_scale``; learned V and scales stay in the modules. KeyboardInterrupt propagates
-(after the same clean-up).
+Before and after, the hard module (activation quantizers as the caller set them, inputs_q) is scored
+with the weight-phase error (p = ``config.p``, Fisher-weighted if ``config.fisher``) on a fixed subset:
+the first ``eval_samples`` samples, or the ``holdout`` tail that is never trained on. ``loss_rtn`` is
+the starting codes' loss (round-to-nearest, or the weights' ``init_codes``); the caller keeps the better.
+On return (KeyboardInterrupt included, which propagates) weights are hard, every FakeQuant has
+``drop_prob = 0`` and the caller's ``enabled``/``learn_scale``; learned V and scales stay in the modules.
 """
 
 from __future__ import annotations
@@ -69,28 +68,22 @@ class ReconConfig:
 
     Attributes:
         method: "rtn", "adaround", "brecq" or "qdrop".
-        iters: iterations per block (weight phase; the joint loop for qdrop).
-        batch_size: mini-batch size.
-        num_samples: calibration samples the caller should cache per block (the engine uses what it gets).
-        round_lr: Adam learning rate of the rounding variables V.
-        act_lr: Adam learning rate of the activation step sizes; None = 4e-4 for brecq, 4e-5 otherwise.
-        act_lr_relative: scale ``act_lr`` per quantizer by its initial step size (mean over channels),
-            so one setting moves 8-bit and 4-bit steps by the same fraction per iteration. The papers
-            use absolute rates (False), tuned for 2- and 4-bit activations and 5,000+ iterations.
-        round_weight: lambda, the weight of the rounding regulariser.
-        beta: (start, end) of the regulariser temperature.
-        warmup: fraction of ``iters`` with the regulariser off.
-        p: exponent of the weight-phase output error (and of the before/after evaluation).
-        act_iters: iterations of BRECQ's activation phase; None = iters // 4 (paper: 5,000 for 20,000).
-        act_p: exponent of the activation-phase error.
-        fisher: weight the error with (|g| + 1)^2 (needs ``fisher`` gradients from the caller).
+        iters: iterations per block (weight phase; qdrop's joint loop). batch_size: mini-batch size.
+        num_samples: samples the caller should cache per block (the engine uses what it is given).
+        round_lr: Adam rate of the rounding variables V.
+        act_lr: Adam rate of the activation step sizes; None = 4e-4 for brecq, 4e-5 otherwise.
+        act_lr_relative: multiply ``act_lr`` per quantizer by its initial step size (mean over channels),
+            so 8-bit and 4-bit steps move by the same fraction. The papers' rates are absolute (False).
+        round_weight: lambda. beta: (start, end) temperature. warmup: fraction of ``iters`` without
+            the regulariser.
+        p: exponent of the weight-phase error (and of the evaluation). act_p: the act-phase exponent.
+        act_iters: BRECQ's activation phase; None = iters // 4 (paper: 5,000 for 20,000).
+        fisher: weight the error with (|g| + 1)^2 (the caller passes the gradients g).
         drop_prob: QDrop's per-element probability of leaving an activation in float.
-        device: "cpu" or "cuda[:k]" (must be available).
-        seed: seeds the mini-batch and drop generators (the same run twice gives identical codes).
-        eval_samples: size of the fixed evaluation subset (the first samples; they are also trained on).
-        holdout: if > 0, the last ``holdout`` samples are never trained on and form the evaluation subset
-            instead, so that the before/after comparison is out-of-sample.
-        log_every: record the training loss in the history every this many iterations.
+        device: "cpu" or "cuda[:k]" (must be available). seed: mini-batch and drop generators.
+        eval_samples: the evaluation subset (the first samples, also trained on) unless ``holdout``.
+        holdout: > 0: the last ``holdout`` samples are never trained on and are the evaluation subset.
+        log_every: record the training error in the history every this many iterations.
     """
 
     method: str
@@ -157,17 +150,25 @@ class ReconConfig:
     def fast(cls, method: str, **overrides) -> ReconConfig:
         """A CPU budget: EfficientNet-Lite0 W4A4 in about 25 minutes on 2 cores, data capture included.
 
-        FAST-SCHEDULE-DOC
+        300 iterations at batch 16 on 256 samples (BRECQ act phase: 75), AdaRound lr 5e-2, activation
+        lr relative to each step size (1e-2 brecq, 5e-3 qdrop), lambda/beta/warm-up as in the papers.
+        Why (measured on a busy 2-core Xeon, single-thread CPU time; see the recon report):
+
+        * one iteration over all 17 blocks of Lite0 (16 MBConv + head, W4A4) costs 3.2 s (weight
+          phase), 4.0 s (act phase), 5.8 s (qdrop) at batch 16 (6.8/9.5/13.7 s at 32). 300 iterations:
+          adaround ~970 s, brecq ~1270 s, qdrop ~1750 s; with 2 threads (~1.6x) 10/13/18 minutes.
+        * for the same compute, more and smaller steps win: on real Lite0 blocks (W4, held-out error
+          relative to round-to-nearest) batch 32 x 200 gave 0.73/0.71, batch 16 x 400 0.65, batch 8 x 800
+          0.60/0.57; batch 16 keeps the per-step weight overhead of big 7x7 blocks small.
+        * Adam moves V by about lr per step, so the paper's 1e-3 over 300 steps only flips near-ties
+          (0.85-0.88 of RTN); 5e-2 gives 0.62-0.64 (2,000 steps at 1e-3: 0.63).
+        * absolute activation rates hardly move 4-bit steps in 75-300 steps and overshoot 8-bit ones;
+          relative rates fixed both (W4A4 block error 0.89 -> 0.41-0.49 of RTN, W4A8 stable).
         """
-        base = dict(iters=FAST_ITERS, batch_size=32, num_samples=256, act_iters=FAST_ACT_ITERS,
-                    round_lr=FAST_ROUND_LR, eval_samples=128, log_every=25)
+        base = dict(iters=300, batch_size=16, num_samples=256, round_lr=5e-2, act_lr_relative=True,
+                    act_lr=1e-2 if method == "brecq" else 5e-3, eval_samples=128, log_every=25)
         base.update(overrides)
         return cls(method=method, **base)
-
-
-FAST_ITERS = 300
-FAST_ACT_ITERS = 100
-FAST_ROUND_LR = 1e-3
 
 
 @dataclass
@@ -193,12 +194,6 @@ class BlockResult:
     def improved(self) -> bool:
         """True when the reconstructed codes beat the starting ones."""
         return self.loss_final < self.loss_rtn
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"recon device {name!r} was asked for but CUDA is not available: use device='cpu'")
-    return torch.device(name)
 
 
 class _Cache:
@@ -286,6 +281,9 @@ class _Runner:
 
     def loop(self, iters: int, loss: ReconLoss, optimizers, schedulers, source: str) -> None:
         c, cfg = self.cache, self.cfg
+        if not optimizers:  # nothing to learn in this block
+            self.bar.update(iters)
+            return
         bs = min(cfg.batch_size, self.n_train)
         self.module.train()
         for it in range(iters):
@@ -370,7 +368,9 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
         BlockResult with the before/after evaluation losses, history and timing.
     """
     t0 = time.perf_counter()
-    device = _resolve_device(config.device)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"recon device {config.device!r} was asked for but CUDA is not available: use 'cpu'")
+    device = torch.device(config.device)
     if config.fisher and fisher is None:
         raise ValueError("config.fisher is set but no fisher gradients were given")
     wq, aq = list(weights.values()), list(acts.values())
@@ -398,11 +398,10 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
         if method in ("adaround", "brecq"):
             for a in aq:  # weight phase: activations in float, V only
                 a.enabled = False
-            if rounding:
-                _train_rounding(rounding, True)
-                opt = torch.optim.Adam([w.v for w in rounding], lr=config.round_lr)
-                runner.loop(config.iters, _rounding_loss(rounding, config), [opt], [], "q")
-                _train_rounding(rounding, False)
+            _train_rounding(rounding, True)
+            opt = torch.optim.Adam([w.v for w in rounding], lr=config.round_lr) if rounding else None
+            runner.loop(config.iters, _rounding_loss(rounding, config), [opt] if opt else [], [], "q")
+            _train_rounding(rounding, False)
             state.restore_enabled()
             if act_phase:  # hard frozen weights, LSQ steps, float-model inputs, |dz|^act_p
                 for a in learnable:
@@ -439,8 +438,5 @@ def _qdrop(runner: _Runner, rounding: list[AdaRoundWeight], learnable: list[Fake
     if learnable:
         optimizers.append(_act_optimizer(learnable, cfg))
         schedulers.append(_cosine(optimizers[-1], cfg.iters))
-    if optimizers:
-        runner.loop(cfg.iters, _rounding_loss(rounding, cfg), optimizers, schedulers, "mix")
-    else:
-        runner.bar.update(cfg.iters)
+    runner.loop(cfg.iters, _rounding_loss(rounding, cfg), optimizers, schedulers, "mix")
     _train_rounding(rounding, False)

@@ -211,6 +211,8 @@ class FakeQuant(nn.Module):
             s, z = s.reshape(()), z.reshape(())
         if z.shape != s.shape or s.dim() > 1:
             raise ValueError(f"scale {tuple(s.shape)}, zero_point {tuple(z.shape)}: need 0-d or 1-D")
+        if s.dim() == 1 and axis is None:
+            raise ValueError("a per-channel scale needs an axis")
         if not bool(torch.all(s > 0)):
             raise ValueError("scales must be positive")
         if qmin >= qmax or bool(torch.any(z < qmin)) or bool(torch.any(z > qmax)):

@@ -143,6 +143,18 @@ def test_weight_only_run_leaves_disabled_acts_alone() -> None:
     assert all(not a.enabled and float(a.scale) == scales[k] for k, a in block.acts.items())
 
 
+def test_relative_activation_rates_move_steps_by_similar_fractions() -> None:
+    block, x_q, x_fp, y = _data(7)
+    with torch.no_grad():
+        block.acts["h"].scale.mul_(40.0)  # two step sizes of very different magnitude
+    start = {k: float(a.scale) for k, a in block.acts.items()}
+    cfg = _config("brecq", act_lr=0.05, act_lr_relative=True, round_lr=1e-3, iters=5, act_iters=20)
+    result = _run(block, x_q, x_fp, y, cfg)
+    moved = {k: abs(float(a.scale) / start[k] - 1) for k, a in block.acts.items()}
+    assert all(0.01 < m < 0.7 for m in moved.values()), moved
+    assert result.loss_final < result.loss_rtn
+
+
 def test_untrainable_scales_stay_fixed() -> None:
     block, x_q, x_fp, y = _data(3)
     block.acts["h"].trainable = False
@@ -240,4 +252,7 @@ def test_config_presets() -> None:
     assert ReconConfig.paper("qdrop").act_lr == 4e-5 and ReconConfig.paper("qdrop").drop_prob == 0.5
     fast = ReconConfig.fast("qdrop", seed=3)
     assert fast.iters < paper.iters and fast.num_samples <= 256 and fast.seed == 3
+    assert fast.act_lr_relative and not paper.act_lr_relative
+    assert ReconConfig.fast("brecq").act_iters == ReconConfig.fast("brecq").iters // 4
+    assert ReconConfig.fast("brecq", iters=40).act_iters == 10
     assert ReconConfig("rtn", iters=0).iters == 0

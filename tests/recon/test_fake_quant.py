@@ -144,6 +144,12 @@ def test_fake_quant_shape_errors() -> None:
         fake_quant(x, torch.ones(3), torch.zeros(3), 0, 255)  # per-channel without axis
     with pytest.raises(ValueError):
         fake_quant(x, torch.ones(2), torch.zeros(2), 0, 255, axis=1)
+    with pytest.raises(ValueError):
+        FakeQuant(torch.ones(3), torch.zeros(3), 0, 255)
+    with pytest.raises(ValueError):
+        FakeQuant(0.0, 0, 0, 255)
+    with pytest.raises(ValueError):
+        FakeQuant(0.1, 300, 0, 255)
 
 
 def test_fake_quant_module_modes() -> None:
