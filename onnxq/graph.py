@@ -120,6 +120,20 @@ def set_opset(graph: gs.Graph, opset: int) -> None:
         graph.import_domains = kept + [onnx.helper.make_opsetid("", graph.opset)]
 
 
+class FreshNames:
+    """Fresh tensor/node names for one graph (passes never reuse a name)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
 def constant(name: str, values: np.ndarray) -> gs.Constant:
     """A graphsurgeon Constant that exports correctly for any dtype, INT4/INT2 included."""
     arr = np.asarray(values)

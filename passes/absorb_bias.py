@@ -46,10 +46,9 @@ import onnx_graphsurgeon as gs
 from onnxq.capture import capture
 from onnxq.context import QuantContext
 from onnxq.errors import PassError, UserError
-from onnxq.graph import to_model
+from onnxq.graph import FreshNames, to_model
 from onnxq.pass_infra import Pass, PassResult
 from onnxq.passes.equalize_weights import (
-    FreshNames,
     Pair,
     effective_bias,
     find_pairs,

@@ -48,12 +48,11 @@ import onnx_graphsurgeon as gs
 from onnxq.capture import capture
 from onnxq.context import QuantContext
 from onnxq.errors import PassError, UserError
-from onnxq.graph import to_model
+from onnxq.graph import FreshNames, to_model
 from onnxq.observers import weight_qparams
 from onnxq.pass_infra import Pass, PassResult
 from onnxq.passes.assign_specs import node_key
 from onnxq.passes.equalize_weights import (
-    FreshNames,
     bias_tensor,
     clip_bounds,
     effective_bias,

@@ -44,7 +44,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.context import QuantContext
 from onnxq.errors import UserError
-from onnxq.graph import constant, is_graph_output
+from onnxq.graph import FreshNames, constant, is_graph_output
 from onnxq.pass_infra import Pass, PassResult
 from onnxq.passes.assign_specs import node_key
 
@@ -191,20 +191,6 @@ def layer_problem(node: gs.Node, *, allow_shared_weight: bool = False) -> str | 
     except Refused as exc:
         return str(exc)
     return None
-
-
-class FreshNames:
-    """Fresh tensor names for one graph."""
-
-    def __init__(self, graph: gs.Graph):
-        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
 
 
 # ---------------------------------------------------------------------- pairs

@@ -55,7 +55,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.context import QuantContext
 from onnxq.errors import UserError
-from onnxq.graph import constant, is_graph_output
+from onnxq.graph import FreshNames, constant, is_graph_output
 from onnxq.pass_infra import Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class FoldBatchNormPass(Pass):
             report["skipped"] = True
             log.debug("fold_batchnorm disabled in the config: pass skipped")
             return PassResult(graph, modified=False)
-        names = _Names(graph)
+        names = FreshNames(graph)
         modified = False
         for bn in list(graph.nodes):
             if bn.op != "BatchNormalization" or bn.domain not in (None, "", "ai.onnx") or not bn.outputs:
@@ -106,7 +106,7 @@ class FoldBatchNormPass(Pass):
                 modified = True
         return PassResult(graph, modified=modified)
 
-    def _rewrite(self, graph: gs.Graph, bn: gs.Node, names: _Names,
+    def _rewrite(self, graph: gs.Graph, bn: gs.Node, names: FreshNames,
                  bn_stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> str | None:
         """Fold or decompose ``bn``; returns "folded", "decomposed" or None (kept), raises _Refused."""
         k, s = _bn_affine(graph, bn)
@@ -147,7 +147,7 @@ def _bn_affine(graph: gs.Graph, bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------- folding
 def _fold_into(graph: gs.Graph, bn: gs.Node, prod: gs.Node, k: np.ndarray, s: np.ndarray,
-               names: _Names) -> None:
+               names: FreshNames) -> None:
     x = bn.inputs[0]
     if len(x.outputs) != 1 or is_graph_output(graph, x):
         raise _Refused(f"{prod.op} output {x.name} has other consumers than the BatchNormalization")
@@ -233,7 +233,7 @@ def _check_channels(prod: gs.Node, k: np.ndarray, c_out: int) -> None:
 
 
 # ---------------------------------------------------------------------- lone BN
-def _decompose(graph: gs.Graph, bn: gs.Node, k: np.ndarray, s: np.ndarray, names: _Names) -> None:
+def _decompose(graph: gs.Graph, bn: gs.Node, k: np.ndarray, s: np.ndarray, names: FreshNames) -> None:
     x, y = bn.inputs[0], bn.outputs[0]
     known = x.shape if x.shape is not None else y.shape  # Y has the shape of X
     if known is None:
@@ -255,15 +255,3 @@ def _decompose(graph: gs.Graph, bn: gs.Node, k: np.ndarray, s: np.ndarray, names
     graph.nodes.extend([mul, add])
 
 
-class _Names:
-    """Fresh tensor/node names for one graph."""
-
-    def __init__(self, graph: gs.Graph):
-        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name

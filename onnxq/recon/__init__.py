@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight, rectified_sigmoid
 from onnxq.recon.engine import METHODS, BlockResult, ReconConfig, reconstruct_block
-from onnxq.recon.fake_quant import MIN_SCALE, FakeQuant, fake_quant, lsq_grad_scale, round_ste
+from onnxq.recon.fake_quant import MIN_SCALE, FakeQuant, bernoulli_mask, fake_quant, lsq_grad_scale, round_ste
 from onnxq.recon.loss import BetaSchedule, LossTerms, ReconLoss, output_error
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ReconConfig",
     "ReconLoss",
     "RoundToNearestWeight",
+    "bernoulli_mask",
     "fake_quant",
     "lsq_grad_scale",
     "output_error",
