@@ -111,6 +111,9 @@ class QuantConfig:
         _choice("relu6", self.relu6, ("skip", "replace"))
         _choice("bias_absorb", self.bias_absorb, (None, "bn", "data"))
         _choice("bias_correction", self.bias_correction, (None, "data", "bn"))
+        if self.fisher and self.method != "rtn":
+            raise UserError("Fisher weighting needs per-block output gradients, which the graph engine does not "
+                            "compute yet: drop --fisher (the plain block error is BRECQ's released default)")
         if self.max_chain < 1:
             raise UserError("max_chain must be >= 1")
         if self.calib_samples is not None and self.calib_samples < 1:

@@ -109,3 +109,8 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
                            "--calib", str(tmp_path / "c.npz")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_unavailable_fisher_weighting_is_a_clear_error(workdir, capsys):
+    _expect_user_error(capsys, ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "f.onnx"), "--calib",
+                                str(workdir / "calib.npz"), "--method", "brecq", "--fisher"], "Fisher")
