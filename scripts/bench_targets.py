@@ -2,7 +2,7 @@
 
 Every entry quantizes ``build/models/efficientnet_lite0.onnx`` with ``onnxq.quantize`` on all 250
 calibration images (feeds of 25) and ``QuantConfig(target=..., seed=0, ...)``; the report's
-fidelity check runs on 32 held-out evaluation images (they never influence the model). Entries:
+fidelity check runs on the first 32 evaluation images (they never influence the model). Entries:
 one per target profile (``ort-cpu``, ``tensorrt``, ``openvino``, ``qnn``, ``qnn-a16``,
 ``npu-pow2``, each with its own defaults), and per-tensor-weight variants of ``npu-pow2`` and
 ``ort-cpu`` (int8) with data-free quantization: plain, cross-layer equalization
@@ -161,8 +161,8 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"numpy {meta['numpy']}.",
         f"- Quantization: `onnxq.quantize` on all {meta['n_calib']} calibration images (feeds of "
         f"{CALIB_BATCH}), `QuantConfig(target=..., seed=0, <settings>)`; the validation report uses "
-        f"{HOLDOUT} held-out evaluation images. pt = per-tensor weights, cle = `equalize=True`, "
-        "bc = `bias_correction=\"data\"`.",
+        f"the first {HOLDOUT} evaluation images (no influence on the model). pt = per-tensor "
+        "weights, cle = `equalize=True`, bc = `bias_correction=\"data\"`.",
         "- Rule violations: `len(onnxq.rules.check_target(model, target))`.",
         f"- Accuracy: top-1 in onnxruntime (CPUExecutionProvider) and OpenVINO (CPU, f32 inference "
         f"precision) with batches of {EVAL_BATCH}; gap = |ORT - OpenVINO|; agree = same top-1 class "
