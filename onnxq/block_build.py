@@ -105,9 +105,10 @@ def set_activation_scale(graph: gs.Graph, ctx: QuantContext, t: str, scale: np.n
     old = ctx.qparams[t]
     ctx.qparams[t] = QParams(scale, old.zero_point, old.spec)
     changed = {t + "_scale": scale}
+    shared = constant(t + "_scale", scale)  # one tensor for the Q and the DQ (names are unique)
     for node in graph.nodes:
         if node.op in ("QuantizeLinear", "DequantizeLinear") and node.inputs[1].name == t + "_scale":
-            node.inputs[1] = constant(t + "_scale", scale)
+            node.inputs[1] = shared
     changed.update(requantize_biases(graph, ctx, t))
     return changed
 
@@ -146,10 +147,13 @@ def apply_constants(graph: gs.Graph, ctx: QuantContext, values: dict[str, np.nda
         base = name[: -len(_SUFFIX_Q)] if name.endswith(_SUFFIX_Q) else None
         if base is not None and base in ctx.qparams:  # checkpoints store int4 codes as int8
             values[name] = value.astype(np.int64).astype(ctx.qparams[base].spec.numpy_dtype)
+    made: dict[str, gs.Constant] = {}
     for node in graph.nodes:
         for i, tensor in enumerate(node.inputs):
             if isinstance(tensor, gs.Constant) and tensor.name in values:
-                node.inputs[i] = constant(tensor.name, values[tensor.name])
+                if tensor.name not in made:
+                    made[tensor.name] = constant(tensor.name, values[tensor.name])
+                node.inputs[i] = made[tensor.name]
     for name, value in values.items():
         base = name[: -len("_scale")] if name.endswith("_scale") else None
         if base is not None and base in ctx.qparams:

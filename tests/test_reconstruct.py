@@ -129,3 +129,19 @@ def test_interrupted_run_resumes_from_last_finished_block(calib, brecq, tmp_path
     resumed = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt)))
     assert resumed.report["reconstruction"]["resumed_blocks"] == 1
     assert resumed.model.SerializeToString() == reference.model.SerializeToString()
+
+
+def test_learned_scales_keep_one_tensor_per_name(calib):
+    """A learned activation scale is written once and shared by its Q and DQ (unique names)."""
+    from onnxq.block_build import set_activation_scale
+
+    graph, ctx = _rtn_graph(calib, _config())
+    t = next(n.inputs[0].name for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name in ctx.qparams)
+    set_activation_scale(graph, ctx, t, ctx.qparams[t].scale * 1.5)
+    users = [n.inputs[1] for n in graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")
+             and n.inputs[1].name == t + "_scale"]
+    assert len(users) >= 2 and all(u is users[0] for u in users)
+    model = g.to_model(graph)
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(model, full_check=True)
