@@ -3,6 +3,9 @@
 For block k (BRECQ's asymmetric setting):
   * ``inputs_q``: the block inputs computed by the model quantized so far (blocks < k already
     reconstructed and written back), pre-quantizer float values;
+  * ``inputs_w`` (optional): the same tensors from that model with every activation Q->DQ pair
+    bypassed (:func:`weights_only`): BRECQ's and AdaRound's weight phase sees quantized weights
+    upstream but float activations;
   * ``inputs_fp``: the same tensors from the float model (QDrop mixes both; BRECQ's activation
     phase uses them);
   * ``targets``: the block outputs of the float model.
@@ -28,7 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class TensorStore:
-    """Float16 arrays in RAM up to ``budget_bytes`` in total, memory-mapped files beyond."""
+    """Float16 arrays in RAM up to ``budget_bytes`` in total, memory-mapped files beyond.
+
+    The budget counts what is allocated since the last :meth:`release`: a caller that is done with
+    a block's tensors releases them back to a :meth:`mark`, which also deletes their spill files.
+    """
 
     def __init__(self, budget_bytes: int, spill_dir: str | Path | None = None):
         self.budget = budget_bytes
@@ -36,6 +43,19 @@ class TensorStore:
         self._dir = Path(spill_dir) if spill_dir else None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.spilled = 0
+        self._files: list[Path] = []
+
+    def mark(self) -> tuple[int, int]:
+        """The current allocation state, for :meth:`release`."""
+        return self.used, len(self._files)
+
+    def release(self, mark: tuple[int, int]) -> None:
+        """Forget everything allocated after ``mark``: its bytes leave the budget, its spill files are
+        deleted (arrays still mapped stay readable until dropped)."""
+        self.used = mark[0]
+        for path in self._files[mark[1]:]:
+            path.unlink(missing_ok=True)
+        del self._files[mark[1]:]
 
     def allocate(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         nbytes = int(np.prod(shape)) * 2
@@ -48,6 +68,7 @@ class TensorStore:
         self.spilled += nbytes
         safe = "".join(c if c.isalnum() else "_" for c in name)
         path = self._dir / f"{safe}_{self.spilled}.f16"
+        self._files.append(path)
         return np.memmap(path, dtype=np.float16, mode="w+", shape=shape)
 
     def close(self) -> None:
@@ -56,11 +77,50 @@ class TensorStore:
             self._tmp = None
 
 
+def weights_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a QDQ model with every activation quantizer bypassed, weights still quantized.
+
+    An activation quantizer is ``QuantizeLinear -> [Clip ->] DequantizeLinear`` whose input is not
+    a constant; consumers of its output read the quantizer's float input instead, and the pair is
+    dropped. Weight/bias ``DequantizeLinear`` nodes (constant integer input) are kept, so the copy
+    computes ``f(x; W_hat)`` with float activations. A quantizer that ends in a graph output is kept.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = m.graph.node
+    constants = {i.name for i in m.graph.initializer}
+    constants.update(o for n in nodes if n.op_type == "Constant" for o in n.output)
+    producer = {o: n for n in nodes for o in n.output}
+    outputs = {o.name for o in m.graph.output}
+    bypass: dict[str, str] = {}
+    for n in nodes:
+        if n.op_type != "DequantizeLinear" or n.output[0] in outputs:
+            continue
+        src = producer.get(n.input[0])
+        if src is not None and src.op_type == "Clip":
+            src = producer.get(src.input[0])
+        if src is not None and src.op_type == "QuantizeLinear" and src.input[0] not in constants:
+            bypass[n.output[0]] = src.input[0]
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            if name in bypass:
+                n.input[i] = bypass[name]
+    while True:  # drop the now-unused quantizer nodes
+        used = {i for n in nodes for i in n.input} | outputs
+        dead = [k for k, n in enumerate(nodes) if n.op_type in ("QuantizeLinear", "Clip", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            return m
+        for k in reversed(dead):
+            del nodes[k]
+
+
 @dataclass
 class BlockData:
     inputs_q: list[np.ndarray]
     inputs_fp: list[np.ndarray]
     targets: list[np.ndarray]
+    inputs_w: list[np.ndarray] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -72,7 +132,7 @@ class BlockData:
         return [torch.from_numpy(np.asarray(a)) for a in arrays]
 
 
-def _collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
+def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
              num_samples: int, store: TensorStore, desc: str) -> dict[str, np.ndarray]:
     """Run ``feeds`` through ``model`` and stack the first ``num_samples`` rows of each tensor."""
     out: dict[str, np.ndarray] = {}
@@ -99,14 +159,18 @@ def _collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mappi
 
 def capture_block_data(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, inputs: Sequence[str],
                        outputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], num_samples: int,
-                       store: TensorStore, *, need_fp_inputs: bool = True) -> BlockData:
-    """Capture one block's inputs (quantized-so-far and float models) and float targets."""
-    q = _collect(quant_model, inputs, feeds, num_samples, store, "capture q")
-    fp = _collect(float_model, list(outputs) + (list(inputs) if need_fp_inputs else []), feeds, num_samples,
+                       store: TensorStore, *, need_fp_inputs: bool = True,
+                       need_weight_inputs: bool = False) -> BlockData:
+    """Capture one block's inputs (quantized-so-far and float models, optionally the quantized-so-far
+    model with float activations) and float targets."""
+    q = collect(quant_model, inputs, feeds, num_samples, store, "capture q")
+    w = collect(weights_only(quant_model), inputs, feeds, num_samples, store, "capture w") if need_weight_inputs else {}
+    fp = collect(float_model, list(outputs) + (list(inputs) if need_fp_inputs else []), feeds, num_samples,
                   store, "capture fp")
-    n = min(v.shape[0] for v in [*q.values(), *fp.values()])
+    n = min(v.shape[0] for v in [*q.values(), *w.values(), *fp.values()])
     return BlockData(
         inputs_q=[q[i][:n] for i in inputs],
         inputs_fp=[fp[i][:n] for i in inputs] if need_fp_inputs else [q[i][:n] for i in inputs],
         targets=[fp[o][:n] for o in outputs],
+        inputs_w=[w[i][:n] for i in inputs] if need_weight_inputs else None,
     )
