@@ -1,7 +1,8 @@
 """Public entry point: ``quantize(model, calib, config) -> QuantResult``.
 
 The pipeline is data: a float phase (canonicalize, fold BatchNorm) that preserves the function,
-then the quantization phase (assign specs, calibrate, align scales, insert QDQ, cleanup). The output
+then the quantization phase (assign specs, calibrate, align scales, insert QDQ, [reconstruct],
+[statistics tuning], [bias tuning], cleanup). The output
 is checked against its target's rules (:mod:`onnxq.rules`; a violation is an internal error) and
 validated in onnxruntime against the user's original float model on held-out samples.
 """
@@ -37,6 +38,7 @@ from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from onnxq.passes.insert_qdq import InsertQDQPass
 from onnxq.rules import check_target, format_violations
 from onnxq.targets import get_target, resolve_config
+from onnxq.ternary_check import check_ternary, mark_ternary
 from onnxq.validate import ValidationReport, validate, write_report
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ class QuantResult:
             from onnxq.encodings import write_encodings
 
             write_encodings(self.model, out.with_suffix(".encodings"))
+        if self.report.get("mrecg"):  # the loss-along-depth figure, <stem>.mrecg.png
+            from onnxq.mrecg_plot import plot_mrecg
+
+            png = plot_mrecg(self.report["mrecg"], out.with_suffix(".mrecg.png"))
+            self.report["mrecg"]["plot"] = str(png)
         write_report(self.report, out)
         return out
 
@@ -139,15 +146,25 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         passes.append(CorrectBiasPass(source=config.bias_correction))
     passes.append(InsertQDQPass())
     if config.method != "rtn":
-        from onnxq.passes.reconstruct import ReconstructPass
-
-        passes.append(ReconstructPass(config.recon_config(), max_chain=config.max_chain,
-                                      checkpoint_dir=config.checkpoint_dir,
-                                      cache_budget_bytes=config.cache_budget_mb << 20,
-                                      layerwise=config.method == "adaround"))
+        passes.append(_reconstruction_pass(config))
         passes.insert(-1, CleanupPass())  # unique node names: blocks refer to nodes by name
+    if config.stats_tuning:
+        from onnxq.passes.tune_stats import TuneStatsPass
+
+        passes.append(TuneStatsPass())
+    if config.bias_tuning:
+        from onnxq.passes.tune_bias import TuneBiasPass
+
+        passes.append(TuneBiasPass())
+    if ctx.target.bias_grid:  # last: the passes above may move scales and biases
+        from onnxq.passes.grid_bias import GridBiasPass
+
+        passes.append(GridBiasPass())
     PassManager([*passes, CleanupPass()])(graph, ctx)
     quantized = g.to_model(graph, template=original)
+    ternary_info = ctx.report.pop("ternary", None)
+    if ternary_info:
+        mark_ternary(quantized, ternary_info["codes"])
     seconds = time.perf_counter() - t0
 
     report: dict[str, Any] = {
@@ -167,7 +184,27 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         log.info("validation:\n%s", val.summary())
         if not (val.checker_ok and val.runs_enable_all and val.runs_disable_all):
             raise RuntimeError("the quantized model failed validation: " + "; ".join(val.errors))
+    if ternary_info:
+        _check_ternary(quantized, ternary_info, val, report)
     return QuantResult(quantized, json.loads(json.dumps(report, default=_json_default)), source, val)
+
+
+def _reconstruction_pass(config: QuantConfig):
+    """The pass of ``config.method`` (not rtn): AdaQuant, MRECG, or block/layer-wise reconstruction."""
+    common = dict(checkpoint_dir=config.checkpoint_dir, cache_budget_bytes=config.cache_budget_mb << 20)
+    if config.method == "adaquant":
+        from onnxq.passes.adaquant import AdaQuantPass
+
+        return AdaQuantPass(config.adaquant_config(), **common)
+    if config.method == "mrecg":
+        from onnxq.passes.mrecg import MRECGPass
+
+        return MRECGPass(config.recon_config(), k=config.mrecg_k, capacity=config.mrecg_capacity,
+                         max_chain=config.max_chain, **common)
+    from onnxq.passes.reconstruct import ReconstructPass
+
+    return ReconstructPass(config.recon_config(), max_chain=config.max_chain,
+                           layerwise=config.method == "adaround", **common)
 
 
 def _check_output(model: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:
@@ -179,6 +216,18 @@ def _check_output(model: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:
                            f"({len(violations)} violation(s)):\n{format_violations(violations)}")
     return {"target": target.name, "ok": True, "violations": [],
             "activation_bits": target.act_bits(ctx.config)}
+
+
+def _check_ternary(model: onnx.ModelProto, info: dict[str, Any], val: ValidationReport | None,
+                   report: dict[str, Any]) -> None:
+    """``report["ternary"]``: method, container, sparsity and sizes; codes outside {-1, 0, 1} raise."""
+    checked = val.ternary if val is not None else None
+    if checked is None:
+        result = check_ternary(model)
+        checked = result.to_dict() if result is not None else {"ok": False, "violations": ["no ternary tensor"]}
+    report["ternary"] = {"method": info["method"], "storage": info["storage"], **checked}
+    if not checked["ok"]:
+        raise RuntimeError("the quantized model failed the ternary check: " + "; ".join(checked["violations"]))
 
 
 def _json_default(obj: object) -> object:

@@ -7,6 +7,12 @@ each activation Q -> [Clip] -> DQ becomes a :class:`~onnxq.recon.FakeQuant` with
 scale. ``write_back`` replaces the integer constants of the graph by the learned codes, and the
 activation scales by the learned step sizes; the INT32 biases that depend on a changed input
 scale are requantized (s_b = s_in * s_w).
+
+Ternary weights (2-bit specs): the AdaRound variables start from the codes already in the graph
+(the ternary operator's, which for twn and mquant-b are not round(W / s)) on the grid [-1, 1] with
+the operator's scale (``init_codes``); so does the fixed quantizer of the ``rtn`` method. With
+``ctx.config.learn_weight_scale`` every AdaRound weight (except power-of-two grids) also learns its
+scale; ``write_back`` then writes the new weight scale and requantizes the biases that use it.
 """
 
 from __future__ import annotations
@@ -56,9 +62,15 @@ def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: b
         w = weight_name_of(node)
         if w is not None and w in ctx.float_weights and w in ctx.qparams and ctx.qparams[w].spec.bits <= 8:
             qp = ctx.qparams[w]
-            cls = AdaRoundWeight if rounding else RoundToNearestWeight
-            weights[node.outputs[0].name] = cls(ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin,
-                                                qp.spec.qmax, qp.spec.axis if qp.scale.ndim == 1 else None)
+            args = (ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax,
+                    qp.spec.axis if qp.scale.ndim == 1 else None)
+            codes = np.asarray(node.inputs[0].values).astype(np.int64) if qp.spec.bits == 2 else None
+            if rounding:
+                learn = bool(getattr(ctx.config, "learn_weight_scale", False)) and not qp.spec.pow2
+                quantizer = AdaRoundWeight(*args, init_codes=codes, learn_scale=learn)
+            else:
+                quantizer = RoundToNearestWeight(*args, codes=codes)
+            weights[node.outputs[0].name] = quantizer
             names[node.outputs[0].name] = w
         elif node.op == "QuantizeLinear" and node.inputs[0].name in ctx.qparams:
             t = node.inputs[0].name
@@ -90,6 +102,8 @@ def write_back(graph: gs.Graph, built: BuiltBlock, ctx: QuantContext) -> dict[st
         codes = codes.astype(qp.spec.numpy_dtype)
         _replace_input(dq_by_output[key], 0, codes, w + _SUFFIX_Q)
         changed[w + _SUFFIX_Q] = codes
+        if getattr(quantizer, "learned_scale", None) is not None:
+            changed.update(set_weight_scale(graph, ctx, dq_by_output[key], w, quantizer.scale_values()))
     for t, fq in built.acts.items():
         if not getattr(fq, "trainable", False):
             continue
@@ -97,6 +111,23 @@ def write_back(graph: gs.Graph, built: BuiltBlock, ctx: QuantContext) -> dict[st
         if np.array_equal(new, ctx.qparams[t].scale):
             continue
         changed.update(set_activation_scale(graph, ctx, t, new))
+    return changed
+
+
+def set_weight_scale(graph: gs.Graph, ctx: QuantContext, dq: gs.Node, w: str, scale: np.ndarray
+                     ) -> dict[str, np.ndarray]:
+    """New scale for weight ``w`` (its DQ ``dq``), and requantized INT32 biases of the ops using it."""
+    old = ctx.qparams[w]
+    scale = np.asarray(scale, dtype=np.float32).reshape(old.scale.shape)
+    if np.array_equal(scale, old.scale):
+        return {}
+    ctx.qparams[w] = QParams(scale, old.zero_point, old.spec)
+    dq.inputs[1] = constant(w + "_scale", scale)
+    changed = {w + "_scale": scale}
+    for node in list(dq.outputs[0].outputs):
+        t = node.inputs[0].name.removesuffix("_dequantized")
+        if t in ctx.qparams and node.inputs[0].name != t:
+            changed.update(requantize_biases(graph, ctx, t))
     return changed
 
 

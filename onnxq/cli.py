@@ -13,12 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxq.config import CALIB_METHODS, RECON_METHODS, QuantConfig
+from onnxq.config import CALIB_METHODS, RECON_METHODS, TERNARY_STORAGES, QuantConfig
 from onnxq.errors import UserError
+from onnxq.ternary import ALIASES, METHODS, MQUANT_DEFAULT
 
 log = logging.getLogger("onnxq")
 
 _TARGET_NAMES = "ort-cpu, tensorrt, openvino, qnn, qnn-a16, npu-pow2"
+WEIGHT_BITS_OF = {"int8": 8, "int4": 4, "ternary": 2}
+WEIGHT_CHOICES = tuple(WEIGHT_BITS_OF)
+TERNARY_CHOICES = (*METHODS, *ALIASES)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,14 +34,24 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="input .onnx file (never modified)")
     q.add_argument("-o", "--output", required=True, help="output .onnx file (a .report.json is written next to it)")
     q.add_argument("--target", default="ort-cpu", help=f"target profile: {_TARGET_NAMES} (default: ort-cpu)")
-    q.add_argument("--weights", choices=("int8", "int4"), default="int8", help="weight type (default: int8)")
+    q.add_argument("--weights", choices=WEIGHT_CHOICES, default="int8",
+                   help="weight type: int8, int4, or ternary ({-1, 0, 1} x per-channel scale; default: int8)")
+    q.add_argument("--ternary-method", default="rtn", metavar="{" + ",".join(TERNARY_CHOICES) + "}",
+                   help="ternary operator for --weights ternary: rtn, twn, tquant, mquant-a, mquant-b; "
+                        f"mquant = {MQUANT_DEFAULT} (the variant with the lower weight error on EfficientNet-Lite0; "
+                        "default: rtn)")
+    q.add_argument("--ternary-storage", choices=TERNARY_STORAGES, default="auto",
+                   help="container of ternary codes: int2 (opset 25), int4 (opset 21), int8, or auto (the "
+                        "narrowest the target allows and onnxruntime runs; default: auto)")
+    q.add_argument("--learn-weight-scale", action="store_true",
+                   help="reconstruction also learns the per-channel weight scales (LSQ), from the operator's")
     q.add_argument("--activations", choices=("uint8", "int8"), default=None,
                    help="activation type: uint8 asymmetric or int8 symmetric (default: the target's choice)")
     q.add_argument("--scale", choices=("float", "pow2"), default=None,
                    help="scale kind (default: the target's choice)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     q.add_argument("--first-last", choices=("8", "same"), default="8",
-                   help="bits of the first and last weighted layers when --weights int4 (default: 8)")
+                   help="bits of the first and last weighted layers when --weights int4/ternary (default: 8)")
     _add_calib_args(q, required=True)
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
     q.add_argument("--weight-method", choices=("minmax", "mse"), default="minmax", help="weight range method")
@@ -58,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="correct the output shift that weight rounding causes")
     r = q.add_argument_group("reconstruction (torch engine)")
     r.add_argument("--method", choices=RECON_METHODS, default="rtn",
-                   help="rtn (round to nearest), adaround (layer-wise), brecq (block-wise), qdrop")
+                   help="rtn (round to nearest), adaround (layer-wise), brecq (block-wise), qdrop, adaquant "
+                        "(layer-wise weights, bias and ranges), mrecg (brecq/qdrop on merged neighbour blocks)")
     r.add_argument("--schedule", choices=("fast", "paper"), default="fast",
                    help="fast: sized for a 2-core CPU; paper: 20k iterations, batch 32, 1024 samples")
     r.add_argument("--iters", type=int, default=None, help="iterations per block (overrides the schedule)")
@@ -71,11 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     r.add_argument("--checkpoint-dir", default=None,
                    help="where finished blocks are saved to resume an interrupted run (default: OUTPUT.ckpt)")
+    _add_adaquant_mrecg_args(r)
+    _add_mixed_args(q)
 
     i = sub.add_parser("inspect", help="list ops, what will be quantized and why not")
     i.add_argument("model")
     i.add_argument("--target", default="ort-cpu")
-    i.add_argument("--weights", choices=("int8", "int4"), default="int8")
+    i.add_argument("--weights", choices=WEIGHT_CHOICES, default="int8")
     i.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     v = sub.add_parser("validate", help="compare a quantized model with its float original in onnxruntime")
@@ -117,8 +134,13 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.suffix != ".onnx":
         raise UserError(f"output path {out} should end in .onnx")
     explicit = _explicit_target_options(args)
+    if args.ternary_method not in TERNARY_CHOICES:
+        raise UserError(f"--ternary-method {args.ternary_method!r} is unknown: use one of "
+                        f"{', '.join(TERNARY_CHOICES)}")
     config = QuantConfig(
-        target=args.target, weight_bits=8 if args.weights == "int8" else 4, per_channel=not args.per_tensor,
+        target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights], ternary_method=args.ternary_method,
+        ternary_storage=args.ternary_storage, learn_weight_scale=args.learn_weight_scale,
+        per_channel=not args.per_tensor,
         **explicit, calib_method=args.calib_method,
         weight_method=args.weight_method, percentile=args.percentile, calib_samples=args.calib_samples,
         first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
@@ -128,15 +150,114 @@ def _quantize(args: argparse.Namespace) -> int:
         drop_prob=args.drop_prob, device=args.device, max_chain=args.max_chain, equalize=args.equalize,
         relu6=args.relu6, bias_absorb=args.bias_absorb, bias_correction=args.bias_correction,
         checkpoint_dir=args.checkpoint_dir or (str(out) + ".ckpt" if args.method != "rtn" else None),
+        bit_plan=_bit_plan_arg(args), bias_tuning=args.bias_tuning, stats_tuning=args.stats_tuning,
+        adaquant_mode=args.adaquant_mode, mrecg_base=args.mrecg_base, mrecg_k=_mrecg_k_arg(args.mrecg_k),
+        mrecg_capacity=args.mrecg_capacity,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = quantize(args.model, args.data, config, validation=args.validation, recipe=_recipe(args.recipe),
-                      batch_size=args.batch_size)
+    budget = _budget_arg(args)
+    if budget is None:
+        result = quantize(args.model, args.data, config, validation=args.validation, recipe=_recipe(args.recipe),
+                          batch_size=args.batch_size)
+    else:
+        result = _quantize_mixed(args, config, budget, out)
     path = result.save(out)
     sys.stdout.write(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix('.report.json')}\n")
     if result.validation is not None:
         sys.stdout.write(result.validation.summary() + "\n")
     return 0
+
+
+def _add_mixed_args(q: argparse.ArgumentParser) -> None:
+    m = q.add_argument_group("mixed precision and tuning after quantization")
+    m.add_argument("--bit-plan", default=None, metavar="FILE",
+                   help='per-layer weight widths, JSON {"layers": {"node name": 8|4|2, ...}} (e.g. a written '
+                        "OUTPUT.bitplan.json); the named layers override --weights and --first-last")
+    m.add_argument("--mixed-precision", action="store_true",
+                   help="measure each layer's sensitivity, pick widths by integer programming under "
+                        "--size-budget, --bops-budget or --max-degradation, quantize; writes OUTPUT.bitplan.json")
+    m.add_argument("--size-budget", type=float, default=None, metavar="R",
+                   help="weight size at most R times the all-8-bit weights (e.g. 0.55 ~ W4 with 8-bit first/last)")
+    m.add_argument("--bops-budget", type=float, default=None, metavar="R",
+                   help="bit operations (w bits x a bits x MACs) at most R times those of 8-bit weights")
+    m.add_argument("--max-degradation", type=float, default=None, metavar="D",
+                   help="the dual: the smallest model whose summed sensitivity increase is at most D")
+    m.add_argument("--mp-widths", default="8,4,2", help="candidate weight widths (default: 8,4,2)")
+    m.add_argument("--mp-measure", choices=("mse", "cosine", "fisher"), default="mse",
+                   help="sensitivity measure: output MSE, 1 - cosine, or BRECQ's Fisher estimate (default: mse)")
+    m.add_argument("--mp-holdout", type=int, default=None, metavar="N",
+                   help="calibration samples held out to measure the sensitivity (default: a fifth, at most 64)")
+    m.add_argument("--bias-tuning", action="store_true",
+                   help="tune each layer's bias to the float output mean, layer by layer (after quantization)")
+    m.add_argument("--stats-tuning", action="store_true",
+                   help="restore each layer's per-channel output mean and std to the float model's")
+
+
+def _add_adaquant_mrecg_args(r) -> None:
+    """AdaQuant and MRECG options (values are checked by QuantConfig: a bad one is a one-line error)."""
+    r.add_argument("--adaquant-mode", default="sequential", metavar="{parallel,sequential}",
+                   help="--method adaquant: inputs from the model quantized so far (sequential, default) "
+                        "or from the float model (parallel: layers independent)")
+    r.add_argument("--mrecg-base", default="brecq", metavar="{brecq,qdrop}",
+                   help="--method mrecg: the base reconstruction (default: brecq)")
+    r.add_argument("--mrecg-k", default="4", metavar="K",
+                   help="--method mrecg: merge the K adjacent block pairs with the largest capacity gaps "
+                        "(default: 4)")
+    r.add_argument("--mrecg-capacity", default="data", metavar="{data,proxy}",
+                   help="--method mrecg: block losses of a first, shorter pass (data, default) or our "
+                        "data-free proxy (relative weight quantization noise per block)")
+
+
+def _mrecg_k_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--mrecg-k {text!r} is not an integer: give the number of block pairs to merge, "
+                        "e.g. 4") from None
+
+
+def _bit_plan_arg(args: argparse.Namespace) -> tuple:
+    if args.bit_plan is None:
+        return ()
+    if args.mixed_precision:
+        raise UserError("--bit-plan and --mixed-precision exclude each other: mixed precision writes its own plan")
+    from onnxq.mixed_precision import load_bit_plan
+
+    return load_bit_plan(args.bit_plan)
+
+
+def _budget_arg(args: argparse.Namespace):
+    """The mixed-precision budget, or None without --mixed-precision."""
+    flags = {"size": "--size-budget", "bops": "--bops-budget", "degradation": "--max-degradation"}
+    given = {k: v for k, v in (("size", args.size_budget), ("bops", args.bops_budget),
+                               ("degradation", args.max_degradation)) if v is not None}
+    if not args.mixed_precision:
+        if given:
+            raise UserError(f"{flags[next(iter(given))]} needs --mixed-precision: add it")
+        return None
+    if len(given) != 1:
+        raise UserError("--mixed-precision needs exactly one of --size-budget R, --bops-budget R, --max-degradation D")
+    from onnxq.mixed_precision import Budget
+
+    kind, value = next(iter(given.items()))
+    return Budget(kind, value)
+
+
+def _quantize_mixed(args: argparse.Namespace, config: QuantConfig, budget, out: Path):
+    from onnxq.mixed_precision import quantize_mixed
+
+    try:
+        widths = tuple(int(w) for w in args.mp_widths.split(",") if w.strip())
+    except ValueError:
+        raise UserError(f"--mp-widths {args.mp_widths!r} is not a comma-separated list of widths: e.g. 8,4,2") from None
+    mixed = quantize_mixed(args.model, args.data, config, budget=budget, widths=widths, measure=args.mp_measure,
+                           holdout=args.mp_holdout, validation=args.validation, recipe=_recipe(args.recipe),
+                           batch_size=args.batch_size)
+    plan_path = mixed.plan.save(out.with_suffix(".bitplan.json"))
+    p = mixed.plan
+    sys.stdout.write(f"wrote {plan_path}: size ratio {p.size_ratio:.4f}, bops ratio {p.bops_ratio:.4f}, "
+                     f"predicted {p.measure} {p.degradation:.4g}, widths {p.to_dict()['predicted']['layers_per_width']}\n")
+    return mixed.result
 
 
 def _explicit_target_options(args: argparse.Namespace) -> dict[str, str]:
@@ -177,7 +298,7 @@ def _check(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from onnxq.inspection import inspect_model
 
-    plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=8 if args.weights == "int8" else 4))
+    plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights]))
     if args.json:
         sys.stdout.write(json.dumps(plan, indent=2) + "\n")
     else:

@@ -6,13 +6,19 @@ from dataclasses import dataclass, field, fields
 
 from onnxq.errors import UserError
 
-WEIGHT_BITS = (8, 4)
+WEIGHT_BITS = (8, 4, 2)  # 2: ternary {-1, 0, 1} (onnxq.ternary)
+FIRST_LAST_BITS = (8, 4)
+PLAN_BITS = (8, 4, 2)  # per-layer widths of QuantConfig.bit_plan
+TERNARY_STORAGES = ("auto", "int2", "int4", "int8")
 ACTIVATION_DTYPES = ("uint8", "int8")
 ACTIVATION_BITS = (8, 4)
 SCALE_KINDS = ("float", "pow2")
 CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
 WEIGHT_METHODS = ("minmax", "mse")
-RECON_METHODS = ("rtn", "adaround", "brecq", "qdrop")
+RECON_METHODS = ("rtn", "adaround", "brecq", "qdrop", "adaquant", "mrecg")
+ADAQUANT_MODES = ("parallel", "sequential")
+MRECG_BASES = ("brecq", "qdrop")
+MRECG_CAPACITIES = ("data", "proxy")
 SCHEDULES = ("fast", "paper")
 
 
@@ -22,7 +28,16 @@ class QuantConfig:
 
     Attributes:
         target: target profile name (see :mod:`onnxq.targets`).
-        weight_bits: 8 or 4 (INT4 is stored natively, opset 21).
+        weight_bits: 8, 4 (INT4 is stored natively, opset 21) or 2 (ternary: codes {-1, 0, 1} times a
+            per-channel scale from ``ternary_method``, stored as ``ternary_storage`` says).
+        ternary_method: the ternary operator for 2-bit weights, one of :data:`onnxq.ternary.METHODS`
+            (rtn, twn, tquant, mquant-a, mquant-b; "mquant" is an alias of
+            :data:`onnxq.ternary.MQUANT_DEFAULT`).
+        ternary_storage: container of ternary codes: "int2" (opset 25), "int4" (opset 21), "int8", or
+            "auto" (the target's narrowest container that onnxruntime can run, see
+            :func:`onnxq.ternary_export.resolve_storage`).
+        learn_weight_scale: reconstruction also learns each weight's per-channel scale (LSQ-style,
+            initialised from the round-to-nearest or ternary operator's scale; biases requantized).
         per_channel: one weight scale per output channel (the right axis per op) or one per tensor.
         activation_dtype: "uint8" (asymmetric) or "int8" (symmetric).
         activation_bits: 8, or 4 (uint4/int4 storage, opset 21; graph inputs and the last
@@ -40,7 +55,9 @@ class QuantConfig:
         seed: seed of everything random.
         opset: minimum output opset (None: 13, or 21 for INT4 weights).
         method: weight rounding: rtn (round to nearest), adaround (layer-wise), brecq (block-wise,
-            then activation step sizes), qdrop (block-wise, joint with random activation drop).
+            then activation step sizes), qdrop (block-wise, joint with random activation drop),
+            adaquant (layer-wise: weights, bias and quantizer ranges; :mod:`onnxq.passes.adaquant`),
+            mrecg (``mrecg_base`` on blocks with merged neighbours; :mod:`onnxq.passes.mrecg`).
         schedule: "fast" (sized for a 2-core CPU) or "paper" (20k iterations, batch 32, 1024 samples).
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
@@ -55,10 +72,26 @@ class QuantConfig:
         bias_absorb: high-bias absorption across Relu: None, "bn" (from folded BatchNorm
             statistics) or "data" (from calibration data).
         bias_correction: None, "data" (E[x] measured on calibration data) or "bn" (analytic).
+        bit_plan: per-layer weight bit widths, ``((node name, bits), ...)`` with bits 8, 4 or 2; a
+            named layer gets that width whatever ``weight_bits``/``first_last_bits`` say (a mapping
+            is accepted and stored as pairs). Written by :mod:`onnxq.mixed_precision`.
+        bias_tuning: after QDQ insertion, tune each quantized layer's INT32 bias so its output mean
+            matches the float model's, layer by layer (:mod:`onnxq.passes.tune_bias`).
+        stats_tuning: after QDQ insertion, restore each quantized layer's per-channel output mean
+            and std to the float model's (:mod:`onnxq.passes.tune_stats`).
+        adaquant_mode: AdaQuant's variant: "sequential" (inputs from the model quantized so far) or
+            "parallel" (float-model inputs, layers independent).
+        mrecg_base: MRECG's base reconstruction, "brecq" or "qdrop" (its schedule is ``schedule``'s).
+        mrecg_k: MRECG merges the ``k`` adjacent block pairs with the largest capacity differentials.
+        mrecg_capacity: "data" (block losses of a first, shorter reconstruction pass) or "proxy"
+            (a data-free capacity of our own: the block's relative weight quantization noise).
     """
 
     target: str = "ort-cpu"
     weight_bits: int = 8
+    ternary_method: str = "rtn"
+    ternary_storage: str = "auto"
+    learn_weight_scale: bool = False
     per_channel: bool = True
     activation_dtype: str = "uint8"
     activation_bits: int = 8
@@ -88,19 +121,36 @@ class QuantConfig:
     relu6: str = "skip"
     bias_absorb: str | None = None
     bias_correction: str | None = None
+    bit_plan: tuple[tuple[str, int], ...] = ()
+    bias_tuning: bool = False
+    stats_tuning: bool = False
+    adaquant_mode: str = "sequential"
+    mrecg_base: str = "brecq"
+    mrecg_k: int = 4
+    mrecg_capacity: str = "data"
 
     def __post_init__(self) -> None:
         _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        from onnxq.ternary import METHODS as TERNARY_METHODS, canonical_method
+
+        object.__setattr__(self, "ternary_method", canonical_method(self.ternary_method))
+        _choice("ternary_method", self.ternary_method, TERNARY_METHODS)
+        _choice("ternary_storage", self.ternary_storage, TERNARY_STORAGES)
         _choice("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
         _choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
         _choice("scale_kind", self.scale_kind, SCALE_KINDS)
         _choice("calib_method", self.calib_method, CALIB_METHODS)
         _choice("weight_method", self.weight_method, WEIGHT_METHODS)
         if self.first_last_bits is not None:
-            _choice("first_last_bits", self.first_last_bits, WEIGHT_BITS)
+            _choice("first_last_bits", self.first_last_bits, FIRST_LAST_BITS)
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile {self.percentile} out of range: use a value in (50, 100]")
         _choice("method", self.method, RECON_METHODS)
+        _choice("adaquant_mode", self.adaquant_mode, ADAQUANT_MODES)
+        _choice("mrecg_base", self.mrecg_base, MRECG_BASES)
+        _choice("mrecg_capacity", self.mrecg_capacity, MRECG_CAPACITIES)
+        if isinstance(self.mrecg_k, bool) or not isinstance(self.mrecg_k, int) or self.mrecg_k < 0:
+            raise UserError(f"mrecg_k={self.mrecg_k!r} is not a count of block pairs: use an integer >= 0")
         _choice("schedule", self.schedule, SCHEDULES)
         for name in ("recon_iters", "recon_batch_size", "recon_samples"):
             value = getattr(self, name)
@@ -111,19 +161,20 @@ class QuantConfig:
         _choice("relu6", self.relu6, ("skip", "replace"))
         _choice("bias_absorb", self.bias_absorb, (None, "bn", "data"))
         _choice("bias_correction", self.bias_correction, (None, "data", "bn"))
-        if self.fisher and self.method != "rtn":
-            raise UserError("Fisher weighting needs per-block output gradients, which the graph engine does not "
-                            "compute yet: drop --fisher (the plain block error is BRECQ's released default)")
         if self.max_chain < 1:
             raise UserError("max_chain must be >= 1")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise UserError("calib_samples must be >= 1")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "bit_plan", _bit_plan(self.bit_plan))
 
     @property
     def output_opset(self) -> int:
-        low = min(self.weight_bits, self.first_last_bits or 8, self.activation_bits)
-        need = 21 if low == 4 else 13
+        plan_bits = {b for _, b in self.bit_plan}
+        low = min(self.weight_bits, self.first_last_bits or 8, self.activation_bits, *plan_bits)
+        need = 21 if low == 4 or 4 in (self.first_last_bits, self.activation_bits, *plan_bits) else 13
+        if self.weight_bits == 2 or 2 in plan_bits:  # "auto" is resolved by Target.resolve before use
+            need = max(need, {"int2": 25, "int4": 21}.get(self.ternary_storage, 13))
         return max(need, self.opset or 0)
 
     def recon_config(self):
@@ -134,10 +185,38 @@ class QuantConfig:
                                        ("num_samples", self.recon_samples)) if v is not None}
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
-        return factory(self.method, **overrides)
+        return factory(self.mrecg_base if self.method == "mrecg" else self.method, **overrides)
+
+    def adaquant_config(self):
+        """AdaQuant's AdaQuantConfig for this run (imports torch); ``recon_*`` override the schedule."""
+        from onnxq.recon.adaquant import AdaQuantConfig
+
+        overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
+                                       ("num_samples", self.recon_samples)) if v is not None}
+        overrides.update(device=self.device, seed=self.seed)
+        factory = AdaQuantConfig.fast if self.schedule == "fast" else AdaQuantConfig.paper
+        return factory(self.adaquant_mode, **overrides)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _bit_plan(plan: object) -> tuple[tuple[str, int], ...]:
+    """``bit_plan`` as ``((name, bits), ...)``; bad widths or repeated names are a UserError."""
+    items = list(plan.items()) if isinstance(plan, dict) else list(plan or ())
+    out: list[tuple[str, int]] = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise UserError(f"bit_plan entry {item!r} is not (node name, bits): give pairs or a mapping")
+        name, bits = item
+        if isinstance(bits, bool) or bits not in PLAN_BITS:
+            raise UserError(f"bit_plan gives {name!r} {bits!r} bits: use one of {', '.join(map(str, PLAN_BITS))}")
+        out.append((name, int(bits)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(f"bit_plan names {dup[0]!r} twice: give each layer one width")
+    return tuple(out)
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

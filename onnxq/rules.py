@@ -75,7 +75,7 @@ def activation_dtypes(target: Target) -> set[int]:
 
 def weight_dtypes(target: Target) -> set[int]:
     """ONNX storage types a weight DQ may use under ``target``."""
-    table = {8: TensorProto.INT8, 4: TensorProto.INT4, 16: TensorProto.INT16}
+    table = {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2, 16: TensorProto.INT16}
     return {table[b] for b in target.weight_bits if b in table}
 
 

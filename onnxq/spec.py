@@ -55,6 +55,9 @@ class QuantSpec:
         axis: channel axis for CHANNEL granularity (None until resolved for a concrete op).
         scale_kind: FLOAT or POW2 (scale = 2**k, k integer).
         narrow: drop the lowest code (int8 -> [-127, 127], 2-bit -> [-1, 1]).
+        storage_bits: width of the stored integer type when it differs from the grid (None: ``bits``).
+            Ternary weights (the 2-bit grid [-1, 1]) may live in int4 or int8 containers; the
+            codes, dtype and opset follow the container, the grid (qmin, qmax) stays ternary.
     """
 
     bits: int = 8
@@ -64,10 +67,15 @@ class QuantSpec:
     axis: int | None = None
     scale_kind: ScaleKind = ScaleKind.FLOAT
     narrow: bool = False
+    storage_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8, 16, 32):
             raise UserError(f"unsupported bit width {self.bits}: use 2, 4, 8 or 16")
+        if self.storage_bits is not None and (self.storage_bits not in (2, 4, 8, 16)
+                                              or self.storage_bits < self.bits or not self.signed):
+            raise UserError(f"storage_bits={self.storage_bits} cannot hold a {self.bits}-bit grid: use a signed "
+                            "container at least as wide (2, 4, 8 or 16)")
         if self.bits == 2 and not (self.signed and self.narrow and self.symmetric):
             raise UserError("2-bit weights are ternary only: signed, symmetric, narrow ([-1, 1])")
         if self.narrow and not self.signed:
@@ -87,8 +95,13 @@ class QuantSpec:
         return self.scale_kind is ScaleKind.POW2
 
     @property
+    def store_bits(self) -> int:
+        """Width of the stored integer type (the container)."""
+        return self.storage_bits or self.bits
+
+    @property
     def min_opset(self) -> int:
-        return _MIN_OPSET[self.bits]
+        return _MIN_OPSET[self.store_bits]
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -99,7 +112,7 @@ class QuantSpec:
             (16, True): np.int16, (16, False): np.uint16,
             (32, True): np.int32,
         }
-        return np.dtype(table[(self.bits, self.signed)])
+        return np.dtype(table[(self.store_bits, self.signed)])
 
     @property
     def onnx_dtype(self) -> int:
@@ -110,7 +123,7 @@ class QuantSpec:
             (16, True): onnx.TensorProto.INT16, (16, False): onnx.TensorProto.UINT16,
             (32, True): onnx.TensorProto.INT32,
         }
-        return table[(self.bits, self.signed)]
+        return table[(self.store_bits, self.signed)]
 
     def with_axis(self, axis: int | None) -> QuantSpec:
         from dataclasses import replace
@@ -121,7 +134,8 @@ class QuantSpec:
         kind = ("int" if self.signed else "uint") + str(self.bits)
         sym = "sym" if self.symmetric else "asym"
         gran = "per-channel" if self.granularity is Granularity.CHANNEL else "per-tensor"
-        return f"{kind} {sym} {gran} {self.scale_kind.value}" + (" narrow" if self.narrow else "")
+        text = f"{kind} {sym} {gran} {self.scale_kind.value}" + (" narrow" if self.narrow else "")
+        return text + (f" in int{self.storage_bits}" if self.storage_bits not in (None, self.bits) else "")
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,10 +10,12 @@ QDQ file against it. Profiles:
     QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu,
     QLinearSoftmax) and drops Q/DQ pairs around data-movement ops that run on integers directly
     (MaxPool, Reshape, Transpose, Resize, ...). uint8 asymmetric activations (int8 allowed), int8
-    symmetric per-channel weights, INT32 biases; ``com.microsoft`` ops accepted by the checker.
+    symmetric per-channel weights (int4, and int2 for ternary weights, allowed), INT32 biases;
+    ``com.microsoft`` ops accepted by the checker.
 ``tensorrt``
     int8 symmetric everywhere (every zero-point 0), float biases (TensorRT fuses them into the
-    convolution). Placement follows NVIDIA's recommendations for explicit quantization: Q/DQ on the
+    convolution) put on their INT32 grid s_in * s_w (``bias_grid``), so that onnxruntime, which
+    quantizes a float bias itself, computes the same function as OpenVINO and TensorRT. Placement follows NVIDIA's recommendations for explicit quantization: Q/DQ on the
     *inputs* of quantizable ops (weighted ops, pooling, Concat, Add), never on a weighted op's own
     output (TensorRT fuses Conv + BN + Relu and the next input's Q into one kernel, so Relu/Clip
     stay float nodes); a residual Add gets Q/DQ on its residual input while the input coming
@@ -32,6 +34,10 @@ QDQ file against it. Profiles:
     Vitis AI / Ryzen AI / NXP style NPUs: int8 symmetric activations and weights, every scale an
     exact power of two (so requantization is a shift), Concat inputs and element-wise Add inputs
     share one scale.
+
+Ternary weights (``weight_bits=2``) are allowed by every target: their codes {-1, 0, 1} live in the
+narrowest container the target allows (int2, int4 or int8 in ``weight_bits``) and onnxruntime runs
+(:func:`onnxq.ternary_export.resolve_storage`), unless ``ternary_storage`` names one.
 
 Config vs target: :meth:`Target.resolve` makes the run's :class:`QuantConfig` agree with the
 target. A config value the target allows is kept; a disallowed value that is QuantConfig's own
@@ -93,7 +99,8 @@ class Target:
             storage width comes from the activation bits.
         activation_bits: allowed activation bit widths, the target's choice first (16: uint16
             storage at opset 21; 4: QCDQ in 8-bit containers).
-        weight_bits: allowed weight bit widths (int8 narrow [-127, 127], or native int4).
+        weight_bits: allowed weight storage widths (int8 narrow [-127, 127], native int4, native
+            int2 for ternary codes); ternary weights use the narrowest allowed container.
         weight_granularity: allowed weight granularities ("channel", "tensor"), choice first.
         scale_kinds: allowed scale kinds ("float", "pow2"), choice first.
         activation_zero_points: the zero-points an activation Q/DQ may use (None: any).
@@ -111,6 +118,9 @@ class Target:
         align_eltwise: the quantized inputs of an element-wise Add share one scale and zero-point.
         quantize_bias: biases of quantized weighted ops become INT32 (s_b = s_in * s_w); off:
             they stay float.
+        bias_grid: float biases of quantized weighted ops are rounded onto their INT32 grid
+            (weight scales raised where the code would overflow INT32), because onnxruntime
+            quantizes such a bias itself (:mod:`onnxq.passes.grid_bias`).
         allowed_domains: op domains a checked model may use ("" is the standard ONNX domain).
         min_opset: lowest default-domain opset of the output.
         exporters: extra files written next to the model ("aimet_encodings": ``<stem>.encodings``).
@@ -136,6 +146,7 @@ class Target:
     align_concat: bool = False
     align_eltwise: bool = False
     quantize_bias: bool = True
+    bias_grid: bool = False
     allowed_domains: frozenset[str] = frozenset({"", "ai.onnx"})
     min_opset: int = 13
     exporters: tuple[str, ...] = ()
@@ -157,10 +168,19 @@ class Target:
         return bits if bits in self.activation_bits else self.activation_bits[0]
 
     def weight_spec(self, config: QuantConfig, bits: int) -> QuantSpec:
+        """The weight grid; a 2-bit (ternary) grid is stored in the config's resolved container."""
+        storage = None
+        if bits == 2:
+            from onnxq.ternary_export import STORAGE_BITS, resolve_storage
+
+            name = config.ternary_storage
+            if name == "auto":
+                name = resolve_storage(self.name, self.weight_bits, name, config.validate)
+            storage = STORAGE_BITS[name]
         return QuantSpec(
             bits=bits, signed=True, symmetric=True,
             granularity=Granularity.CHANNEL if config.per_channel else Granularity.TENSOR,
-            scale_kind=ScaleKind(config.scale_kind), narrow=bits == 8,
+            scale_kind=ScaleKind(config.scale_kind), narrow=bits in (8, 2), storage_bits=storage,
         )
 
     def activation_spec(self, config: QuantConfig, bits: int | None = None) -> QuantSpec:
@@ -188,7 +208,7 @@ class Target:
             ("per_channel", granularity, self.weight_granularity, lambda g: g == "channel"),
         )
         for name, value, allowed, to_config in checks:
-            if value in allowed:
+            if value in allowed or (name == "weight_bits" and value == 2):  # ternary: see below
                 continue
             current = getattr(config, name)
             if current != defaults[name]:
@@ -204,6 +224,13 @@ class Target:
         if config.first_last_bits is not None and config.first_last_bits not in self.weight_bits:
             raise UserError(f"target {self.name} does not allow first_last_bits={config.first_last_bits}: "
                             f"use {' or '.join(map(str, self.weight_bits))}")
+        if config.weight_bits == 2 or any(b == 2 for _, b in config.bit_plan):  # ternary layers
+            from onnxq.ternary_export import resolve_storage
+
+            storage = resolve_storage(self.name, self.weight_bits, config.ternary_storage, config.validate)
+            if storage != config.ternary_storage:
+                changes["ternary_storage"] = storage
+                config = replace(config, ternary_storage=storage)
         need = max(self.min_opset, 21 if self.act_bits(config) == 16 else 13)
         if need > config.output_opset:
             changes["opset"] = need
@@ -217,6 +244,7 @@ ORT_CPU = Target(
     activation_ops=_ORT_ACTIVATION_OPS,
     passthrough_ops=_PASSTHROUGH,
     fusable_activations=frozenset({"Relu", "Clip"}),
+    weight_bits=(8, 4, 2),
     allowed_domains=frozenset({"", "ai.onnx", "com.microsoft"}),
 )
 
@@ -236,6 +264,7 @@ TENSORRT = Target(
     add_inputs="residual",
     align_concat=True,
     quantize_bias=False,
+    bias_grid=True,
 )
 
 OPENVINO = Target(

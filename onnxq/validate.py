@@ -9,7 +9,10 @@
 3. fidelity of each output, quantized (``ORT_ENABLE_ALL``) against float (``ORT_ENABLE_ALL``), over
    all samples (:mod:`onnxq.metrics`: SQNR, cosine, max abs error, top-1 agreement);
 4. what ORT made of the graph: integer kernels, heavy float ops and Q/DQ nodes left in the
-   optimized graph (:func:`optimized_op_counts`), and the DQ constants (:func:`check_qdq_constants`).
+   optimized graph (:func:`optimized_op_counts`), and the DQ constants (:func:`check_qdq_constants`);
+5. ternary weights (:func:`onnxq.ternary_check.check_ternary`): every weight whose QuantSpec was
+   2-bit holds only {-1, 0, 1} in the file, whatever its container (a code outside is an error
+   line, so ``ok`` is False); per-layer and total sparsity and sizes go to ``ternary``.
 
 A model that fails to build or run never raises: the failure becomes a line in ``errors`` and the
 matching flag is False. Mistakes of the caller (no feeds, missing inputs, a >2 GB ModelProto)
@@ -83,6 +86,7 @@ class ValidationReport:
     qdq_left: dict[str, int] = field(default_factory=dict)
     constants: dict[str, Any] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    ternary: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -105,6 +109,7 @@ class ValidationReport:
             "qdq_left": dict(self.qdq_left),
             "constants": jsonable(self.constants),
             "errors": list(self.errors),
+            **({"ternary": jsonable(self.ternary)} if self.ternary is not None else {}),
         }
 
     def summary(self) -> str:
@@ -134,6 +139,13 @@ class ValidationReport:
             lines.append(f"DQ constants: {c['n_const_dq']} ({counts(c['dtypes'])}), "
                          f"scales {'ok' if c['scales_ok'] else 'BAD'}, pow2 {c['pow2_scales']}"
                          + (f", unreadable {len(c['unreadable'])}" if c["unreadable"] else ""))
+        if self.ternary is not None:
+            t = self.ternary["total"]
+            ratio = (f" = 1/{1 / t['file_vs_fp32']:.1f} of FP32 (2 bits a weight: 1/{1 / t['effective_vs_fp32']:.1f})"
+                     if t["file_vs_fp32"] else "")
+            lines.append(f"ternary weights: {t['layers']} tensors ({', '.join(t['containers'])}), sparsity "
+                         f"{100 * t['sparsity']:.1f}%, {t['file_bytes']} bytes{ratio}, codes "
+                         + ("ok" if self.ternary["ok"] else "OUTSIDE {-1, 0, 1} (see errors)"))
         lines.extend(f"error: {e}" for e in self.errors)
         return "\n".join(lines)
 
@@ -380,6 +392,21 @@ def _constants(src: _Source, errors: list[str]) -> dict[str, Any]:
     return constants
 
 
+def _ternary(src: _Source, errors: list[str]) -> dict[str, Any] | None:
+    """:func:`onnxq.ternary_check.check_ternary` as a dict; its violations become error lines."""
+    from onnxq.ternary_check import check_ternary
+
+    try:
+        report = check_ternary(src.load())
+    except Exception as exc:  # unreadable file: the session builds report it as well
+        errors.append(f"ternary check: {short_error(exc)}")
+        return None
+    if report is None:
+        return None
+    errors.extend(report.violations)
+    return report.to_dict()
+
+
 def validate(
     float_model: str | Path | onnx.ModelProto,
     quant_model: str | Path | onnx.ModelProto,
@@ -412,6 +439,7 @@ def validate(
     if checker_error is not None:
         errors.append(f"checker: {checker_error}")
     constants = _constants(qsrc, errors)
+    ternary = _ternary(qsrc, errors)
 
     fl = _Runner("float model ORT_ENABLE_ALL", fsrc, _ALL, errors)
     if fl.sess is not None:
@@ -455,4 +483,5 @@ def validate(
         qdq_left=qdq,
         constants=constants,
         errors=tuple(errors),
+        ternary=ternary,
     )

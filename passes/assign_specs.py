@@ -21,20 +21,23 @@ kernels; the target's fields change them for other runtimes, see :mod:`onnxq.tar
     and the op runs on integers;
   * graph outputs stay float unless the target says otherwise; every other op stays float and
     ``ctx.float_ops`` says why.
-With ``weight_bits < 8`` the first and last weighted ops keep ``first_last_bits``.
+With ``weight_bits < 8`` the first and last weighted ops keep ``first_last_bits``; a layer named in
+``config.bit_plan`` (node name -> 8/4/2, e.g. a mixed-precision plan, :mod:`onnxq.mixed_precision`)
+gets that width instead, whatever its position.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.context import QuantContext
-from onnxq.errors import PassError
+from onnxq.errors import PassError, UserError
 from onnxq.pass_infra import Pass, PassResult
-from onnxq.spec import INT32_BIAS, Granularity, QuantSpec
+from onnxq.spec import INT32_BIAS, Granularity
 from onnxq.targets import WEIGHT_INPUTS, Target
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,11 @@ class AssignSpecsPass(Pass):
         cfg, target = ctx.config, ctx.target
         act_spec = target.activation_spec(cfg)
         excluded = set(cfg.exclude)
-        weighted = [n for n in graph.nodes if self._weighted_reason(n) is None and not self._is_excluded(n, excluded)]
+        weighted = weighted_layers(graph, cfg)
         first_last = {id(weighted[0]), id(weighted[-1])} if weighted else set()
+        plan = dict(cfg.bit_plan)
+        if plan:
+            check_bit_plan(plan, [n for n in weighted if n.op in target.weight_ops], target)
         output_ids = {id(t) for t in graph.outputs}
 
         def want(t: gs.Tensor) -> None:
@@ -101,6 +107,7 @@ class AssignSpecsPass(Pass):
                 bits = cfg.weight_bits
                 if id(node) in first_last and cfg.first_last_bits is not None:
                     bits = cfg.first_last_bits
+                bits = plan.get(node_key(node), bits)  # a per-layer override (QuantConfig.bit_plan) wins
                 self._plan_weighted(node, target, ctx, bits, want)
             elif node.op in target.activation_ops:
                 acts = [t for t in node.inputs if is_float_activation(t)]
@@ -166,14 +173,13 @@ class AssignSpecsPass(Pass):
         values = np.asarray(w.values)
         spec = target.weight_spec(ctx.config, bits)
         axis = weight_axis(node, values) if spec.granularity is Granularity.CHANNEL else None
-        spec = spec.with_axis(axis) if axis is not None else QuantSpec(
-            bits=spec.bits, signed=spec.signed, symmetric=spec.symmetric, scale_kind=spec.scale_kind,
-            narrow=spec.narrow)
+        per_tensor = replace(spec, granularity=Granularity.TENSOR, axis=None)
+        spec = spec.with_axis(axis) if axis is not None else per_tensor
         previous = ctx.specs.get(w.name)
         if previous is not None and previous != spec:
             # A weight shared by ops wanting different axes: one per-tensor scale serves both.
-            spec = QuantSpec(bits=max(bits, previous.bits), signed=True, symmetric=True,
-                             scale_kind=spec.scale_kind, narrow=max(bits, previous.bits) == 8)
+            wide = max(bits, previous.bits)
+            spec = per_tensor if wide == bits else replace(previous, granularity=Granularity.TENSOR, axis=None)
         ctx.specs[w.name] = spec
         want(node.inputs[0])
         if (target.quantize_bias and b_idx is not None and len(node.inputs) > b_idx
@@ -196,6 +202,31 @@ class AssignSpecsPass(Pass):
                 if is_float_activation(out) and (target.quantize_graph_outputs or id(out) not in output_ids):
                     ctx.specs[out.name] = ctx.specs[src.name]
                     ctx.shared[out.name] = ctx.shared.get(src.name, src.name)
+
+
+def weighted_layers(graph: gs.Graph, config) -> list[gs.Node]:
+    """The quantizable weighted ops that the user did not exclude, in graph order.
+
+    The first and last of them are the layers ``first_last_bits`` applies to.
+    """
+    excluded = set(config.exclude)
+    return [n for n in graph.nodes if AssignSpecsPass._weighted_reason(n) is None
+            and not AssignSpecsPass._is_excluded(n, excluded)]
+
+
+def check_bit_plan(plan: dict[str, int], layers: list[gs.Node], target: Target) -> None:
+    """A per-layer bit plan must name quantized weighted layers (by :func:`node_key`) and widths the
+    target stores (2-bit ternary weights are allowed by every target)."""
+    known = {node_key(n) for n in layers}
+    unknown = [name for name in plan if name not in known]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise UserError(f"the bit plan names {len(unknown)} node(s) that are not quantized weighted layers of "
+                        f"this model ({shown}): use node names from `onnxq inspect` or a plan written for this model")
+    bad = sorted({b for b in plan.values() if b != 2 and b not in target.weight_bits})
+    if bad:
+        raise UserError(f"the bit plan uses {bad}-bit weights, which target {target.name} does not store: use "
+                        f"{', '.join(map(str, target.weight_bits))}")
 
 
 def weighted_output(node: gs.Node, target: Target, signed: bool) -> gs.Tensor | None:

@@ -27,7 +27,8 @@ Gemm ``shift = alpha E[x] eps'``. Zero padding makes border outputs see fewer ta
 **Where it runs.** Once per context (a second run skips the layers it already corrected, as listed
 in the report), after AssignSpecsPass (and CalibratePass), before InsertQDQPass. For every planned
 Conv/Gemm weight it computes the weight QParams as InsertQDQPass would (``ctx.qparams[w]`` when set,
-else :func:`~onnxq.observers.weight_qparams` with ``ctx.config.weight_method``) and stores them in
+else :func:`~onnxq.observers.weight_qparams` with ``ctx.config.weight_method``; ternary weights: their
+operator's codes and scale, :func:`~onnxq.ternary_export.weight_codes`) and stores them in
 ``ctx.qparams[w]``, so InsertQDQPass quantizes with the same ``W_hat`` (unless it must raise a scale to
 fit the INT32 bias). The corrected float bias is a new initializer (fresh name); its INT32 spec moves
 to the new name (a layer without a bias gets one, planned INT32 like AssignSpecsPass does).
@@ -49,7 +50,6 @@ from onnxq.capture import capture
 from onnxq.context import QuantContext
 from onnxq.errors import PassError, UserError
 from onnxq.graph import FreshNames, to_model
-from onnxq.observers import weight_qparams
 from onnxq.pass_infra import Pass, PassResult
 from onnxq.passes.assign_specs import node_key
 from onnxq.passes.equalize_weights import (
@@ -61,8 +61,9 @@ from onnxq.passes.equalize_weights import (
     response,
     write_bias,
 )
-from onnxq.spec import INT32_BIAS, fake_quantize
+from onnxq.spec import INT32_BIAS, dequantize
 from onnxq.targets import WEIGHT_INPUTS
+from onnxq.ternary_export import weight_codes
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,11 @@ class CorrectBiasPass(Pass):
                  ) -> tuple[np.ndarray, np.ndarray]:
         w_t = node.inputs[1]
         w32 = np.asarray(w_t.values, dtype=np.float32)
-        qp = ctx.qparams.get(w_t.name) or weight_qparams(w32, ctx.specs[w_t.name], ctx.config.weight_method)
+        cfg = ctx.config
+        qp, codes = weight_codes(w32, ctx.specs[w_t.name], cfg.ternary_method, cfg.weight_method,
+                                 ctx.qparams.get(w_t.name))
         ctx.qparams[w_t.name] = qp
-        eps = fake_quantize(w32, qp).astype(np.float64) - w32.astype(np.float64)
+        eps = dequantize(codes, qp).astype(np.float64) - w32.astype(np.float64)
         shift = response(node, eps, ex)
         old = bias_tensor(node)
         bias = effective_bias(node, out_channels(node, w32)) - shift

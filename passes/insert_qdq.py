@@ -4,11 +4,17 @@ Reads ``ctx.specs``, ``ctx.qparams`` (activations) and ``ctx.config.weight_metho
 weight and bias QParams into ``ctx.qparams`` and the float weights into ``ctx.float_weights``.
 
   * weights: W -> integer constant q = clip(round(W / s_w), qmin, qmax) feeding a DequantizeLinear
-    (axis = output channel for per-channel specs); INT4 stored natively (opset 21);
+    (axis = output channel for per-channel specs); INT4 stored natively (opset 21). 2-bit specs are
+    ternary: codes and scale come from ``ctx.config.ternary_method``
+    (:func:`onnxq.ternary_export.ternary_weight`), exported as they are (for twn and mquant-b they
+    are not round(W / s)), in the spec's container (int2, int4 or int8); their constant names are
+    listed in ``ctx.report["ternary"]["codes"]`` (code constant -> weight) for the validator;
   * biases: b -> INT32 constant round(b / s_b) with s_b = s_in * s_w (per channel) and zero-point
     0. If |b / s_b| would exceed 2^31 - 1 the channel's weight scale is raised to
     |b| / (s_in (2^31 - 1)) (rounded up to a power of two for POW2 specs) before the weight is
-    quantized, so the bias always fits;
+    quantized, so the bias always fits (ternary codes are kept except in such a channel, which
+    rounds to nearest on its new, larger scale: its weights are negligible next to its bias);
+    s_w is the final weight scale;
   * activations: t -> Q(t) -> DQ -> every former consumer of t (one pair per tensor).
 Constant DQs of symmetric signed tensors omit the zero-point input (0 by default), which saves
 a byte per weight channel and four per bias channel (Gemm weights keep it: onnxruntime's QGemm
@@ -30,6 +36,7 @@ from onnxq.observers import weight_qparams
 from onnxq.pass_infra import Pass, PassResult
 from onnxq.spec import INT32_BIAS, Granularity, QParams, QuantSpec, is_power_of_two, pow2_round, quantize
 from onnxq.targets import WEIGHT_INPUTS
+from onnxq.ternary_export import ternary_weight
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,16 @@ def fit_bias(w_qp: QParams, s_in: np.ndarray, bias: np.ndarray) -> QParams:
     return QParams(new.astype(np.float32), w_qp.zero_point, w_qp.spec)
 
 
+def _raised(old: QParams, new: QParams, ndim: int) -> np.ndarray:
+    """Mask (broadcastable to the weight) of the channels whose scale ``fit_bias`` raised."""
+    changed = np.asarray(new.scale != old.scale)
+    if changed.ndim == 0 or new.spec.axis is None:
+        return np.asarray(np.any(changed))
+    shape = [1] * ndim
+    shape[new.spec.axis] = -1
+    return changed.reshape(shape)
+
+
 class InsertQDQPass(Pass):
     def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
         need = max((s.min_opset for s in ctx.specs.values()), default=13)
@@ -162,15 +179,30 @@ class InsertQDQPass(Pass):
                 continue
             values = np.asarray(w.values, dtype=np.float32)
             spec: QuantSpec = ctx.specs[w.name]
-            w_qp = ctx.qparams.get(w.name) or weight_qparams(values, spec, ctx.config.weight_method)
+            cfg = ctx.config
+            codes = None
+            if spec.bits == 2:  # the operator's scale (unless CorrectBiasPass set the same) and codes
+                t_qp, codes = ternary_weight(values, spec, cfg.ternary_method)
+                w_qp = ctx.qparams.get(w.name) or t_qp
+            else:
+                w_qp = ctx.qparams.get(w.name) or weight_qparams(values, spec, cfg.weight_method)
             if quant_bias:
                 s_in = ctx.qparams[node.inputs[0].name].scale
-                w_qp = fit_bias(w_qp, s_in, np.asarray(bias.values))
+                fitted = fit_bias(w_qp, s_in, np.asarray(bias.values))
+                if spec.bits == 2 and fitted is not w_qp:  # raised channels: nearest on the new scale
+                    codes = np.where(_raised(w_qp, fitted, values.ndim), quantize(values, fitted), codes)
+                w_qp = fitted
+            if spec.bits != 2:
+                codes = quantize(values, w_qp)  # with the final (possibly raised) scale
             ctx.qparams[w.name] = w_qp
             ctx.float_weights.setdefault(w.name, values)
             dq_name = w.name if w.name not in done else f"{w.name}_{node.name}"
-            done[w.name] = node.inputs[w_idx] = make_dq(graph, quantize(values, w_qp), w_qp, dq_name,
+            done[w.name] = node.inputs[w_idx] = make_dq(graph, codes, w_qp, dq_name,
                                                         keep_zero_point=node.op == "Gemm")
+            if spec.bits == 2:
+                info = ctx.report.setdefault("ternary", {"method": cfg.ternary_method,
+                                                         "storage": f"int{spec.store_bits}", "codes": {}})
+                info["codes"][dq_name + "_quantized"] = w.name
             if quant_bias:
                 self._bias(graph, ctx, node, b_idx, bias, w_qp)
             modified = True

@@ -6,8 +6,9 @@ Reads ``ctx.reference`` (the float model after the float phase: block inputs/tar
 ``ctx.report["reconstruction"]``.
 
 For each block (:func:`onnxq.blocks.partition`) in topological order, BRECQ's asymmetric setting:
-inputs x~ come from the QDQ model quantized so far (earlier blocks already written back), targets
-z = f_fp(x) from the float model, and the engine minimises
+inputs x~ come from the QDQ model quantized so far (earlier blocks already written back; for the
+adaround/brecq weight phase with its activation quantizers bypassed, as BRECQ sets
+``act_quant=False`` there), targets z = f_fp(x) from the float model, and the engine minimises
 
     E || f_q(x~; W_hat(V)) - z ||^p + lambda * sum_ij (1 - |2 h(V_ij) - 1|^beta)
 
@@ -20,16 +21,18 @@ weighted layer is not reconstructed (8-bit round-to-nearest, as BRECQ).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import torch
 from tqdm.auto import tqdm
 
 from onnxq.block_build import apply_constants, build_block, write_back
-from onnxq.block_data import BlockData, TensorStore, capture_block_data
+from onnxq.block_data import BlockData, TensorStore, capture_block_data, collect
 from onnxq.blocks import Block, partition
 from onnxq.context import QuantContext
 from onnxq.errors import PassError
@@ -38,6 +41,7 @@ from onnxq.layer_blocks import layer_blocks
 from onnxq.pass_infra import Pass, PassResult
 from onnxq.recon import ReconConfig, reconstruct_block
 from onnxq.recon_checkpoint import Checkpoint, fingerprint
+from onnxq.recon_fisher import build_tail, check_logit_outputs, fisher_gradients
 from onnxq.torchify import supported
 
 log = logging.getLogger(__name__)
@@ -66,8 +70,12 @@ def rebatch(feeds, size: int, limit: int | None = None) -> Iterator[dict[str, np
 
 class ReconstructPass(Pass):
     def __init__(self, config: ReconConfig, *, max_chain: int = 3, checkpoint_dir: str | None = None,
-                 cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False):
+                 cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False,
+                 partitioner: Callable[[gs.Graph, Callable[[gs.Node], bool]], list[Block]] | None = None):
+        """``partitioner(graph, is_supported)`` replaces the default block partition (MRECG's merged
+        blocks use it); ``layerwise`` selects AdaRound's one-layer units."""
         self.config = config
+        self.partitioner = partitioner
         self.max_chain = max_chain
         self.checkpoint_dir = checkpoint_dir
         self.cache_budget = cache_budget_bytes
@@ -81,12 +89,18 @@ class ReconstructPass(Pass):
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
         cfg = self.config
         ok = lambda n: supported(n) is None  # noqa: E731
-        blocks = (layer_blocks(graph, is_supported=ok) if self.layerwise
-                  else partition(graph, max_chain=self.max_chain, is_supported=ok))
+        if self.partitioner is not None:
+            blocks = self.partitioner(graph, ok)
+        elif self.layerwise:
+            blocks = layer_blocks(graph, is_supported=ok)
+        else:
+            blocks = partition(graph, max_chain=self.max_chain, is_supported=ok)
         first_weighted = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
                                and n.inputs[1].name.endswith("_dequantized")), None)
         todo = [b for b in blocks if not (b.kind == "layer" and first_weighted in b.weighted_ops)]
-        settings = {"recon": cfg.__dict__, "max_chain": self.max_chain}
+        settings = {"recon": cfg.__dict__, "max_chain": self.max_chain, "blocks": [b.name for b in blocks]}
+        if getattr(ctx.config, "learn_weight_scale", False):  # not in the graph: must key the checkpoint
+            settings["learn_weight_scale"] = True
         ckpt = Checkpoint(self.checkpoint_dir, fingerprint(to_model(graph).SerializeToString(), settings))
         for index in ckpt.done:
             apply_constants(graph, ctx, ckpt.load(index))
@@ -97,13 +111,23 @@ class ReconstructPass(Pass):
                   "num_samples": cfg.num_samples, "blocks": [], "resumed_blocks": len(ckpt.done)}
         start = time.perf_counter()
         quantize_acts = any(ctx.qparams[n].spec.bits <= 8 for n in ctx.qparams if n not in ctx.float_weights)
+        self.logits = None
+        if cfg.fisher:  # the float model's outputs, once: the Fisher gradients of every block compare to them
+            check_logit_outputs(graph)
+            names = [t.name for t in graph.outputs]
+            got = collect(ctx.reference, names, self.feeds, cfg.num_samples, store, "capture logits")
+            self.logits = [got[n] for n in names]
+        base = store.mark()
         try:
             bar = tqdm(todo, desc=f"{cfg.method} blocks", unit="block", disable=None)
             for block in bar:
                 if block.index in ckpt.done:
                     report["blocks"].append({"block": block.name, **ckpt.results.get(str(block.index), {})})
                     continue
-                entry = self._one_block(graph, ctx, block, store, quantize_acts)
+                try:
+                    entry = self._one_block(graph, ctx, block, store, quantize_acts)
+                finally:
+                    store.release(base)  # this block's cached tensors are done with
                 report["blocks"].append(entry)
                 ckpt.save(block.index, entry.pop("_constants"), entry)
         finally:
@@ -119,13 +143,19 @@ class ReconstructPass(Pass):
                    quantize_acts: bool) -> dict:
         cfg = self.config
         need_fp = cfg.method in ("brecq", "qdrop")
+        need_w = cfg.method in ("adaround", "brecq") and quantize_acts
         data: BlockData = capture_block_data(to_model(graph), ctx.reference, block.inputs, block.outputs, self.feeds,
-                                             cfg.num_samples, store, need_fp_inputs=need_fp)
+                                             cfg.num_samples, store, need_fp_inputs=need_fp,
+                                             need_weight_inputs=need_w)
         built = build_block(graph, block, ctx, rounding=cfg.method != "rtn", learn_scales=quantize_acts)
+        fisher = self._fisher(graph, ctx, block, built.module, data) if cfg.fisher else None
         result = reconstruct_block(
             built.module, built.weights, built.acts, BlockData.as_torch(data.inputs_q),
-            BlockData.as_torch(data.inputs_fp) if need_fp else None, BlockData.as_torch(data.targets), cfg,
-            quantize_activations=quantize_acts, desc=f"block {block.index} ({block.kind})")
+            BlockData.as_torch(data.inputs_fp) if need_fp else None, BlockData.as_torch(data.targets),
+            cfg if not cfg.fisher or fisher is not None else dataclasses.replace(cfg, fisher=False),
+            fisher=fisher,
+            quantize_activations=quantize_acts, desc=f"block {block.index} ({block.kind})",
+            inputs_w=BlockData.as_torch(data.inputs_w) if need_w else None)
         kept = cfg.method != "rtn" and result.improved
         constants = write_back(graph, built, ctx) if kept else {}
         log.info("%s: loss %.4g -> %.4g (%s)", block.name, result.loss_rtn, result.loss_final,
@@ -134,3 +164,21 @@ class ReconstructPass(Pass):
                 "loss_final": result.loss_final, "kept": kept, "seconds": round(result.seconds, 1),
                 "samples": data.num_samples, "history": [round(h, 6) for h in result.history],
                 "_constants": constants}
+
+    def _fisher(self, graph: gs.Graph, ctx: QuantContext, block: Block, module, data: BlockData):
+        """BRECQ's Fisher gradients at the block outputs (see :mod:`onnxq.recon_fisher`), or None
+        (plain error for this block) when the rest of the network cannot run in torch."""
+        ok, tail = build_tail(graph, block, ctx)
+        if not ok:
+            log.warning("%s: the network after this block cannot run in torch; plain (unweighted) error", block.name)
+            return None
+        inputs = BlockData.as_torch(data.inputs_q)
+        z_q: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            module.eval()
+            for start in range(0, data.num_samples, 32):
+                out = module(*[x[start:start + 32].float() for x in inputs])
+                z_q.append(list(out) if isinstance(out, (tuple, list)) else [out])
+        z = [torch.cat([batch[k] for batch in z_q]) for k in range(len(z_q[0]))]
+        grads = fisher_gradients(tail, z, [lg[:data.num_samples] for lg in self.logits])
+        return [torch.from_numpy(g) for g in grads]

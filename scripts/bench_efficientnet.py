@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 import time
@@ -71,6 +72,8 @@ ORT_CONFIGS: list[OrtEntry] = [
 
 _W8A8 = dict(target="ort-cpu", weight_bits=8, per_channel=True, activation_dtype="uint8",
              scale_kind="float", seed=0)
+_W4A4 = {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}
+_W2A4 = {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse", "ternary_method": "twn"}
 ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w8a8_minmax", {**_W8A8, "calib_method": "minmax"}),
     OnnxqEntry("onnxq_w8a8_percentile", {**_W8A8, "calib_method": "percentile"}),
@@ -86,17 +89,48 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w4a8_rtn", {**_W8A8, "weight_bits": 4, "calib_method": "minmax"}),
     OnnxqEntry("onnxq_w4a8_rtn_bc", {**_W8A8, "weight_bits": 4, "calib_method": "minmax",
                                      "bias_correction": "data"}),
+    OnnxqEntry("onnxq_w4a8_rtn_wmse", {**_W8A8, "weight_bits": 4, "calib_method": "minmax", "weight_method": "mse"}),
+    OnnxqEntry("onnxq_w4a8_rtn_wmse_bc", {**_W8A8, "weight_bits": 4, "calib_method": "minmax", "weight_method": "mse",
+                                          "bias_correction": "data"}),
     # Reconstruction (fast CPU schedule): W4A8 and W4A4, first/last layers 8-bit.
     OnnxqEntry("onnxq_w4a8_adaround", {**_W8A8, "weight_bits": 4, "method": "adaround"}),
     OnnxqEntry("onnxq_w4a8_brecq", {**_W8A8, "weight_bits": 4, "method": "brecq"}),
+    OnnxqEntry("onnxq_w4a8_brecq_wmse", {**_W8A8, "weight_bits": 4, "method": "brecq", "weight_method": "mse"}),
     OnnxqEntry("onnxq_w4a8_qdrop", {**_W8A8, "weight_bits": 4, "method": "qdrop"}),
     OnnxqEntry("onnxq_w4a4_rtn", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}),
     OnnxqEntry("onnxq_w4a4_adaround", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
                                        "method": "adaround"}),
     OnnxqEntry("onnxq_w4a4_brecq", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
                                     "method": "brecq"}),
+    OnnxqEntry("onnxq_w4a4_qdrop_wmse", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
+                                        "weight_method": "mse", "method": "qdrop"}),
+    OnnxqEntry("onnxq_w4a4_brecq_wmse", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
+                                        "weight_method": "mse", "method": "brecq"}),
+    OnnxqEntry("onnxq_w4a4_rtn_wmse", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
+                                      "weight_method": "mse"}),
+    OnnxqEntry("onnxq_w2a4_rtn", {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse"}),
+    OnnxqEntry("onnxq_w2a4_qdrop", {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse",
+                                    "ternary_method": "twn", "method": "qdrop"}),
     OnnxqEntry("onnxq_w4a4_qdrop", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse",
                                     "method": "qdrop"}),
+    # AdaQuant (layer-wise weights, bias and ranges; fast schedule) and MRECG (merged neighbour blocks on
+    # BRECQ/QDrop, k=4, data capacity from a first pass at 1/3 of the iterations). Off by default (long).
+    OnnxqEntry("onnxq_w4a8_adaquant_par", {**_W8A8, "weight_bits": 4, "method": "adaquant",
+                                           "adaquant_mode": "parallel"}, default=False),
+    OnnxqEntry("onnxq_w4a8_adaquant_seq", {**_W8A8, "weight_bits": 4, "method": "adaquant",
+                                           "adaquant_mode": "sequential"}, default=False),
+    OnnxqEntry("onnxq_w4a4_adaquant_par", {**_W4A4, "method": "adaquant", "adaquant_mode": "parallel"},
+               default=False),
+    OnnxqEntry("onnxq_w4a4_adaquant_seq", {**_W4A4, "method": "adaquant", "adaquant_mode": "sequential"},
+               default=False),
+    OnnxqEntry("onnxq_w4a4_mrecg_brecq", {**_W4A4, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w4a4_mrecg_qdrop", {**_W4A4, "method": "mrecg", "mrecg_base": "qdrop"}, default=False),
+    OnnxqEntry("onnxq_w4a4_mrecg_brecq_proxy", {**_W4A4, "method": "mrecg", "mrecg_base": "brecq",
+                                                "mrecg_capacity": "proxy"}, default=False),
+    # W2 = ternary weights (TWN operator, as onnxq_w2a4_qdrop), not the papers' 4-level 2-bit grid.
+    OnnxqEntry("onnxq_w2a4_brecq", {**_W2A4, "method": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w2a4_mrecg_brecq", {**_W2A4, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w2a4_mrecg_qdrop", {**_W2A4, "method": "mrecg", "mrecg_base": "qdrop"}, default=False),
 ]
 
 
@@ -361,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", nargs="?", const="-", metavar="PATH",
                     help="print (or write to PATH) a markdown report for docs/benchmarks.md")
     args = ap.parse_args(argv)
+    # Per-block reconstruction losses and pass timings go to stderr as they happen.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     t_start, load_start = time.perf_counter(), os.getloadavg()
 

@@ -111,6 +111,11 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_unavailable_fisher_weighting_is_a_clear_error(workdir, capsys):
-    _expect_user_error(capsys, ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "f.onnx"), "--calib",
-                                str(workdir / "calib.npz"), "--method", "brecq", "--fisher"], "Fisher")
+def test_fisher_weighting_needs_classification_logits(tmp_path, capsys):
+    onnx.save(make_model(TEXT.replace("(float[N,4] y)", "(float[N,6,8,8] y)").replace(
+        "    p = GlobalAveragePool (r)\n    f = Flatten (p)\n    y = MatMul (f, wf)", "    y = Relu (r)")),
+        tmp_path / "conv.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((12, 3, 8, 8)).astype(np.float32))
+    _expect_user_error(capsys, ["quantize", str(tmp_path / "conv.onnx"), "-o", str(tmp_path / "f.onnx"), "--calib",
+                                str(tmp_path / "calib.npz"), "--method", "brecq", "--iters", "2", "--fisher"],
+                       "logits")

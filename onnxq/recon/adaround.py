@@ -24,6 +24,14 @@ codes ``c`` instead. With ``t = c - z`` and ``f = floor(W/s)`` the base becomes 
 and ``h`` starts at ``W/s - b`` clipped to [0, 1] and then to the side of 1/2 that yields ``t`` (``V >= 0``
 for up, ``V <= -1e-4`` for down; disagreeing weights start at the boundary h ~ 1/2). The hard codes at
 initialisation then equal ``init_codes``.
+
+Learned scale (``learn_scale=True``; off by default, then nothing below exists). The per-channel (or
+per-tensor) scale becomes an ``nn.Parameter`` ``learned_scale`` initialised from ``scale`` (e.g. a
+ternary operator's), used as ``max(s, MIN_SCALE)`` in both forwards. Its gradient is LSQ's with the
+codes held by V: ``d W_hat / d s = clamp(b + h(V) + z, qmin, qmax) - z`` (the code itself), summed
+over the channel. :func:`weight_optimizer` trains it with Adam at ``scale_lr`` times the channel
+mean of the initial scale (a relative rate, like the activation step sizes). The base ``b`` stays
+the one of the initial scale, so V keeps choosing between the same two codes.
 """
 
 from __future__ import annotations
@@ -32,8 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["GAMMA", "ZETA", "AdaRoundWeight", "RoundToNearestWeight", "rectified_sigmoid"]
+from onnxq.recon.fake_quant import MIN_SCALE
 
+__all__ = ["GAMMA", "WEIGHT_SCALE_LR", "ZETA", "AdaRoundWeight", "RoundToNearestWeight", "rectified_sigmoid",
+           "weight_optimizer"]
+
+#: Relative Adam rate of learned weight scales (times the initial scale's mean).
+WEIGHT_SCALE_LR = 1e-3
 ZETA = 1.1
 GAMMA = -0.1
 # V given to "round down" weights sitting exactly at (or beyond) the 1/2 boundary: h(V) = 1/2 - 3e-5.
@@ -109,13 +122,16 @@ class _WeightQuantizer(nn.Module):
 class RoundToNearestWeight(_WeightQuantizer):
     """Fixed round-to-nearest weight: ``forward() = DequantizeLinear(codes())``; nothing trains.
 
-    ``soft`` exists for API symmetry with :class:`AdaRoundWeight` and has no effect.
+    ``soft`` exists for API symmetry with :class:`AdaRoundWeight` and has no effect. ``codes``
+    (integers in [qmin, qmax], the weight's shape) replaces round-to-nearest, e.g. a ternary
+    operator's codes that are not ``round(W / s)``.
     """
 
     def __init__(self, weight: np.ndarray | torch.Tensor, scale, zero_point, qmin: int, qmax: int,
-                 axis: int | None = None) -> None:
+                 axis: int | None = None, *, codes: torch.Tensor | np.ndarray | None = None) -> None:
         super().__init__(weight, scale, zero_point, qmin, qmax, axis)
-        self.register_buffer("_codes", self.nearest_codes().to(torch.float32))
+        fixed = self.nearest_codes() if codes is None else _checked_codes(codes, self.weight, qmin, qmax)
+        self.register_buffer("_codes", fixed.to(torch.float32))
         self.soft = False
 
     def forward(self) -> torch.Tensor:
@@ -134,16 +150,20 @@ class AdaRoundWeight(_WeightQuantizer):
         qmin, qmax: the integer grid, e.g. [-8, 7] for int4 or [-1, 1] for ternary.
         axis: channel axis of per-channel parameters.
         init_codes: optional integer codes (in [qmin, qmax], the weight's shape) to start from.
+        learn_scale: make the scale a trainable ``learned_scale`` parameter (module docstring).
+        scale_lr: its relative Adam rate (see :func:`weight_optimizer`).
 
     Attributes:
         soft: True = soft rounding h(V) (training), False = hard ``1[V >= 0]``.
         v: the rounding variables (``nn.Parameter``, the weight's shape).
+        learned_scale: the trainable scale (``scale``'s broadcast shape), or None.
     """
 
     base: torch.Tensor
 
     def __init__(self, weight: np.ndarray | torch.Tensor, scale, zero_point, qmin: int, qmax: int,
-                 axis: int | None = None, *, init_codes: torch.Tensor | np.ndarray | None = None) -> None:
+                 axis: int | None = None, *, init_codes: torch.Tensor | np.ndarray | None = None,
+                 learn_scale: bool = False, scale_lr: float = WEIGHT_SCALE_LR) -> None:
         super().__init__(weight, scale, zero_point, qmin, qmax, axis)
         ws = self.weight / self.scale
         floor = torch.floor(ws)
@@ -152,13 +172,7 @@ class AdaRoundWeight(_WeightQuantizer):
             up = torch.round(ws) > floor  # ONNX's half-to-even choice, decides exact ties
             base = floor
         else:
-            codes = torch.as_tensor(np.asarray(init_codes) if not isinstance(init_codes, torch.Tensor)
-                                    else init_codes).detach().to(torch.float32)
-            if codes.shape != self.weight.shape:
-                raise ValueError(f"init_codes {tuple(codes.shape)} must have the weight's shape "
-                                 f"{tuple(self.weight.shape)}")
-            if bool(torch.any((codes != torch.round(codes)) | (codes < qmin) | (codes > qmax))):
-                raise ValueError(f"init_codes must be integers in [{qmin}, {qmax}]")
+            codes = _checked_codes(init_codes, self.weight, qmin, qmax)
             target = codes - self.zero_point
             base = torch.minimum(torch.maximum(floor, target - 1.0), target)
             frac = ws - base
@@ -170,6 +184,25 @@ class AdaRoundWeight(_WeightQuantizer):
         self.register_buffer("base", base)
         self.v = nn.Parameter(v)
         self.soft = True
+        self.scale_lr = float(scale_lr)
+        if learn_scale:
+            self.learned_scale = nn.Parameter(self.scale.clone())
+        else:
+            self.register_parameter("learned_scale", None)
+
+    def current_scale(self) -> torch.Tensor:
+        """The scale in use (broadcast shape): the learned one (at least MIN_SCALE) or the fixed one."""
+        if self.learned_scale is None:
+            return self.scale
+        return self.learned_scale.clamp_min(MIN_SCALE)
+
+    def scale_values(self) -> np.ndarray:
+        """The current scale as float32 numpy: shape () per tensor, (C,) per channel."""
+        s = self.current_scale().detach().cpu().to(torch.float32)
+        return s.reshape(-1).numpy().copy() if self.axis is not None else s.reshape(()).numpy().copy()
+
+    def _dequant(self, q: torch.Tensor) -> torch.Tensor:
+        return (q - self.zero_point) * self.current_scale()
 
     def h(self) -> torch.Tensor:
         """The soft rounding offsets h(V) in [0, 1]."""
@@ -195,4 +228,27 @@ class AdaRoundWeight(_WeightQuantizer):
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.weight.shape)}, [{self.qmin}, {self.qmax}], axis={self.axis}, "
-                f"soft={self.soft}")
+                f"soft={self.soft}" + (", learned scale" if self.learned_scale is not None else ""))
+
+
+def weight_optimizer(rounding: list[AdaRoundWeight], round_lr: float) -> torch.optim.Adam:
+    """Adam over the rounding variables V at ``round_lr`` and, for weights with a learned scale, over
+    each ``learned_scale`` at ``scale_lr * mean(initial scale)`` (exactly ``Adam([V...], round_lr)``
+    when no weight learns its scale)."""
+    scaled = [w for w in rounding if w.learned_scale is not None]
+    if not scaled:
+        return torch.optim.Adam([w.v for w in rounding], lr=round_lr)
+    groups = [{"params": [w.v for w in rounding], "lr": round_lr}]
+    groups += [{"params": [w.learned_scale], "lr": w.scale_lr * float(w.scale.mean())} for w in scaled]
+    return torch.optim.Adam(groups, lr=round_lr)
+
+
+def _checked_codes(codes, weight: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``codes`` as a float tensor, checked: the weight's shape, integers in [qmin, qmax]."""
+    c = torch.as_tensor(np.asarray(codes) if not isinstance(codes, torch.Tensor) else codes).detach()
+    c = c.to(torch.float32)
+    if c.shape != weight.shape:
+        raise ValueError(f"init_codes {tuple(c.shape)} must have the weight's shape {tuple(weight.shape)}")
+    if bool(torch.any((c != torch.round(c)) | (c < qmin) | (c > qmax))):
+        raise ValueError(f"init_codes must be integers in [{qmin}, {qmax}]")
+    return c

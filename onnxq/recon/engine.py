@@ -7,9 +7,12 @@ model, ``targets`` = block outputs of the float model. ``module(*inputs)`` retur
 
 Methods (every step draws a random mini-batch of ``batch_size`` of the N samples):
 
-* ``adaround`` / ``brecq`` weight phase: activation quantizers off, only the rounding variables V train
-  (Adam, ``round_lr``), loss = error(module(inputs_q), targets) + lambda * regulariser (BRECQ's
-  asymmetric setting: quantized-upstream inputs, float targets). Then hard rounding. ``adaround`` is meant
+* ``adaround`` / ``brecq`` weight phase: activation quantizers off, only the rounding variables V (and
+  learned weight scales, ``AdaRoundWeight(learn_scale=True)``) train
+  (Adam, ``round_lr``), loss = error(module(inputs_w), targets) + lambda * regulariser (BRECQ's
+  asymmetric setting: quantized-upstream inputs, float targets). ``inputs_w`` are the block inputs of
+  the model quantized so far with its activation quantizers off, as in BRECQ's weight phase; without
+  them ``inputs_q`` are used. Then hard rounding. ``adaround`` is meant
   for single-layer blocks; the two differ only in what the caller passes.
 * ``brecq`` activation phase (only when activations are quantized): weights hard and frozen, the step
   sizes of the enabled, ``trainable`` activation quantizers train (LSQ, Adam ``act_lr`` with cosine
@@ -42,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onnxq.errors import UserError
-from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight
+from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight, weight_optimizer
 from onnxq.recon.fake_quant import FakeQuant, bernoulli_mask
 from onnxq.recon.loss import BetaSchedule, ReconLoss
 
@@ -199,22 +202,24 @@ class BlockResult:
 class _Cache:
     """The cached block data on the target device; batches are cast to float32 on the fly."""
 
-    def __init__(self, inputs_q, inputs_fp, targets, fisher, device: torch.device) -> None:
+    def __init__(self, inputs_q, inputs_fp, targets, fisher, device: torch.device, inputs_w=None) -> None:
         def put(seq):
             return None if seq is None else [torch.as_tensor(t).to(device) for t in seq]
 
         self.q, self.fp, self.targets, self.fisher = put(inputs_q), put(inputs_fp), put(targets), put(fisher)
+        self.w = put(inputs_w)
         self.device = device
         if not self.q or not self.targets:
             raise ValueError("reconstruct_block needs at least one input and one target tensor")
         self.n = int(self.q[0].shape[0])
-        named = (("inputs_fp", self.fp), ("targets", self.targets), ("fisher", self.fisher))
+        named = (("inputs_fp", self.fp), ("inputs_w", self.w), ("targets", self.targets), ("fisher", self.fisher))
         for name, seq in (("inputs_q", self.q), *named):
             for t in seq or ():
                 if int(t.shape[0]) != self.n:
                     raise ValueError(f"{name} has {t.shape[0]} samples, inputs_q has {self.n}")
-        if self.fp is not None and [t.shape for t in self.fp] != [t.shape for t in self.q]:
-            raise ValueError("inputs_fp and inputs_q must have the same number and shapes of tensors")
+        for name, seq in (("inputs_fp", self.fp), ("inputs_w", self.w)):
+            if seq is not None and [t.shape for t in seq] != [t.shape for t in self.q]:
+                raise ValueError(f"{name} and inputs_q must have the same number and shapes of tensors")
         if self.fisher is not None and [t.shape for t in self.fisher] != [t.shape for t in self.targets]:
             raise ValueError("fisher gradients must match the targets in number and shape")
 
@@ -269,6 +274,8 @@ class _Runner:
         c = self.cache
         if source == "q":
             return c.take(c.q, idx)
+        if source == "w":
+            return c.take(c.w if c.w is not None else c.q, idx)
         if c.fp is None:
             raise ValueError(f"{self.cfg.method} needs inputs_fp (block inputs from the float model)")
         fp = c.take(c.fp, idx)
@@ -340,12 +347,15 @@ def _train_rounding(rounding: list[AdaRoundWeight], on: bool) -> None:
     for w in rounding:
         w.soft = on
         w.v.requires_grad_(on)
+        if w.learned_scale is not None:  # AdaRoundWeight(learn_scale=True): the scale trains with V
+            w.learned_scale.requires_grad_(on)
 
 
 def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | RoundToNearestWeight],
                       acts: Mapping[str, FakeQuant], inputs_q: Sequence[torch.Tensor],
                       inputs_fp: Sequence[torch.Tensor] | None, targets: Sequence[torch.Tensor],
                       config: ReconConfig, *, fisher: Sequence[torch.Tensor] | None = None,
+                      inputs_w: Sequence[torch.Tensor] | None = None,
                       quantize_activations: bool | None = None, desc: str = "recon",
                       progress: bool | None = None) -> BlockResult:
     """Optimise one block's rounding (and activation step sizes) in place; see the module docstring.
@@ -359,6 +369,8 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
         targets: block outputs of the float model.
         config: the schedule.
         fisher: per-output gradients ``dL/dz`` (the targets' shapes); required when ``config.fisher``.
+        inputs_w: block inputs from the model quantized so far with activation quantizers off (the
+            adaround/brecq weight phase; default ``inputs_q``).
         quantize_activations: whether the deployed model quantizes activations, i.e. whether step sizes
             are learned (brecq act phase, qdrop); None = whether any FakeQuant in ``acts`` is enabled.
         desc: label of the tqdm bar.
@@ -389,7 +401,7 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
     bar = tqdm(total=total, desc=desc, disable=None if progress is None else not progress, leave=False,
                unit="it", dynamic_ncols=True)
     try:
-        cache = _Cache(inputs_q, inputs_fp, targets, fisher if config.fisher else None, device)
+        cache = _Cache(inputs_q, inputs_fp, targets, fisher if config.fisher else None, device, inputs_w)
         state.freeze_all()
         for w in wq:
             w.soft = False
@@ -399,8 +411,8 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
             for a in aq:  # weight phase: activations in float, V only
                 a.enabled = False
             _train_rounding(rounding, True)
-            opt = torch.optim.Adam([w.v for w in rounding], lr=config.round_lr) if rounding else None
-            runner.loop(config.iters, _rounding_loss(rounding, config), [opt] if opt else [], [], "q")
+            opt = weight_optimizer(rounding, config.round_lr) if rounding else None
+            runner.loop(config.iters, _rounding_loss(rounding, config), [opt] if opt else [], [], "w")
             _train_rounding(rounding, False)
             state.restore_enabled()
             if act_phase:  # hard frozen weights, LSQ steps, float-model inputs, |dz|^act_p
@@ -434,7 +446,7 @@ def _qdrop(runner: _Runner, rounding: list[AdaRoundWeight], learnable: list[Fake
         a.learn_scale = True
     optimizers, schedulers = [], []
     if rounding:
-        optimizers.append(torch.optim.Adam([w.v for w in rounding], lr=cfg.round_lr))
+        optimizers.append(weight_optimizer(rounding, cfg.round_lr))
     if learnable:
         optimizers.append(_act_optimizer(learnable, cfg))
         schedulers.append(_cosine(optimizers[-1], cfg.iters))

@@ -252,3 +252,33 @@ def test_int8_symmetric_activations_still_fuse_conv():
     # would leave a float FusedConv). onnxruntime 1.31 leaves the 1x1 conv feeding the residual Add
     # in float with int8 activations (uint8 fuses it: see the test above).
     assert counts.get("QLinearConv", 0) >= 1 and "FusedConv" not in counts, counts
+
+
+def test_additive_attention_mask_stays_float():
+    """A mask of float32's lowest value added to attention scores: quantizing it (one 8-bit scale over
+    [-3.4e38, x]) would flatten the scores, so the mask and the masked sum stay float."""
+    model = make_model("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,4,6] q, float[N,1,6] m) => (float[N,4,6] y) <float[6,6] wk> {
+            s = MatMul (q, wk)
+            a = Add (s, m)
+            y = Softmax <axis=-1> (a)
+        }""")
+
+    def feed(seed: int) -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        mask = np.where(r.random((4, 1, 6)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+        return {"q": r.standard_normal((4, 4, 6)).astype(np.float32), "m": mask}
+
+    ctx = _ctx(QuantConfig(), [feed(i) for i in range(6)])
+    graph = to_graph(onnx.shape_inference.infer_shapes(model))
+    PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
+    q = to_model(graph, template=model)
+    assert "m" not in ctx.qparams and "a" not in ctx.qparams and "s" in ctx.qparams
+    assert sorted(ctx.report["calibration"]["kept_float"]) == ["a", "m"]
+    assert any("mask" in reason for reason in ctx.float_ops.values())
+    quantized_inputs = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized_inputs & {"m", "a"}
+    feeds = feed(99)
+    ref, got = run_ort(model, feeds)[0], run_ort(q, feeds)[0]
+    assert _sqnr(ref, got) > 25

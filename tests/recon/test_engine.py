@@ -133,6 +133,21 @@ def test_holdout_is_never_trained_on() -> None:
     assert r1.history == r2.history and r2.loss_rtn > 100 * r1.loss_rtn  # evaluated on the tail only
 
 
+def test_weight_phase_trains_on_weights_only_inputs() -> None:
+    """BRECQ's weight phase reads ``inputs_w`` when given; the evaluation still reads ``inputs_q``."""
+    block, x_q, x_fp, y = _data(8)
+    twin = copy.deepcopy(block)
+    x_w = (x_fp.float() + 0.02 * torch.randn(x_fp.shape, generator=torch.Generator().manual_seed(3))).half()
+    cfg = _config("brecq", act_iters=0)
+    r1 = _run(block, x_q, x_fp, y, cfg, inputs_w=[x_w])
+    r2 = _run(twin, x_w, x_fp, y, cfg)  # same training data, x_w as the quantized inputs
+    assert r1.history == r2.history
+    assert all(torch.equal(block.ws[k].codes(), twin.ws[k].codes()) for k in block.ws)
+    assert r1.loss_rtn != r2.loss_rtn  # scored on different inputs
+    with pytest.raises(ValueError, match="inputs_w"):
+        _run(copy.deepcopy(block), x_q, x_fp, y, cfg, inputs_w=[x_w[:, :2]])
+
+
 def test_weight_only_run_leaves_disabled_acts_alone() -> None:
     block, x_q, x_fp, y = _data(2)
     for a in block.acts.values():
