@@ -191,7 +191,8 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
 
 def _reconstruction_pass(config: QuantConfig):
     """The pass of ``config.method`` (not rtn): AdaQuant, MRECG, or block/layer-wise reconstruction."""
-    common = dict(checkpoint_dir=config.checkpoint_dir, cache_budget_bytes=config.cache_budget_mb << 20)
+    common = dict(checkpoint_dir=config.checkpoint_dir, keep_checkpoint=config.keep_checkpoint,
+                  cache_budget_bytes=config.cache_budget_mb << 20)
     if config.method == "adaquant":
         from onnxq.passes.adaquant import AdaQuantPass
 

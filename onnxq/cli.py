@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     r.add_argument("--checkpoint-dir", default=None,
                    help="where finished blocks are saved to resume an interrupted run (default: OUTPUT.ckpt)")
+    r.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep the checkpoint after a finished run: a re-run with the same reconstruction "
+                        "settings reuses it (e.g. to try --stats-tuning or --bias-tuning on top)")
     _add_adaquant_mrecg_args(r)
     _add_mixed_args(q)
 
@@ -150,6 +153,7 @@ def _quantize(args: argparse.Namespace) -> int:
         drop_prob=args.drop_prob, device=args.device, max_chain=args.max_chain, equalize=args.equalize,
         relu6=args.relu6, bias_absorb=args.bias_absorb, bias_correction=args.bias_correction,
         checkpoint_dir=args.checkpoint_dir or (str(out) + ".ckpt" if args.method != "rtn" else None),
+        keep_checkpoint=args.keep_checkpoint,
         bit_plan=_bit_plan_arg(args), bias_tuning=args.bias_tuning, stats_tuning=args.stats_tuning,
         adaquant_mode=args.adaquant_mode, mrecg_base=args.mrecg_base, mrecg_k=_mrecg_k_arg(args.mrecg_k),
         mrecg_capacity=args.mrecg_capacity,

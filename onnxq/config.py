@@ -65,6 +65,9 @@ class QuantConfig:
         device: "cpu" or "cuda" for the torch engine.
         max_chain: longest chain of single layers merged into one block.
         checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.
+        keep_checkpoint: keep the checkpoint of a finished run (default: it is removed). A re-run with
+            the same reconstruction settings then reuses every block, so options applied after
+            reconstruction (bias or statistics tuning, grid biases, export) can be changed for free.
         cache_budget_mb: RAM for cached block tensors before spilling to disk.
         equalize: cross-layer equalization (DFQ) of Conv/Gemm pairs in the float phase.
         relu6: what equalization does with ReLU6 (Clip 0..6) between a pair: "skip" the pair
@@ -116,6 +119,7 @@ class QuantConfig:
     device: str = "cpu"
     max_chain: int = 3
     checkpoint_dir: str | None = None
+    keep_checkpoint: bool = False
     cache_budget_mb: int = 2048
     equalize: bool = False
     relu6: str = "skip"
@@ -161,6 +165,8 @@ class QuantConfig:
         _choice("relu6", self.relu6, ("skip", "replace"))
         _choice("bias_absorb", self.bias_absorb, (None, "bn", "data"))
         _choice("bias_correction", self.bias_correction, (None, "data", "bn"))
+        if self.keep_checkpoint and not self.checkpoint_dir:
+            raise UserError("keep_checkpoint needs a checkpoint_dir: name the folder to keep it in")
         if self.max_chain < 1:
             raise UserError("max_chain must be >= 1")
         if self.calib_samples is not None and self.calib_samples < 1:

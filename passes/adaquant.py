@@ -134,15 +134,17 @@ class AdaQuantPass(Pass):
 
     Args:
         config: the schedule and mode.
-        checkpoint_dir: folder for resumable runs (None: no checkpoint).
+        checkpoint_dir: folder for resumable runs (None: no checkpoint). keep_checkpoint: leave a
+            finished run's checkpoint in place (a re-run with the same settings reuses every layer).
         cache_budget_bytes: RAM for captured tensors before spilling to disk; also the size of one
             float-capture group.
     """
 
     def __init__(self, config: AdaQuantConfig, *, checkpoint_dir: str | None = None,
-                 cache_budget_bytes: int = 2 << 30) -> None:
+                 keep_checkpoint: bool = False, cache_budget_bytes: int = 2 << 30) -> None:
         self.config = config
         self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoint = keep_checkpoint
         self.cache_budget = cache_budget_bytes
 
     def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
@@ -187,7 +189,8 @@ class AdaQuantPass(Pass):
         report.update({k: round(v, 1) for k, v in timing.items()})
         report["improved_blocks"] = sum(1 for b in report["blocks"] if b.get("kept"))
         ctx.report["reconstruction"] = report
-        ckpt.clear()
+        if not self.keep_checkpoint:
+            ckpt.clear()
         return PassResult(graph, report["improved_blocks"] > 0)
 
     def _groups(self, units: list[Block], feeds, ctx: QuantContext) -> list[list[Block]]:

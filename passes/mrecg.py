@@ -66,12 +66,13 @@ class MRECGPass(Pass):
         first_fraction: the first pass's share of the base iterations (and activation-phase iterations).
         max_chain: longest chain of plain layers in one base block. max_merge: blocks per merged unit.
         checkpoint_dir: resumable runs (first pass in ``first/``, its losses in ``first_pass.json``,
-            final pass in ``final/``). cache_budget_bytes: as ReconstructPass.
+            final pass in ``final/``). keep_checkpoint: leave them in place after a finished run.
+            cache_budget_bytes: as ReconstructPass.
     """
 
     def __init__(self, config: ReconConfig, *, k: int = 4, capacity: str = "data",
                  first_fraction: float = 1 / 3, max_chain: int = 3, max_merge: int = 3,
-                 checkpoint_dir: str | None = None,
+                 checkpoint_dir: str | None = None, keep_checkpoint: bool = False,
                  cache_budget_bytes: int = 2 << 30) -> None:
         if config.method not in BASES:
             raise UserError(f"MRECG runs on brecq or qdrop, got base {config.method!r}")
@@ -82,6 +83,7 @@ class MRECGPass(Pass):
         self.config, self.k, self.capacity, self.first_fraction = config, k, capacity, first_fraction
         self.max_chain, self.max_merge = max_chain, max_merge
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.keep_checkpoint = keep_checkpoint
         self.cache_budget = cache_budget_bytes
 
     def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
@@ -119,7 +121,8 @@ class MRECGPass(Pass):
         partitioner = merged_partitioner(plan.groups, [b.name for b in blocks], self.max_chain)
         ckpt = str(self.checkpoint_dir / "final") if self.checkpoint_dir else None
         final = ReconstructPass(self.config, max_chain=self.max_chain, cache_budget_bytes=self.cache_budget,
-                                checkpoint_dir=ckpt, partitioner=partitioner)
+                                checkpoint_dir=ckpt, keep_checkpoint=self.keep_checkpoint,
+                                partitioner=partitioner)
         result = final.call(graph, ctx)
         after = self._after(plan, ctx.report["reconstruction"], len(blocks))
         ctx.report["mrecg"] = {
@@ -133,7 +136,8 @@ class MRECGPass(Pass):
                                                 "seconds": round(time.perf_counter() - t1, 1)},
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        self._clear_checkpoint()
+        if not self.keep_checkpoint:
+            self._clear_checkpoint()
         return PassResult(graph, result.modified)
 
     @staticmethod

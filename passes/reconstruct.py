@@ -70,14 +70,16 @@ def rebatch(feeds, size: int, limit: int | None = None) -> Iterator[dict[str, np
 
 class ReconstructPass(Pass):
     def __init__(self, config: ReconConfig, *, max_chain: int = 3, checkpoint_dir: str | None = None,
-                 cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False,
+                 keep_checkpoint: bool = False, cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False,
                  partitioner: Callable[[gs.Graph, Callable[[gs.Node], bool]], list[Block]] | None = None):
         """``partitioner(graph, is_supported)`` replaces the default block partition (MRECG's merged
-        blocks use it); ``layerwise`` selects AdaRound's one-layer units."""
+        blocks use it); ``layerwise`` selects AdaRound's one-layer units; ``keep_checkpoint`` leaves a
+        finished run's checkpoint in place (a re-run with the same settings reuses every block)."""
         self.config = config
         self.partitioner = partitioner
         self.max_chain = max_chain
         self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoint = keep_checkpoint
         self.cache_budget = cache_budget_bytes
         self.dynamic_batch = dynamic_batch
         self.layerwise = layerwise
@@ -136,7 +138,8 @@ class ReconstructPass(Pass):
         report["improved_blocks"] = sum(1 for b in report["blocks"] if b.get("kept"))
         report["skipped"] = [b.name for b in blocks if b not in todo]
         ctx.report["reconstruction"] = report
-        ckpt.clear()
+        if not self.keep_checkpoint:
+            ckpt.clear()
         return PassResult(graph, report["improved_blocks"] > 0)
 
     def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,

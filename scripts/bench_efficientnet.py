@@ -58,6 +58,9 @@ class OnnxqEntry:
     name: str
     params: dict[str, Any]
     default: bool = True
+    # Entries naming the same checkpoint share one reconstruction (kept under OUT_DIR/checkpoints/):
+    # the first one run reconstructs, the others only add what comes after it (tuning).
+    checkpoint: str | None = None
 
 
 ORT_CONFIGS: list[OrtEntry] = [
@@ -94,7 +97,11 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
                                           "bias_correction": "data"}),
     # Reconstruction (fast CPU schedule): W4A8 and W4A4, first/last layers 8-bit.
     OnnxqEntry("onnxq_w4a8_adaround", {**_W8A8, "weight_bits": 4, "method": "adaround"}),
-    OnnxqEntry("onnxq_w4a8_brecq", {**_W8A8, "weight_bits": 4, "method": "brecq"}),
+    OnnxqEntry("onnxq_w4a8_brecq", {**_W8A8, "weight_bits": 4, "method": "brecq"}, checkpoint="w4a8_brecq"),
+    OnnxqEntry("onnxq_w4a8_brecq_st", {**_W8A8, "weight_bits": 4, "method": "brecq", "stats_tuning": True},
+               default=False, checkpoint="w4a8_brecq"),
+    OnnxqEntry("onnxq_w4a8_brecq_bt", {**_W8A8, "weight_bits": 4, "method": "brecq", "bias_tuning": True},
+               default=False, checkpoint="w4a8_brecq"),
     OnnxqEntry("onnxq_w4a8_brecq_wmse", {**_W8A8, "weight_bits": 4, "method": "brecq", "weight_method": "mse"}),
     OnnxqEntry("onnxq_w4a8_qdrop", {**_W8A8, "weight_bits": 4, "method": "qdrop"}),
     OnnxqEntry("onnxq_w4a4_rtn", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}),
@@ -118,7 +125,14 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w4a8_adaquant_par", {**_W8A8, "weight_bits": 4, "method": "adaquant",
                                            "adaquant_mode": "parallel"}, default=False),
     OnnxqEntry("onnxq_w4a8_adaquant_seq", {**_W8A8, "weight_bits": 4, "method": "adaquant",
-                                           "adaquant_mode": "sequential"}, default=False),
+                                           "adaquant_mode": "sequential"}, default=False,
+               checkpoint="w4a8_adaquant_seq"),
+    OnnxqEntry("onnxq_w4a8_adaquant_seq_st", {**_W8A8, "weight_bits": 4, "method": "adaquant", "stats_tuning": True,
+                                              "adaquant_mode": "sequential"}, default=False,
+               checkpoint="w4a8_adaquant_seq"),
+    OnnxqEntry("onnxq_w4a8_adaquant_seq_bt", {**_W8A8, "weight_bits": 4, "method": "adaquant", "bias_tuning": True,
+                                              "adaquant_mode": "sequential"}, default=False,
+               checkpoint="w4a8_adaquant_seq"),
     OnnxqEntry("onnxq_w4a4_adaquant_par", {**_W4A4, "method": "adaquant", "adaquant_mode": "parallel"},
                default=False),
     OnnxqEntry("onnxq_w4a4_adaquant_seq", {**_W4A4, "method": "adaquant", "adaquant_mode": "sequential"},
@@ -352,8 +366,11 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
     except (ImportError, AttributeError) as exc:
         print(f"  SKIP {entry.name}: onnxq.quantize / QuantConfig not available yet ({exc})")
         return None
+    params = dict(entry.params)
+    if entry.checkpoint:
+        params.update(checkpoint_dir=str(out.parent / "checkpoints" / entry.checkpoint), keep_checkpoint=True)
     try:
-        cfg = config_cls(**entry.params)
+        cfg = config_cls(**params)
     except (TypeError, ValueError) as exc:
         print(f"  SKIP {entry.name}: QuantConfig rejected {entry.params}: {exc}")
         return None

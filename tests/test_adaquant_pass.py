@@ -124,7 +124,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(calib, holdout, short, tmp_pa
     ckpt = tmp_path / "ckpt"
     monkeypatch.setattr(pa, "optimize_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, replace(cfg, checkpoint_dir=str(ckpt)), validation=holdout)
+        onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, replace(cfg, checkpoint_dir=str(ckpt)),
+                       validation=holdout)
     assert (ckpt / "state.json").exists()
     monkeypatch.setattr(pa, "optimize_layer", real)
     resumed = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, replace(cfg, checkpoint_dir=str(ckpt)),

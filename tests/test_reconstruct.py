@@ -131,6 +131,36 @@ def test_interrupted_run_resumes_from_last_finished_block(calib, brecq, tmp_path
     assert resumed.model.SerializeToString() == reference.model.SerializeToString()
 
 
+def test_kept_checkpoint_lets_a_rerun_add_tuning_without_reconstructing(calib, brecq, tmp_path, monkeypatch):
+    """keep_checkpoint leaves a finished run's blocks on disk; a re-run with statistics tuning on top
+    reconstructs nothing and gives the same bytes as a direct run with tuning."""
+    import onnxq.passes.reconstruct as rp
+
+    reference, _ = brecq
+    ckpt = tmp_path / "kept"
+    first = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt), keep_checkpoint=True))
+    assert first.model.SerializeToString() == reference.model.SerializeToString()
+    assert (ckpt / "state.json").exists()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kept checkpoint must make reconstruction unnecessary")
+
+    monkeypatch.setattr(rp, "reconstruct_block", forbidden)
+    tuned = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib,
+                           _config(checkpoint_dir=str(ckpt), keep_checkpoint=True, stats_tuning=True))
+    n = len(tuned.report["reconstruction"]["blocks"])
+    assert tuned.report["reconstruction"]["resumed_blocks"] == n > 0
+    monkeypatch.undo()
+    direct = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(stats_tuning=True))
+    assert tuned.model.SerializeToString() == direct.model.SerializeToString()
+    assert tuned.model.SerializeToString() != reference.model.SerializeToString()
+
+
+def test_keep_checkpoint_needs_a_folder():
+    with pytest.raises(onnxq.UserError, match="checkpoint_dir"):
+        _config(keep_checkpoint=True)
+
+
 def test_learned_scales_keep_one_tensor_per_name(calib):
     """A learned activation scale is written once and shared by its Q and DQ (unique names)."""
     from onnxq.block_build import set_activation_scale
