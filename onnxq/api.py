@@ -38,7 +38,8 @@ from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from onnxq.passes.insert_qdq import InsertQDQPass
 from onnxq.rules import check_target, format_violations
 from onnxq.targets import get_target, resolve_config
-from onnxq.ternary_check import check_ternary, mark_ternary
+from onnxq.ternary_check import check_ternary
+from onnxq.ternary_export import finish_ternary_model
 from onnxq.validate import ValidationReport, validate, write_report
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
     quantized = g.to_model(graph, template=original)
     ternary_info = ctx.report.pop("ternary", None)
     if ternary_info:
-        mark_ternary(quantized, ternary_info["codes"])
+        finish_ternary_model(quantized, ternary_info)
     seconds = time.perf_counter() - t0
 
     report: dict[str, Any] = {
@@ -227,6 +228,8 @@ def _check_ternary(model: onnx.ModelProto, info: dict[str, Any], val: Validation
         result = check_ternary(model)
         checked = result.to_dict() if result is not None else {"ok": False, "violations": ["no ternary tensor"]}
     report["ternary"] = {"method": info["method"], "storage": info["storage"], **checked}
+    if info.get("int2_cast"):  # onnxq.int2_cast: int2 in the file, int8 kernels in onnxruntime
+        report["ternary"]["int2_cast_to_int8"] = info["int2_cast"]
     if not checked["ok"]:
         raise RuntimeError("the quantized model failed the ternary check: " + "; ".join(checked["violations"]))
 

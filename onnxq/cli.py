@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                         "default: rtn)")
     q.add_argument("--ternary-storage", choices=TERNARY_STORAGES, default="auto",
                    help="container of ternary codes: int2 (opset 25), int4 (opset 21), int8, or auto (the "
-                        "narrowest the target allows and onnxruntime runs; default: auto)")
+                        "narrowest the target allows; default: auto)")
     q.add_argument("--learn-weight-scale", action="store_true",
                    help="reconstruction also learns the per-channel weight scales (LSQ), from the operator's")
     q.add_argument("--activations", choices=("uint8", "int8"), default=None,

@@ -33,9 +33,9 @@ class QuantConfig:
         ternary_method: the ternary operator for 2-bit weights, one of :data:`onnxq.ternary.METHODS`
             (rtn, twn, tquant, mquant-a, mquant-b; "mquant" is an alias of
             :data:`onnxq.ternary.MQUANT_DEFAULT`).
-        ternary_storage: container of ternary codes: "int2" (opset 25), "int4" (opset 21), "int8", or
-            "auto" (the target's narrowest container that onnxruntime can run, see
-            :func:`onnxq.ternary_export.resolve_storage`).
+        ternary_storage: container of ternary codes: "int2" (opset 25; read through a Cast to int8 where
+            onnxruntime cannot fuse int2 kernels, :mod:`onnxq.int2_cast`), "int4" (opset 21), "int8", or
+            "auto" (the target's narrowest container, see :func:`onnxq.ternary_export.resolve_storage`).
         learn_weight_scale: reconstruction also learns each weight's per-channel scale (LSQ-style,
             initialised from the round-to-nearest or ternary operator's scale; biases requantized).
         per_channel: one weight scale per output channel (the right axis per op) or one per tensor.

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxq.errors import UserError
+from onnxq.int2_cast import folded_casts
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +139,18 @@ def _dtype_name(data_type: int) -> str:
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Initializers plus the ``value`` tensors of Constant nodes, by output name."""
+    """Initializers plus the ``value`` tensors of Constant nodes, by output name; an integer Cast of a
+    constant (``onnxq.int2_cast``) counts as the constant it folds to."""
     consts = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
                     consts[node.output[0]] = attr.t
+    for out, (src, to) in folded_casts(graph).items():
+        value = _to_array(consts[src])
+        if value is not None:
+            consts[out] = numpy_helper.from_array(value.astype(helper.tensor_dtype_to_np_dtype(to)), out)
     return consts
 
 

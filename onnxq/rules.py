@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.int2_cast import folded_casts
 from onnxq.spec import is_power_of_two
 from onnxq.targets import WEIGHT_INPUTS, Target, get_target
 
@@ -102,6 +103,10 @@ class QDQGraph:
             for i in node.input:
                 if i:
                     self.consumers.setdefault(i, []).append(node)
+        # Cast(int2 constant) -> DequantizeLinear (onnxq.int2_cast) reads as the constant it folds to.
+        for out, (src, to) in folded_casts(g).items():
+            self.consts[out] = self.consts[src].astype(helper.tensor_dtype_to_np_dtype(to))
+            self.const_types[out] = to
         self.outputs = {o.name for o in g.output}
         self.nodes = list(g.node)
 

@@ -175,7 +175,7 @@ class Target:
 
             name = config.ternary_storage
             if name == "auto":
-                name = resolve_storage(self.name, self.weight_bits, name, config.validate)
+                name = resolve_storage(self.name, self.weight_bits, name)
             storage = STORAGE_BITS[name]
         return QuantSpec(
             bits=bits, signed=True, symmetric=True,
@@ -227,7 +227,7 @@ class Target:
         if config.weight_bits == 2 or any(b == 2 for _, b in config.bit_plan):  # ternary layers
             from onnxq.ternary_export import resolve_storage
 
-            storage = resolve_storage(self.name, self.weight_bits, config.ternary_storage, config.validate)
+            storage = resolve_storage(self.name, self.weight_bits, config.ternary_storage)
             if storage != config.ternary_storage:
                 changes["ternary_storage"] = storage
                 config = replace(config, ternary_storage=storage)

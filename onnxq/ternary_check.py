@@ -3,7 +3,8 @@
 Which tensors are ternary: the integer constants listed in the model's metadata entry
 ``onnxq.ternary_codes`` (JSON ``{codes constant: weight name}``, written by :func:`mark_ternary`
 for every weight whose QuantSpec is 2-bit), plus every int2 constant read by a DequantizeLinear
-(int2 holds [-2, 1]: a ternary weight is its only use here). The check reads the stored values,
+(int2 holds [-2, 1]: a ternary weight is its only use here), directly or through the Cast to int8
+that :mod:`onnxq.int2_cast` puts in front of it. The check reads the stored values,
 whatever the container (int2, int4, int8), and flags every code outside {-1, 0, 1}.
 
 Per tensor with n codes and k scales (float32):
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+from onnxq.int2_cast import folded_casts
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +136,13 @@ def ternary_tensors(model: onnx.ModelProto) -> dict[str, str]:
             for a in node.attribute:
                 if a.name == "value":
                     types[node.output[0]] = a.t.data_type
+    casts = folded_casts(model.graph)
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and types.get(node.input[0]) == TensorProto.INT2:
-            out.setdefault(node.input[0], node.input[0].removesuffix("_quantized"))
+        if node.op_type != "DequantizeLinear":
+            continue
+        src = casts.get(node.input[0], (node.input[0], 0))[0]
+        if types.get(src) == TensorProto.INT2:
+            out.setdefault(src, src.removesuffix("_quantized"))
     return out
 
 
@@ -155,9 +162,10 @@ def check_ternary(model: onnx.ModelProto) -> TernaryReport | None:
                 if a.name == "value":
                     tensors[node.output[0]] = a.t
     scale_of: dict[str, str] = {}
+    casts = folded_casts(model.graph)
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and len(node.input) > 1:
-            scale_of.setdefault(node.input[0], node.input[1])
+            scale_of.setdefault(casts.get(node.input[0], (node.input[0], 0))[0], node.input[1])
     layers, violations = [], []
     for codes_name, weight in sorted(wanted.items()):
         if codes_name == "<metadata>":

@@ -15,13 +15,14 @@ Containers (``QuantConfig.ternary_storage``; ``QuantSpec.storage_bits``):
     int4   opset 21, 4 bits a weight (1/8)
     int8   opset 13, 8 bits a weight (1/4); every int8 runtime runs it
 
-"auto" takes the target's narrowest container (``2``/``4``/``8`` in ``Target.weight_bits``) that
-onnxruntime can run. onnxruntime 1.31 (measured, see :func:`int2_support`): DequantizeLinear of an
-int2 constant is implemented, but at ORT_ENABLE_EXTENDED/ALL the QDQ fusion turns
-``DQ(x) -> Conv/MatMul <- DQ(int2 W) -> Q`` into QLinearConv / QLinearMatMul with an int2 weight,
-which those kernels reject, so the session cannot be built (Gemm and weight-only DQ are fine). So
-"auto" falls back to int4 on ort-cpu while that holds; an explicit "int2" is a UserError when the
-run validates in onnxruntime (validation would fail) and a logged warning otherwise.
+"auto" takes the target's narrowest container (``2``/``4``/``8`` in ``Target.weight_bits``).
+onnxruntime 1.31 (measured, see :func:`int2_support`): DequantizeLinear of an int2 constant is
+implemented, but at ORT_ENABLE_EXTENDED/ALL the QDQ fusion turns ``DQ(x) -> Conv/MatMul <- DQ(int2 W)
+-> Q`` into QLinearConv / QLinearMatMul with an int2 weight, which those kernels reject, so the
+session cannot be built (Gemm and weight-only DQ are fine). While that holds
+(:func:`int2_needs_cast`), the written model reads each int2 constant through a Cast to int8
+(:mod:`onnxq.int2_cast`): the file keeps 2 bits a weight and onnxruntime folds the Cast at load and
+runs its int8 kernels.
 """
 
 from __future__ import annotations
@@ -78,36 +79,40 @@ def allowed_storages(weight_bits: tuple[int, ...]) -> list[str]:
     return [name for name, bits in sorted(STORAGE_BITS.items(), key=lambda kv: kv[1]) if bits in weight_bits]
 
 
-def resolve_storage(target_name: str, weight_bits: tuple[int, ...], storage: str, validate: bool) -> str:
+def resolve_storage(target_name: str, weight_bits: tuple[int, ...], storage: str) -> str:
     """The concrete container for ternary weights under a target (see the module docstring).
 
     Raises:
-        UserError: the target has no container for it, or an explicit "int2" that onnxruntime
-            cannot run while the run validates in onnxruntime.
+        UserError: the target has no container for it, or not the one named.
     """
     allowed = allowed_storages(weight_bits)
     if not allowed:
         raise UserError(f"target {target_name} has no integer weight container for ternary weights")
     if storage == "auto":
-        for name in allowed:
-            if name != "int2":
-                return name
-            ok, why = int2_support()
-            if ok:
-                return name
-            log.info("ternary weights in int4/int8, not int2: %s", why)
-        return allowed[-1]
-    if storage not in allowed:
+        storage = allowed[0]
+    elif storage not in allowed:
         raise UserError(f"target {target_name} does not allow ternary storage {storage}: use "
                         f"{' or '.join(allowed)} (or auto)")
-    if storage == "int2":
-        ok, why = int2_support()
-        if not ok and validate:
-            raise UserError(f"ternary storage int2: {why}; use --ternary-storage int4 (or auto), or add "
-                            "--no-validate to write int2 anyway")
-        if not ok:
-            log.warning("writing int2 ternary weights that this onnxruntime cannot run: %s", why)
+    if storage == "int2" and int2_needs_cast():
+        log.info("int2 ternary weights are read through a Cast to int8: %s", int2_support()[1])
     return storage
+
+
+def finish_ternary_model(model, info: dict) -> None:
+    """Last step of writing a model with ternary weights (``info`` = the run's ``report["ternary"]``):
+    record the code constants in the metadata and, for int2 containers this onnxruntime cannot fuse,
+    read them through a Cast to int8 (``info["int2_cast"]`` = how many)."""
+    from onnxq.int2_cast import widen_int2_weights
+    from onnxq.ternary_check import mark_ternary
+
+    mark_ternary(model, info["codes"])
+    if info["storage"] == "int2" and int2_needs_cast():
+        info["int2_cast"] = widen_int2_weights(model)
+
+
+def int2_needs_cast() -> bool:
+    """True when this onnxruntime cannot fuse int2 weights, so int2 constants get a Cast to int8."""
+    return not int2_support()[0]
 
 
 @functools.lru_cache(maxsize=None)

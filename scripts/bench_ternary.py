@@ -6,12 +6,12 @@ on the 750-image evaluation split: top-1, top-1 agreement with FP32, sparsity of
 the ternary layers' file bytes against their FP32 bytes (and the 2-bit size: 2 bits a weight +
 scales), and the file size. ``--method brecq|adaround|qdrop`` starts reconstruction (fast CPU
 schedule, about 25 minutes an operator on 2 cores) from each operator's codes and scale;
-``--learn-weight-scale`` also learns the weight scales. ``--int2`` adds a row per operator with
-INT2 storage (opset 25; written without onnxruntime validation, since onnxruntime 1.31 cannot
-build Conv/MatMul with int2 weights at ORT_ENABLE_ALL) evaluated at ORT_ENABLE_BASIC.
+``--learn-weight-scale`` also learns the weight scales. The default container on ort-cpu is INT2
+(opset 25), read through a Cast to int8 where onnxruntime cannot fuse int2 kernels
+(:mod:`onnxq.int2_cast`); ``--storage int4|int8`` writes wider containers (same codes, same top-1).
 
     python scripts/bench_ternary.py [--method rtn|brecq|...] [--only rtn,twn,...] [--storage auto]
-        [--int2] [--learn-weight-scale] [--limit N] [--out-dir build/bench_ternary]
+        [--learn-weight-scale] [--limit N] [--out-dir build/bench_ternary]
         [--json PATH] [--markdown [PATH]]
 
 Data and helpers come from scripts/bench_efficientnet.py and scripts/imagenet_sample.py.
@@ -35,8 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_efficientnet import (  # noqa: E402
     _W8A8,
     CALIB_BATCH,
-    EVAL_BATCH,
-    INPUT,
     OnnxqEntry,
     evaluate,
     machine_info,
@@ -50,9 +48,9 @@ from onnxq.ternary import METHODS  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def entries(method: str, only: list[str], storage: str, int2: bool, learn_scale: bool,
+def entries(method: str, only: list[str], storage: str, learn_scale: bool,
             recon: dict[str, int] | None = None) -> list[OnnxqEntry]:
-    """One onnxq configuration per operator (and per INT2 row)."""
+    """One onnxq configuration per operator."""
     out = []
     for op in only:
         params = {**_W8A8, "weight_bits": 2, "ternary_method": op, "ternary_storage": storage,
@@ -61,8 +59,6 @@ def entries(method: str, only: list[str], storage: str, int2: bool, learn_scale:
             params["learn_weight_scale"] = True
         tag = f"tern_{op}" + ("" if method == "rtn" else f"_{method}") + ("_ls" if learn_scale else "")
         out.append(OnnxqEntry(tag, params))
-        if int2:
-            out.append(OnnxqEntry(tag + "_int2", {**params, "ternary_storage": "int2", "validate": False}))
     return out
 
 
@@ -97,20 +93,6 @@ def weight_error(path: Path, report: dict[str, Any], folded: dict[str, np.ndarra
     return float(np.mean(errs)) if errs else None
 
 
-def _evaluate_basic(path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Top-1 at ORT_ENABLE_BASIC (INT2 weights: onnxruntime's QDQ fusion cannot take them)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    t0 = time.perf_counter()
-    pred = np.concatenate([sess.run(None, {INPUT: x[i:i + EVAL_BATCH]})[0] for i in range(0, len(x), EVAL_BATCH)])
-    pred = pred.argmax(axis=1)
-    return {"pred": pred, "top1": float(np.mean(pred == y) * 100), "eval_s": time.perf_counter() - t0,
-            "ort_level": "ORT_ENABLE_BASIC"}
-
-
 def run_one(entry: OnnxqEntry, fp32: Path, x_cal: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray,
             ref_pred: np.ndarray, out_dir: Path, folded: dict[str, np.ndarray]) -> dict[str, Any]:
     path = out_dir / f"{entry.name}.onnx"
@@ -122,8 +104,7 @@ def run_one(entry: OnnxqEntry, fp32: Path, x_cal: np.ndarray, x_eval: np.ndarray
     tern = report.get("ternary") or {}
     total = tern.get("total", {})
     print(f"[{entry.name}] evaluating")
-    int2 = entry.params.get("ternary_storage") == "int2"
-    res = _evaluate_basic(path, x_eval, y_eval) if int2 else evaluate(path, x_eval, y_eval, out_dir / "ort_opt")
+    res = evaluate(path, x_eval, y_eval, out_dir / "ort_opt")
     row = {
         "name": entry.name, "operator": entry.params["ternary_method"], "method": entry.params["method"],
         "storage": tern.get("storage"), "top1": res["top1"], "agree": float(np.mean(res["pred"] == ref_pred) * 100),
@@ -189,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="rtn: data-free; otherwise reconstruction started from each operator (fast schedule)")
     ap.add_argument("--only", default=",".join(METHODS), help="comma-separated operators (default: all five)")
     ap.add_argument("--storage", default="auto", choices=("auto", "int2", "int4", "int8"))
-    ap.add_argument("--int2", action="store_true", help="add an INT2-storage row per operator (ORT_ENABLE_BASIC)")
     ap.add_argument("--learn-weight-scale", action="store_true", help="reconstruction also learns weight scales")
     ap.add_argument("--iters", type=int, help="reconstruction iterations per block (default: the fast schedule)")
     ap.add_argument("--recon-samples", type=int, help="calibration samples per block (default: the fast schedule)")
@@ -218,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     folded = folded_weights(fp32)
     rows = []
     recon = {k: v for k, v in (("recon_iters", args.iters), ("recon_samples", args.recon_samples)) if v is not None}
-    for entry in entries(args.method, only, args.storage, args.int2, args.learn_weight_scale, recon):
+    for entry in entries(args.method, only, args.storage, args.learn_weight_scale, recon):
         try:
             rows.append(run_one(entry, fp32, x_cal, x_eval, y_eval, ref["pred"], args.out_dir, folded))
         except Exception as exc:  # keep going; the table records the failure

@@ -131,11 +131,15 @@ def test_bit_plan_overrides_layer_widths_in_the_quantized_model():
 
     def codes(layer: str) -> onnx.TensorProto:
         node = next(n for n in m.graph.node if n.name == layer)
-        return inits[producers[node.input[1]].input[0]]
+        src = producers[node.input[1]].input[0]
+        while src not in inits:  # int2 codes are read through a Cast to int8 (onnxq.int2_cast)
+            src = producers[src].input[0]
+        return inits[src]
 
     assert codes("/features/features.0/Conv").data_type == onnx.TensorProto.INT4  # the plan beats first_last
     assert codes("/fc/Gemm").data_type == onnx.TensorProto.INT4
     assert codes("/features/features.5/Conv").data_type == onnx.TensorProto.INT8  # not in the plan: 8 bits
+    assert codes("/features/features.3/body/body.3/Conv").data_type == onnx.TensorProto.INT2  # ternary in int2
     ternary = onnx.numpy_helper.to_array(codes("/features/features.3/body/body.3/Conv"))
     assert set(np.unique(ternary.astype(np.int64)).tolist()) <= {-1, 0, 1}  # 2 bits: ternary codes
     with pytest.raises(UserError, match="not quantized weighted layers"):

@@ -124,41 +124,69 @@ def test_containers(model, calib, storage, dtype, opset):
         -(-2 * int(np.prod(inits[w + "_quantized"].dims)) // 8) for w in AXES) + 4 * scales
 
 
-def test_int2_container_runs_where_onnxruntime_can(model, calib):
-    res = onnxq.quantize(model, calib, _config(ternary_method="mquant-b", ternary_storage="int2", validate=False))
+def test_int2_container_validates_and_runs_at_every_level(model, calib):
+    """int2 in the file; where onnxruntime cannot fuse int2 kernels each constant is read through a
+    Cast to int8, and the model validates and computes what an int8 container computes."""
+    res = onnxq.quantize(model, calib, _config(ternary_method="mquant-b", ternary_storage="int2"))
     q, inits = res.model, _inits(res.model)
     assert res.report["opset"] == 25 and all(inits[w + "_quantized"].data_type == TensorProto.INT2 for w in AXES)
+    assert res.validation.ok
     onnx.checker.check_model(q, full_check=True)
     assert check_target(q, "ort-cpu") == []
     t = res.report["ternary"]
     assert t["ok"] and t["storage"] == "int2"
     assert t["total"]["file_bytes"] == t["total"]["effective_bytes"]  # 2 bits a weight + the scales
-    ref = res.report["ternary"]["layers"]
-    assert all(layer["container"] == "int2" for layer in ref)
-    # onnxruntime runs int2 DequantizeLinear without its QDQ fusion; same result as an int8 container.
+    assert all(layer["container"] == "int2" for layer in t["layers"]) and len(t["layers"]) == len(AXES)
+    ok, why = ternary_export.int2_support()
+    casts = [n for n in q.graph.node if n.op_type == "Cast"]
+    if ok:
+        assert not casts and "int2_cast_to_int8" not in t
+    else:
+        assert "int2" in why and "ORT_ENABLE_ALL" in why
+        codes = {w + "_quantized" for w in AXES}
+        assert {c.input[0] for c in casts} >= codes and t["int2_cast_to_int8"] == len(AXES)
+        assert all(c.input[0] in codes or not numpy_helper.to_array(_inits(q)[c.input[0]]).any() for c in casts)
     int8 = onnxq.quantize(model, calib, _config(ternary_method="mquant-b", ternary_storage="int8", validate=False))
     feed = calib[1]
-    np.testing.assert_array_equal(run_ort(q, feed, level="disable")[0], run_ort(int8.model, feed, level="disable")[0])
-    ok, why = ternary_export.int2_support()
-    if not ok:
-        assert "int2" in why and "ORT_ENABLE_ALL" in why
+    for level in ("disable", "all"):
+        np.testing.assert_allclose(run_ort(q, feed, level=level)[0], run_ort(int8.model, feed, level=level)[0],
+                                   rtol=0, atol=0, err_msg=level)
+
+
+def test_widen_int2_weights_is_exact_and_idempotent_on_other_models(model, calib):
+    from onnxq.int2_cast import widen_int2_weights
+
+    res = onnxq.quantize(model, calib, _config(ternary_storage="int2", validate=False))
+    plain = onnx.ModelProto()
+    plain.CopyFrom(res.model)
+    for node in [n for n in plain.graph.node if n.op_type == "Cast"]:  # back to DQ(int2) directly
+        for other in plain.graph.node:
+            other.input[:] = [node.input[0] if i == node.output[0] else i for i in other.input]
+        plain.graph.node.remove(node)
+    wrapped = onnx.ModelProto()
+    wrapped.CopyFrom(plain)
+    assert widen_int2_weights(wrapped) == len(AXES)
+    onnx.checker.check_model(wrapped, full_check=True)
+    feed = calib[2]
+    np.testing.assert_array_equal(run_ort(plain, feed, level="disable")[0], run_ort(wrapped, feed, level="disable")[0])
+    int8 = onnxq.quantize(model, calib, _config(ternary_storage="int8", validate=False)).model
+    np.testing.assert_array_equal(run_ort(int8, feed, level="all")[0], run_ort(wrapped, feed, level="all")[0])
+    before = int8.SerializeToString()
+    assert widen_int2_weights(int8) == 0 and int8.SerializeToString() == before
 
 
 def test_auto_storage_follows_the_target_and_onnxruntime(monkeypatch):
-    ok, _ = ternary_export.int2_support()
     auto = resolve_config(onnxq.QuantConfig(weight_bits=2))
-    assert auto.ternary_storage == ("int2" if ok else "int4")
-    assert auto.output_opset == (25 if ok else 21)
+    assert auto.ternary_storage == "int2" and auto.output_opset == 25
     assert resolve_config(onnxq.QuantConfig(weight_bits=2, target="tensorrt")).ternary_storage == "int8"
     with pytest.raises(UserError, match="does not allow ternary storage int4"):
         resolve_config(onnxq.QuantConfig(weight_bits=2, target="tensorrt", ternary_storage="int4"))
     monkeypatch.setattr(ternary_export, "int2_support", lambda: (True, ""))
     assert resolve_config(onnxq.QuantConfig(weight_bits=2)).ternary_storage == "int2"
     monkeypatch.setattr(ternary_export, "int2_support", lambda: (False, "no int2 kernels"))
-    assert resolve_config(onnxq.QuantConfig(weight_bits=2)).ternary_storage == "int4"
-    with pytest.raises(UserError, match="no int2 kernels.*--no-validate"):
-        resolve_config(onnxq.QuantConfig(weight_bits=2, ternary_storage="int2"))
-    assert resolve_config(onnxq.QuantConfig(weight_bits=2, ternary_storage="int2", validate=False)).output_opset == 25
+    assert ternary_export.int2_needs_cast()
+    assert resolve_config(onnxq.QuantConfig(weight_bits=2)).ternary_storage == "int2"  # read through a Cast
+    assert resolve_config(onnxq.QuantConfig(weight_bits=2, ternary_storage="int4")).output_opset == 21
 
 
 def test_config_validation():
