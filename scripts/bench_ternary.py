@@ -10,8 +10,12 @@ schedule, about 25 minutes an operator on 2 cores) from each operator's codes an
 (opset 25), read through a Cast to int8 where onnxruntime cannot fuse int2 kernels
 (:mod:`onnxq.int2_cast`); ``--storage int4|int8`` writes wider containers (same codes, same top-1).
 
+``--tuning stats|bias`` adds statistics or bias tuning after each operator (and reconstruction);
+``--depthwise-bits 4|8`` keeps the 16 depthwise layers at that width through a bit plan.
+
     python scripts/bench_ternary.py [--method rtn|brecq|...] [--only rtn,twn,...] [--storage auto]
-        [--learn-weight-scale] [--limit N] [--out-dir build/bench_ternary]
+        [--learn-weight-scale] [--tuning stats|bias] [--depthwise-bits 8] [--limit N]
+        [--out-dir build/bench_ternary]
         [--json PATH] [--markdown [PATH]]
 
 Data and helpers come from scripts/bench_efficientnet.py and scripts/imagenet_sample.py.
@@ -49,15 +53,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def entries(method: str, only: list[str], storage: str, learn_scale: bool,
-            recon: dict[str, int] | None = None) -> list[OnnxqEntry]:
-    """One onnxq configuration per operator."""
+            recon: dict[str, int] | None = None, tuning: str | None = None,
+            depthwise: dict[str, int] | None = None) -> list[OnnxqEntry]:
+    """One onnxq configuration per operator (``tuning``: "stats" or "bias" tuning after it;
+    ``depthwise``: a bit plan for the depthwise layers)."""
     out = []
     for op in only:
         params = {**_W8A8, "weight_bits": 2, "ternary_method": op, "ternary_storage": storage,
                   "first_last_bits": 8, "calib_method": "minmax", "method": method, **(recon or {})}
         if learn_scale:
             params["learn_weight_scale"] = True
-        tag = f"tern_{op}" + ("" if method == "rtn" else f"_{method}") + ("_ls" if learn_scale else "")
+        if tuning:
+            params[f"{tuning}_tuning"] = True
+        if depthwise:
+            params["bit_plan"] = dict(depthwise)
+        tag = (f"tern_{op}" + ("" if method == "rtn" else f"_{method}") + ("_ls" if learn_scale else "")
+               + (f"_{tuning[0]}t" if tuning else "")
+               + (f"_dw{next(iter(depthwise.values()))}" if depthwise else ""))
         out.append(OnnxqEntry(tag, params))
     return out
 
@@ -74,19 +86,40 @@ def folded_weights(fp32: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
 
 
+def depthwise_layers(fp32: Path) -> list[str]:
+    """Names of the depthwise Conv nodes (group = input channels > 1) of the float model."""
+    import onnx
+
+    model = onnx.load(str(fp32))
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        w = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w and group > 1 and w[1] == 1:  # weight (C_out, C_in / group = 1, kh, kw)
+            out.append(node.name)
+    return out
+
+
 def weight_error(path: Path, report: dict[str, Any], folded: dict[str, np.ndarray]) -> float | None:
     """Mean over the ternary layers of ||W - W_hat||^2 / ||W||^2 (W_hat = codes * scale in the file)."""
     import onnx
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+    from onnxq.int2_cast import folded_casts
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    casts = folded_casts(model.graph)
+    scale_of = {casts.get(n.input[0], (n.input[0], 0))[0]: n.input[1] for n in model.graph.node
+                if n.op_type == "DequantizeLinear"}  # tuning passes rename scales: follow the DQ
     errs = []
     for layer in (report.get("ternary") or {}).get("layers", []):
         w = folded.get(layer["weight"])
-        if w is None or layer["codes"] not in inits:
+        if w is None or layer["codes"] not in inits or scale_of.get(layer["codes"]) not in inits:
             continue
         codes = numpy_helper.to_array(inits[layer["codes"]]).astype(np.float64)
-        scale = numpy_helper.to_array(inits[layer["codes"].removesuffix("_quantized") + "_scale"]).astype(np.float64)
+        scale = numpy_helper.to_array(inits[scale_of[layer["codes"]]]).astype(np.float64)
         axis = 0 if scale.size == codes.shape[0] and scale.ndim == 1 else None
         w_hat = codes * (scale.reshape((-1,) + (1,) * (codes.ndim - 1)) if axis == 0 else scale)
         errs.append(float(np.sum((w - w_hat) ** 2) / max(np.sum(w.astype(np.float64) ** 2), 1e-30)))
@@ -171,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=",".join(METHODS), help="comma-separated operators (default: all five)")
     ap.add_argument("--storage", default="auto", choices=("auto", "int2", "int4", "int8"))
     ap.add_argument("--learn-weight-scale", action="store_true", help="reconstruction also learns weight scales")
+    ap.add_argument("--tuning", choices=("stats", "bias"), help="statistics or bias tuning after each operator")
+    ap.add_argument("--depthwise-bits", type=int, choices=(4, 8),
+                    help="keep the depthwise layers at this width (a bit plan), the rest ternary")
     ap.add_argument("--iters", type=int, help="reconstruction iterations per block (default: the fast schedule)")
     ap.add_argument("--recon-samples", type=int, help="calibration samples per block (default: the fast schedule)")
     ap.add_argument("--limit", type=int, help="use only the first N evaluation images")
@@ -198,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     folded = folded_weights(fp32)
     rows = []
     recon = {k: v for k, v in (("recon_iters", args.iters), ("recon_samples", args.recon_samples)) if v is not None}
-    for entry in entries(args.method, only, args.storage, args.learn_weight_scale, recon):
+    for entry in entries(args.method, only, args.storage, args.learn_weight_scale, recon, args.tuning,
+                         {n: args.depthwise_bits for n in depthwise_layers(fp32)} if args.depthwise_bits else None):
         try:
             rows.append(run_one(entry, fp32, x_cal, x_eval, y_eval, ref["pred"], args.out_dir, folded))
         except Exception as exc:  # keep going; the table records the failure
