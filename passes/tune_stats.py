@@ -16,9 +16,12 @@ so that ``E[z'] = mu_f`` and ``std(z') = sd_f``. The bias is requantized to INT3
 ``s_b' = float32(s_in * s_w')`` (the product onnxruntime's integer kernels assume), codes
 ``round(b' / s_b')``; a float bias (targets without INT32 biases) is written as it is.
 
-Layers are visited in topological order and the quantized statistics of layer ``l`` are captured on
-the graph truncated at ``z_l`` after layers ``< l`` were tuned, so each correction sees the earlier
-ones (one onnxruntime run of the truncated graph per layer). The float statistics come from one run
+Layers are visited in topological order and the quantized statistics of layer ``l`` are captured
+after layers ``< l`` were tuned, so each correction sees the earlier ones. The graph runs forward in
+segments (:class:`onnxq.forward_cache.ForwardCache`): the tensors at the cut before layer ``l`` are
+kept, and reaching layer ``l + 1`` runs only the nodes in between, so a sweep costs about two forward
+passes instead of one truncated forward pass per layer (quadratic in depth); the values are the
+same node by node. Graphs with subgraphs fall back to the truncated-graph run per layer. The float statistics come from one run
 of ``ctx.reference``. The std is left alone (mean only, reported) where the weight scale cannot be
 scaled per channel: per-tensor or power-of-two weight scales, or a weight DQ shared by several ops.
 The last weighted layer (the network output, e.g. the classifier) is not tuned: CalibTIP leaves the
@@ -38,13 +41,16 @@ import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxq.passes.assign_specs import node_key
+from tqdm.auto import tqdm
 
 from onnxq.capture import capture
 from onnxq.context import QuantContext
 from onnxq.errors import PassError
+from onnxq.forward_cache import ForwardCache
+from onnxq.forward_cache import supported as supports_segments
 from onnxq.graph import FreshNames, constant, to_model
 from onnxq.pass_infra import Pass, PassResult
-from onnxq.passes.assign_specs import node_key
 from onnxq.spec import Granularity, QParams, QuantSpec
 from onnxq.targets import WEIGHT_INPUTS
 
@@ -93,13 +99,15 @@ class TuneStatsPass(Pass):
     Args:
         match_std: also restore the std (False: mean only, i.e. bias tuning).
         max_samples: calibration samples used at most.
+        incremental: run the graph forward in segments (False: one truncated-graph run per layer).
     """
 
     report_key = "stats_tuning"
 
-    def __init__(self, *, match_std: bool = True, max_samples: int = MAX_SAMPLES) -> None:
+    def __init__(self, *, match_std: bool = True, max_samples: int = MAX_SAMPLES, incremental: bool = True) -> None:
         self.match_std = match_std
         self.max_samples = max_samples
+        self.incremental = incremental
 
     def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
         if ctx.calib is None or ctx.reference is None:
@@ -122,14 +130,19 @@ class TuneStatsPass(Pass):
             capture(ctx.reference, list(float_stats), feeds, lambda k, v: float_stats[k].update(v),
                     total=len(feeds), desc=f"{self.report_key} (float)")
         names = FreshNames(graph)
-        for node in usable:
+        forward = ForwardCache(feeds) if self.incremental and supports_segments(to_model(graph)) else None
+        for node in tqdm(usable, desc=self.report_key, unit="layer", leave=False, disable=None):
             z = node.outputs[0].name
             q_stats = ChannelStats(channel_axis(node))
-            sub = graph.copy()
-            sub.outputs = [sub.tensors()[z]]
-            sub.cleanup()
-            capture(to_model(sub), [z], feeds, lambda k, v: q_stats.update(v), total=len(feeds),
-                    desc=f"{self.report_key} {node_key(node)}")
+            if forward is not None:
+                graph.toposort()
+                forward.layer_output(to_model(graph), node.outputs[0].name, z, q_stats.update)
+            else:
+                sub = graph.copy()
+                sub.outputs = [sub.tensors()[z]]
+                sub.cleanup()
+                capture(to_model(sub), [z], feeds, lambda k, v: q_stats.update(v), total=len(feeds),
+                        desc=f"{self.report_key} {node_key(node)}")
             report["layers"].append(self._tune(graph, ctx, node, float_stats[z], q_stats, names))
         report["samples"] = sum(int(next(iter(f.values())).shape[0]) for f in feeds)
         report["seconds"] = round(time.perf_counter() - start, 2)

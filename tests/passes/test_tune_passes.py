@@ -173,3 +173,38 @@ def test_cli_flags_reach_the_passes(tmp_path):
     passes = [p["pass"] for p in report["passes"]]
     assert passes.index("TuneStatsPass") < passes.index("TuneBiasPass") < len(passes) - 1  # before cleanup
     assert passes[-1] == "CleanupPass" and len(report["stats_tuning"]["layers"]) == 5
+
+
+RESIDUAL = f"""{HEAD}
+    g (float[N,4,8,8] x) => (float[N,5] y)
+      <float[8,4,3,3] w1, float[8] b1, float[8,8,3,3] w2, float[8] b2, float[8,8,1,1] w3, float[8] b3,
+       float[8,8,3,3] w4, float[8] b4, float[5,8] wf, float[5] bf> {{
+        c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+        r1 = Relu (c1)
+        c2 = Conv <pads=[1,1,1,1]> (r1, w2, b2)
+        r2 = Relu (c2)
+        c3 = Conv (r2, w3, b3)
+        s = Add (r1, c3)
+        c4 = Conv <pads=[1,1,1,1], strides=[2,2]> (s, w4, b4)
+        r4 = Relu (c4)
+        p = GlobalAveragePool (r4)
+        f = Flatten (p)
+        y = Gemm <transB=1> (f, wf, bf)
+    }}"""
+
+
+@pytest.mark.parametrize("kind", ["stats_tuning", "bias_tuning"])
+@pytest.mark.parametrize("text", [TEXT, RESIDUAL], ids=["chain", "residual"])
+def test_segmented_forward_equals_one_run_per_layer(kind, text, monkeypatch):
+    """The cached-cut sweep (onnxq.forward_cache) writes the very bytes of the truncated-graph sweep."""
+    import onnxq.passes.tune_stats as ts
+
+    model = make_model(text, seed=4)
+    calls = []
+    real = ts.ForwardCache.layer_output
+    monkeypatch.setattr(ts.ForwardCache, "layer_output", lambda self, *a: calls.append(a[1]) or real(self, *a))
+    fast = _quantize(model, **{kind: True})
+    assert len(calls) == len(fast.report[kind]["layers"]) >= 3
+    monkeypatch.setattr(ts, "supports_segments", lambda m: False)
+    slow = _quantize(model, **{kind: True})
+    assert fast.model.SerializeToString() == slow.model.SerializeToString()
