@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_calib_args(q, required=True)
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
     q.add_argument("--weight-method", choices=("minmax", "mse"), default="minmax", help="weight range method")
+    q.add_argument("--weight-asymmetric", action="store_true",
+                   help="per-channel asymmetric weights with zero-points (BRECQ/QDrop's quantizers; ort-cpu only)")
     q.add_argument("--percentile", type=float, default=99.999, help="for --calib-method percentile")
     q.add_argument("--calib-samples", type=int, default=None, help="use at most this many calibration samples")
     q.add_argument("--validation", default=None, help="held-out data for the fidelity check (default: part of --calib)")
@@ -145,7 +147,7 @@ def _quantize(args: argparse.Namespace) -> int:
         ternary_storage=args.ternary_storage, learn_weight_scale=args.learn_weight_scale,
         per_channel=not args.per_tensor,
         **explicit, calib_method=args.calib_method,
-        weight_method=args.weight_method, percentile=args.percentile, calib_samples=args.calib_samples,
+        weight_method=args.weight_method, weight_symmetric=not args.weight_asymmetric, percentile=args.percentile, calib_samples=args.calib_samples,
         first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
         validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
         method=args.method, schedule=args.schedule, recon_iters=args.iters,

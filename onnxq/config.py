@@ -39,6 +39,10 @@ class QuantConfig:
         learn_weight_scale: reconstruction also learns each weight's per-channel scale (LSQ-style,
             initialised from the round-to-nearest or ternary operator's scale; biases requantized).
         per_channel: one weight scale per output channel (the right axis per op) or one per tensor.
+        weight_symmetric: weight zero-points 0 (default). False: asymmetric weights, each channel's
+            grid fitted to its [min, max] with an integer zero-point, as BRECQ's and QDrop's reference
+            quantizers do; only targets whose kernels take weight zero-points allow it (ort-cpu).
+            Ternary weights stay symmetric.
         activation_dtype: "uint8" (asymmetric) or "int8" (symmetric).
         activation_bits: 8, or 4 (uint4/int4 storage, opset 21; graph inputs and the last
             layer's input stay at 8 bits when first_last_bits is 8).
@@ -96,6 +100,7 @@ class QuantConfig:
     ternary_storage: str = "auto"
     learn_weight_scale: bool = False
     per_channel: bool = True
+    weight_symmetric: bool = True
     activation_dtype: str = "uint8"
     activation_bits: int = 8
     scale_kind: str = "float"

@@ -104,7 +104,8 @@ class Target:
         weight_granularity: allowed weight granularities ("channel", "tensor"), choice first.
         scale_kinds: allowed scale kinds ("float", "pow2"), choice first.
         activation_zero_points: the zero-points an activation Q/DQ may use (None: any).
-        weight_zero_points: the zero-points a weight DQ may use (None: any).
+        weight_zero_points: the zero-points a weight DQ may use (None: any, which also allows
+            ``QuantConfig.weight_symmetric=False``).
         weighted_output: where a weighted op's output is quantized: "after_activation" (after
             the single-consumer chain of fusable activations, which stay nodes), "ort" (that for
             unsigned activations, the raw output for signed ones, as onnxruntime fuses them) or
@@ -177,10 +178,11 @@ class Target:
             if name == "auto":
                 name = resolve_storage(self.name, self.weight_bits, name)
             storage = STORAGE_BITS[name]
+        symmetric = config.weight_symmetric or bits == 2  # ternary codes are symmetric by definition
         return QuantSpec(
-            bits=bits, signed=True, symmetric=True,
+            bits=bits, signed=True, symmetric=symmetric,
             granularity=Granularity.CHANNEL if config.per_channel else Granularity.TENSOR,
-            scale_kind=ScaleKind(config.scale_kind), narrow=bits in (8, 2), storage_bits=storage,
+            scale_kind=ScaleKind(config.scale_kind), narrow=symmetric and bits in (8, 2), storage_bits=storage,
         )
 
     def activation_spec(self, config: QuantConfig, bits: int | None = None) -> QuantSpec:
@@ -221,6 +223,9 @@ class Target:
                 continue  # not a QuantConfig value: Target.act_bits supplies it
             log.info("target %s sets %s=%r (config default was %r)", self.name, name, choice, current)
             changes[name] = choice
+        if not config.weight_symmetric and self.weight_zero_points is not None:
+            raise UserError(f"target {self.name} needs symmetric weights (zero-points "
+                            f"{sorted(self.weight_zero_points)}): drop --weight-asymmetric")
         if config.first_last_bits is not None and config.first_last_bits not in self.weight_bits:
             raise UserError(f"target {self.name} does not allow first_last_bits={config.first_last_bits}: "
                             f"use {' or '.join(map(str, self.weight_bits))}")
@@ -241,6 +246,9 @@ ORT_CPU = Target(
     name="ort-cpu",
     description="onnxruntime CPU: uint8 asymmetric activations, int8 symmetric per-channel weights",
     weight_ops=frozenset(WEIGHT_INPUTS),
+    # QLinearConv/QLinearMatMul take per-channel weight zero-points (measured, onnxruntime 1.31):
+    # asymmetric weights are allowed, on request.
+    weight_zero_points=None,
     activation_ops=_ORT_ACTIVATION_OPS,
     passthrough_ops=_PASSTHROUGH,
     fusable_activations=frozenset({"Relu", "Clip"}),
