@@ -39,6 +39,38 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return m
 
 
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only ``names`` (their ancestors; they become the graph outputs), so
+    capturing an early layer does not run the rest of the network. Graphs with subgraphs are returned
+    whole."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return model
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    keep: set[int] = set()
+    stack = [t for t in names if t in producer]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        stack.extend(model.graph.node[i].input)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
+    used = {t for n in nodes for t in n.input}
+    inputs = {i.name for i in m.graph.input}
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    kept_init = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept_init)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(names)
+                          if t not in inputs)
+    return m
+
+
 def capture(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
             callback: Callable[[str, np.ndarray], None], *, total: int | None = None, desc: str = "calibrate") -> int:
     """Run every feed through ``model`` and call ``callback(name, value)`` for each requested tensor.

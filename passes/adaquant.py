@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import torch
 from onnxq.passes.reconstruct import rebatch
 from tqdm.auto import tqdm
 
 from onnxq.adaquant_build import apply_layer_constants, build_layer, write_layer
-from onnxq.block_data import TensorStore
+from onnxq.block_data import TensorStore, collect
 from onnxq.blocks import Block
 from onnxq.capture import capture
 from onnxq.context import QuantContext
@@ -48,69 +46,6 @@ from onnxq.recon_checkpoint import Checkpoint, fingerprint
 from onnxq.torchify import supported
 
 log = logging.getLogger(__name__)
-
-
-def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that computes only ``names`` (their ancestors; they become the graph outputs), so
-    capturing an early layer does not run the rest of the network. Graphs with subgraphs are returned
-    whole."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
-           for a in n.attribute):
-        return model
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
-    keep: set[int] = set()
-    stack = [t for t in names if t in producer]
-    while stack:
-        i = producer.get(stack.pop())
-        if i is None or i in keep:
-            continue
-        keep.add(i)
-        stack.extend(model.graph.node[i].input)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
-    used = {t for n in nodes for t in n.input}
-    inputs = {i.name for i in m.graph.input}
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    kept_init = [t for t in m.graph.initializer if t.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(kept_init)
-    del m.graph.output[:]
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(names)
-                          if t not in inputs)
-    return m
-
-
-def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
-            num_samples: int, store: TensorStore, desc: str) -> dict[str, np.ndarray]:
-    """Run ``feeds`` through ``model`` and stack the first ``num_samples`` rows of each tensor (float16)."""
-    out: dict[str, np.ndarray] = {}
-    filled = dict.fromkeys(names, 0)
-
-    def take(name: str, value: np.ndarray) -> None:
-        start = filled[name]
-        if start >= num_samples:
-            return
-        value = np.asarray(value)
-        if name not in out:
-            out[name] = store.allocate(name, (num_samples, *value.shape[1:]))
-        if value.shape[1:] != out[name].shape[1:]:
-            log.warning("%s: batch of shape %s differs from %s; skipped", name, value.shape, out[name].shape)
-            return
-        rows = min(value.shape[0], num_samples - start)
-        out[name][start:start + rows] = value[:rows]
-        filled[name] = start + rows
-
-    inputs = {i.name for i in model.graph.input}
-    if all(t in inputs for t in names):  # graph inputs only: nothing to run
-        for feed in feeds:
-            for t in names:
-                take(t, feed[t])
-    else:
-        capture(prefix_model(model, names), list(dict.fromkeys(names)), feeds, take, desc=desc)
-    n = min(filled.values()) if filled else 0
-    return {k: v[:n] for k, v in out.items()}
 
 
 def channel_rms(y: np.ndarray, chunk: int = 32) -> np.ndarray | None:

@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onnxq.errors import UserError
+from onnxq.recon.engine import BlockResult
 from onnxq.recon.fake_quant import MIN_SCALE, fake_quant, round_ste
 from onnxq.recon.loss import output_error
 
@@ -56,6 +57,8 @@ __all__ = ["MODES", "AdaQuantAct", "AdaQuantBias", "AdaQuantConfig", "AdaQuantWe
 log = logging.getLogger(__name__)
 
 MODES = ("parallel", "sequential")
+#: The outcome of :func:`optimize_layer`: the engine's result record (losses before/after, history, time).
+LayerResult = BlockResult
 _INT32 = 2**31 - 1
 
 
@@ -322,21 +325,6 @@ class AdaQuantBias(nn.Module):
         s_b = self.step()
         b = self.bias()
         return round_ste(b / s_b).clamp(-_INT32, _INT32) * s_b
-
-
-@dataclass
-class LayerResult:
-    """Outcome of :func:`optimize_layer` (same fields as the engine's BlockResult)."""
-
-    loss_rtn: float
-    loss_final: float
-    history: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    iters: int = 0
-
-    @property
-    def improved(self) -> bool:
-        return self.loss_final < self.loss_rtn
 
 
 def _groups(weights, biases, acts, cfg: AdaQuantConfig) -> list[dict]:
