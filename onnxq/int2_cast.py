@@ -21,7 +21,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["CAST_SUFFIX", "folded_casts", "widen_int2_weights"]
+__all__ = ["CAST_SUFFIX", "cast_source", "constant_types", "folded_casts", "widen_int2_weights"]
 
 #: Suffix of the int8 tensor a Cast makes from an int2 constant.
 CAST_SUFFIX = "_int8"
@@ -30,7 +30,8 @@ _INTEGER_TYPES = frozenset({TensorProto.INT2, TensorProto.UINT2, TensorProto.INT
                             TensorProto.INT32})
 
 
-def _constant_types(graph: onnx.GraphProto) -> dict[str, int]:
+def constant_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element type of every constant: initializers and Constant nodes' values."""
     types = {t.name: t.data_type for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -43,7 +44,7 @@ def _constant_types(graph: onnx.GraphProto) -> dict[str, int]:
 def folded_casts(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
     """``{cast output: (constant it reads, target type)}`` for every integer-to-integer Cast of a
     constant in ``graph``: tensors a runtime's constant folding turns into constants."""
-    types = _constant_types(graph)
+    types = constant_types(graph)
     out: dict[str, tuple[str, int]] = {}
     for node in graph.node:
         if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or not node.input:
@@ -54,12 +55,18 @@ def folded_casts(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
     return out
 
 
+def cast_source(casts: dict[str, tuple[str, int]], name: str) -> str:
+    """The constant behind ``name``: what the folded Cast making it reads (``casts`` = :func:`folded_casts`),
+    else ``name`` itself."""
+    return casts[name][0] if name in casts else name
+
+
 def widen_int2_weights(model: onnx.ModelProto) -> int:
     """Insert ``Cast(to=INT8)`` between every int2 constant and the DequantizeLinear nodes reading it
     (codes and zero-point: both inputs must share a type), in place. Returns the number of code
     constants wrapped; a model without int2 constants is unchanged."""
     graph = model.graph
-    types = _constant_types(graph)
+    types = constant_types(graph)
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
         {i.name for i in graph.input}
     casts: dict[str, str] = {}

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnxq.int2_cast import folded_casts
+from onnxq.int2_cast import cast_source, constant_types, folded_casts
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +130,12 @@ def ternary_tensors(model: onnx.ModelProto) -> dict[str, str]:
                 out.update({str(k): str(v) for k, v in json.loads(prop.value).items()})
             except (ValueError, AttributeError):
                 out["<metadata>"] = f"unreadable {METADATA_KEY} entry"
-    types = {t.name: t.data_type for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    types[node.output[0]] = a.t.data_type
+    types = constant_types(model.graph)
     casts = folded_casts(model.graph)
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear":
             continue
-        src = casts.get(node.input[0], (node.input[0], 0))[0]
+        src = cast_source(casts, node.input[0])
         if types.get(src) == TensorProto.INT2:
             out.setdefault(src, src.removesuffix("_quantized"))
     return out
@@ -165,7 +160,7 @@ def check_ternary(model: onnx.ModelProto) -> TernaryReport | None:
     casts = folded_casts(model.graph)
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and len(node.input) > 1:
-            scale_of.setdefault(casts.get(node.input[0], (node.input[0], 0))[0], node.input[1])
+            scale_of.setdefault(cast_source(casts, node.input[0]), node.input[1])
     layers, violations = [], []
     for codes_name, weight in sorted(wanted.items()):
         if codes_name == "<metadata>":

@@ -43,6 +43,7 @@ from bench_efficientnet import (  # noqa: E402
     evaluate,
     machine_info,
     quantize_onnxq,
+    write_results,
 )
 from export_efficientnet import export_efficientnet_lite0  # noqa: E402
 from imagenet_sample import PREPROC_TAG, load_split  # noqa: E402
@@ -106,12 +107,12 @@ def weight_error(path: Path, report: dict[str, Any], folded: dict[str, np.ndarra
     import onnx
     from onnx import numpy_helper
 
-    from onnxq.int2_cast import folded_casts
+    from onnxq.int2_cast import cast_source, folded_casts
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     casts = folded_casts(model.graph)
-    scale_of = {casts.get(n.input[0], (n.input[0], 0))[0]: n.input[1] for n in model.graph.node
+    scale_of = {cast_source(casts, n.input[0]): n.input[1] for n in model.graph.node
                 if n.op_type == "DequantizeLinear"}  # tuning passes rename scales: follow the DQ
     errs = []
     for layer in (report.get("ternary") or {}).get("layers", []):
@@ -244,18 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {**machine_info(), "command": command, "method": args.method, "n_eval": int(len(y_eval)),
             "n_calib": int(len(x_cal)), "preprocessing": PREPROC_TAG, "total_s": time.perf_counter() - t_start,
             "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "fp32": fp32_row, "results": rows}, indent=2, default=str))
-        print(f"wrote {args.json}")
-    if args.markdown:
-        text = markdown(meta, fp32_row, rows)
-        if args.markdown == "-":
-            print(text)
-        else:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(text)
-            print(f"wrote {args.markdown}")
+    write_results(args.json, {"meta": meta, "fp32": fp32_row, "results": rows}, args.markdown,
+                  lambda: markdown(meta, fp32_row, rows))
 
 
 if __name__ == "__main__":
