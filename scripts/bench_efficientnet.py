@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -402,6 +403,23 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
             "onnxq_report": {k: report.get(k) for k in ("validation", "float_ops", "timings")}}
 
 
+def write_results(json_path: Path | None, payload: dict[str, Any], markdown: str | None,
+                  text: Callable[[], str]) -> None:
+    """Write ``payload`` to ``json_path`` and the report ``text()`` to ``markdown`` ("-": print it)."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {json_path}")
+    if markdown:
+        report = text()
+        if markdown == "-":
+            print(report)
+        else:
+            Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(markdown).write_text(report)
+            print(f"wrote {markdown}")
+
+
 def _select(only: str | None) -> tuple[list[OrtEntry], list[OnnxqEntry]]:
     if not only:
         return ([e for e in ORT_CONFIGS if e.default], [e for e in ONNXQ_CONFIGS if e.default])
@@ -493,18 +511,7 @@ def main(argv: list[str] | None = None) -> None:
             "latency_runs_b32": args.latency_runs_b32, "preprocessing": PREPROC_TAG,
             "total_s": total_s, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     print(f"total wall time {total_s:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str))
-        print(f"wrote {args.json}")
-    if args.markdown:
-        text = markdown_report(meta, rows)
-        if args.markdown == "-":
-            print(text)
-        else:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(text)
-            print(f"wrote {args.markdown}")
+    write_results(args.json, {"meta": meta, "results": rows}, args.markdown, lambda: markdown_report(meta, rows))
 
 
 if __name__ == "__main__":

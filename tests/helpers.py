@@ -141,3 +141,20 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
         if init.name == name:
             return onnx.numpy_helper.to_array(init)
     raise KeyError(name)
+
+
+def one_torch_thread():
+    """Generator for a module-scoped autouse fixture: torch on one thread with oneDNN off for the
+    module, then restored. Tiny layers gain nothing from threads and oneDNN, only per-call overhead
+    (much slower on a busy 2-core box); module scope, so shared module fixtures see it too.
+
+    Use: ``_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)``.
+    """
+    import torch
+
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = onednn

@@ -12,7 +12,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-import torch
 from onnxq.passes.adaquant import AdaQuantPass
 from onnxq.passes.assign_specs import AssignSpecsPass
 from onnxq.passes.calibrate import CalibratePass
@@ -24,20 +23,12 @@ from onnxq import graph as g
 from onnxq.api import prepare_float
 from onnxq.cli import main
 from onnxq.pass_infra import PassManager
+from tests.helpers import one_torch_thread
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers: threads and oneDNN only add per-call overhead (much slower on a busy 2-core box);
-    module scope, so the module's shared quantization runs see it too."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

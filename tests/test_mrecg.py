@@ -33,7 +33,7 @@ from onnxq.mrecg import (
     select_boundaries,
 )
 from onnxq.pass_infra import PassManager
-from tests.helpers import make_model
+from tests.helpers import make_model, one_torch_thread
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -55,16 +55,7 @@ g (float[N,3,8,8] x) => (float[N,4] y{extra}) <float[6,3,3,3] w1, float[6] b1, f
 }"""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers: threads and oneDNN only add per-call overhead (much slower on a busy 2-core box);
-    module scope, so the module's shared quantization runs see it too."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 def _rtn(model, feeds, **kw):

@@ -18,18 +18,9 @@ from onnxq.recon.adaquant import (
     optimize_layer,
 )
 from onnxq.recon.fake_quant import fake_quant
+from tests.helpers import one_torch_thread
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers: threads and oneDNN only add per-call overhead (much slower on a busy 2-core box);
-    module scope, so the module's shared quantization runs see it too."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 def _weight(seed: int = 0, relative: bool = True) -> tuple[AdaQuantWeight, np.ndarray, np.ndarray]:
