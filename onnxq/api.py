@@ -39,7 +39,7 @@ from onnxq.passes.insert_qdq import InsertQDQPass
 from onnxq.rules import check_target, format_violations
 from onnxq.targets import get_target, resolve_config
 from onnxq.ternary_check import check_ternary
-from onnxq.ternary_export import finish_ternary_model
+from onnxq.ternary_export import finish_two_bit_model
 from onnxq.validate import ValidationReport, validate, write_report
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,7 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         passes.append(GridBiasPass())
     PassManager([*passes, CleanupPass()])(graph, ctx)
     quantized = g.to_model(graph, template=original)
-    ternary_info = ctx.report.pop("ternary", None)
-    if ternary_info:
-        finish_ternary_model(quantized, ternary_info)
+    ternary_info, int2_info = finish_two_bit_model(quantized, ctx.report)
     seconds = time.perf_counter() - t0
 
     report: dict[str, Any] = {
@@ -187,6 +185,10 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
             raise RuntimeError("the quantized model failed validation: " + "; ".join(val.errors))
     if ternary_info:
         _check_ternary(quantized, ternary_info, val, report)
+    if int2_info:
+        report["int2"] = {"grid": "uniform [-2, 1] with zero-points", "storage": int2_info["storage"],
+                          "layers": len(int2_info["codes"]),
+                          **({"int2_cast_to_int8": int2_info["int2_cast"]} if int2_info.get("int2_cast") else {})}
     return QuantResult(quantized, json.loads(json.dumps(report, default=_json_default)), source, val)
 
 

@@ -64,7 +64,7 @@ def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: b
             qp = ctx.qparams[w]
             args = (ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax,
                     qp.spec.axis if qp.scale.ndim == 1 else None)
-            codes = np.asarray(node.inputs[0].values).astype(np.int64) if qp.spec.bits == 2 else None
+            codes = np.asarray(node.inputs[0].values).astype(np.int64) if qp.spec.ternary else None
             if rounding:
                 learn = bool(getattr(ctx.config, "learn_weight_scale", False)) and not qp.spec.pow2
                 quantizer = AdaRoundWeight(*args, init_codes=codes, learn_scale=learn)

@@ -71,12 +71,10 @@ class CalibratedModel:
         """The exported QDQ model of ``bit_plan`` (cleaned up as :func:`onnxq.api.quantize` does;
         no validation or report)."""
         from onnxq.passes.cleanup import CleanupPass
-        from onnxq.ternary_export import finish_ternary_model
+        from onnxq.ternary_export import finish_two_bit_model
 
         graph, ctx = self.quantize_graph(bit_plan, **changes)
         CleanupPass()(graph, ctx)
         model = g.to_model(graph, template=self.original)
-        ternary = ctx.report.get("ternary")
-        if ternary:
-            finish_ternary_model(model, dict(ternary))
+        finish_two_bit_model(model, ctx.report)
         return model

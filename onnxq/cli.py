@@ -20,7 +20,7 @@ from onnxq.ternary import ALIASES, METHODS, MQUANT_DEFAULT
 log = logging.getLogger("onnxq")
 
 _TARGET_NAMES = "ort-cpu, tensorrt, openvino, qnn, qnn-a16, npu-pow2"
-WEIGHT_BITS_OF = {"int8": 8, "int4": 4, "ternary": 2}
+WEIGHT_BITS_OF = {"int8": 8, "int4": 4, "int2": 2, "ternary": 2}
 WEIGHT_CHOICES = tuple(WEIGHT_BITS_OF)
 TERNARY_CHOICES = (*METHODS, *ALIASES)
 
@@ -35,13 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="output .onnx file (a .report.json is written next to it)")
     q.add_argument("--target", default="ort-cpu", help=f"target profile: {_TARGET_NAMES} (default: ort-cpu)")
     q.add_argument("--weights", choices=WEIGHT_CHOICES, default="int8",
-                   help="weight type: int8, int4, or ternary ({-1, 0, 1} x per-channel scale; default: int8)")
+                   help="weight type: int8, int4, int2 (4-level grid [-2, 1] with per-channel zero-points, "
+                        "ort-cpu) or ternary ({-1, 0, 1} x per-channel scale; default: int8)")
     q.add_argument("--ternary-method", default="rtn", metavar="{" + ",".join(TERNARY_CHOICES) + "}",
                    help="ternary operator for --weights ternary: rtn, twn, tquant, mquant-a, mquant-b; "
                         f"mquant = {MQUANT_DEFAULT} (the variant with the lower weight error on EfficientNet-Lite0; "
                         "default: rtn)")
     q.add_argument("--ternary-storage", choices=TERNARY_STORAGES, default="auto",
-                   help="container of ternary codes: int2 (opset 25), int4 (opset 21), int8, or auto (the "
+                   help="container of 2-bit codes (ternary or int2): int2 (opset 25), int4 (opset 21), int8, or auto (the "
                         "narrowest the target allows; default: auto)")
     q.add_argument("--learn-weight-scale", action="store_true",
                    help="reconstruction also learns the per-channel weight scales (LSQ), from the operator's")
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="scale kind (default: the target's choice)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     q.add_argument("--first-last", choices=("8", "same"), default="8",
-                   help="bits of the first and last weighted layers when --weights int4/ternary (default: 8)")
+                   help="bits of the first and last weighted layers when --weights int4/int2/ternary (default: 8)")
     _add_calib_args(q, required=True)
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
     q.add_argument("--weight-method", choices=("minmax", "mse"), default="minmax", help="weight range method")
@@ -147,7 +148,8 @@ def _quantize(args: argparse.Namespace) -> int:
         ternary_storage=args.ternary_storage, learn_weight_scale=args.learn_weight_scale,
         per_channel=not args.per_tensor,
         **explicit, calib_method=args.calib_method,
-        weight_method=args.weight_method, weight_symmetric=not args.weight_asymmetric, percentile=args.percentile, calib_samples=args.calib_samples,
+        weight_method=args.weight_method, int2_grid="uniform" if args.weights == "int2" else "ternary",
+        weight_symmetric=not (args.weight_asymmetric or args.weights == "int2"), percentile=args.percentile, calib_samples=args.calib_samples,
         first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
         validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
         method=args.method, schedule=args.schedule, recon_iters=args.iters,
@@ -304,7 +306,10 @@ def _check(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from onnxq.inspection import inspect_model
 
-    plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights]))
+    uniform = args.weights == "int2"
+    plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights],
+                                                 int2_grid="uniform" if uniform else "ternary",
+                                                 weight_symmetric=not uniform))
     if args.json:
         sys.stdout.write(json.dumps(plan, indent=2) + "\n")
     else:

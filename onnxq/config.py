@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, fields
 
 from onnxq.errors import UserError
 
-WEIGHT_BITS = (8, 4, 2)  # 2: ternary {-1, 0, 1} (onnxq.ternary)
+WEIGHT_BITS = (8, 4, 2)  # 2: ternary {-1, 0, 1} (onnxq.ternary) or 4-level INT2 (int2_grid)
+INT2_GRIDS = ("ternary", "uniform")
 FIRST_LAST_BITS = (8, 4)
 PLAN_BITS = (8, 4, 2)  # per-layer widths of QuantConfig.bit_plan
 TERNARY_STORAGES = ("auto", "int2", "int4", "int8")
@@ -28,12 +29,16 @@ class QuantConfig:
 
     Attributes:
         target: target profile name (see :mod:`onnxq.targets`).
-        weight_bits: 8, 4 (INT4 is stored natively, opset 21) or 2 (ternary: codes {-1, 0, 1} times a
-            per-channel scale from ``ternary_method``, stored as ``ternary_storage`` says).
+        weight_bits: 8, 4 (INT4 is stored natively, opset 21) or 2 (``int2_grid``; stored as
+            ``ternary_storage`` says).
+        int2_grid: the 2-bit grid (of ``weight_bits=2`` and of the 2-bit layers of ``bit_plan``):
+            "ternary" (codes {-1, 0, 1} times a per-channel scale from ``ternary_method``) or "uniform"
+            (the 4-level INT2 grid [-2, 1] with a per-channel zero-point, round-to-nearest from the
+            weight range, as the W2 rows of BRECQ/QDrop/MRECG use; needs ``weight_symmetric=False``).
         ternary_method: the ternary operator for 2-bit weights, one of :data:`onnxq.ternary.METHODS`
             (rtn, twn, tquant, mquant-a, mquant-b; "mquant" is an alias of
             :data:`onnxq.ternary.MQUANT_DEFAULT`).
-        ternary_storage: container of ternary codes: "int2" (opset 25; read through a Cast to int8 where
+        ternary_storage: container of 2-bit codes (ternary or 4-level): "int2" (opset 25; read through a Cast to int8 where
             onnxruntime cannot fuse int2 kernels, :mod:`onnxq.int2_cast`), "int4" (opset 21), "int8", or
             "auto" (the target's narrowest container, see :func:`onnxq.ternary_export.resolve_storage`).
         learn_weight_scale: reconstruction also learns each weight's per-channel scale (LSQ-style,
@@ -42,7 +47,7 @@ class QuantConfig:
         weight_symmetric: weight zero-points 0 (default). False: asymmetric weights, each channel's
             grid fitted to its [min, max] with an integer zero-point, as BRECQ's and QDrop's reference
             quantizers do; only targets whose kernels take weight zero-points allow it (ort-cpu).
-            Ternary weights stay symmetric.
+            Ternary weights stay symmetric; the 4-level INT2 grid needs it.
         activation_dtype: "uint8" (asymmetric) or "int8" (symmetric).
         activation_bits: 8, or 4 (uint4/int4 storage, opset 21; graph inputs and the last
             layer's input stay at 8 bits when first_last_bits is 8).
@@ -96,6 +101,7 @@ class QuantConfig:
 
     target: str = "ort-cpu"
     weight_bits: int = 8
+    int2_grid: str = "ternary"
     ternary_method: str = "rtn"
     ternary_storage: str = "auto"
     learn_weight_scale: bool = False
@@ -145,6 +151,10 @@ class QuantConfig:
         object.__setattr__(self, "ternary_method", canonical_method(self.ternary_method))
         _choice("ternary_method", self.ternary_method, TERNARY_METHODS)
         _choice("ternary_storage", self.ternary_storage, TERNARY_STORAGES)
+        _choice("int2_grid", self.int2_grid, INT2_GRIDS)
+        if self.int2_grid == "uniform" and self.weight_symmetric:
+            raise UserError("the 4-level INT2 grid [-2, 1] has zero-points: set weight_symmetric=False "
+                            "(--weights int2 does), or use int2_grid='ternary'")
         _choice("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
         _choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
         _choice("scale_kind", self.scale_kind, SCALE_KINDS)

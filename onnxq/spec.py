@@ -7,8 +7,9 @@ scale and zero-point chosen for one tensor. The numerics follow ONNX ``QuantizeL
     q = saturate(round_half_even(x / s) + z, qmin, qmax)        x_hat = (q - z) * s
 
 Signed symmetric grids use ``z = 0``; ``narrow`` drops the lowest code so the grid is symmetric
-around 0 (int8 -> [-127, 127]; 2-bit -> [-1, 1], i.e. ternary). Power-of-two scales are exact
-powers of two (checked in :class:`QParams`).
+around 0 (int8 -> [-127, 127]; 2-bit -> [-1, 1], i.e. ternary). A 2-bit grid that is not narrow is
+the uniform 4-level INT2 grid [-2, 1] (with a zero-point: the papers' W2 quantizer). Power-of-two
+scales are exact powers of two (checked in :class:`QParams`).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class QuantSpec:
         granularity: one scale per tensor or one per slice along ``axis``.
         axis: channel axis for CHANNEL granularity (None until resolved for a concrete op).
         scale_kind: FLOAT or POW2 (scale = 2**k, k integer).
-        narrow: drop the lowest code (int8 -> [-127, 127], 2-bit -> [-1, 1]).
+        narrow: drop the lowest code (int8 -> [-127, 127], 2-bit -> [-1, 1]: ternary; a 2-bit grid
+            that is not narrow is the 4-level INT2 grid [-2, 1]).
         storage_bits: width of the stored integer type when it differs from the grid (None: ``bits``).
-            Ternary weights (the 2-bit grid [-1, 1]) may live in int4 or int8 containers; the
-            codes, dtype and opset follow the container, the grid (qmin, qmax) stays ternary.
+            2-bit weights (ternary or 4-level) may live in int4 or int8 containers; the codes, dtype
+            and opset follow the container, the grid (qmin, qmax) stays the 2-bit one.
     """
 
     bits: int = 8
@@ -76,8 +78,10 @@ class QuantSpec:
                                               or self.storage_bits < self.bits or not self.signed):
             raise UserError(f"storage_bits={self.storage_bits} cannot hold a {self.bits}-bit grid: use a signed "
                             "container at least as wide (2, 4, 8 or 16)")
-        if self.bits == 2 and not (self.signed and self.narrow and self.symmetric):
-            raise UserError("2-bit weights are ternary only: signed, symmetric, narrow ([-1, 1])")
+        if self.bits == 2 and not self.signed:
+            raise UserError("2-bit weights are signed: ternary [-1, 1] (narrow) or 4-level INT2 [-2, 1]")
+        if self.bits == 2 and self.narrow and not self.symmetric:
+            raise UserError("ternary weights ([-1, 1]) are symmetric: use the 4-level INT2 grid for zero-points")
         if self.narrow and not self.signed:
             raise UserError("a narrow range needs a signed grid")
 
@@ -93,6 +97,11 @@ class QuantSpec:
     @property
     def pow2(self) -> bool:
         return self.scale_kind is ScaleKind.POW2
+
+    @property
+    def ternary(self) -> bool:
+        """The ternary grid [-1, 1] (codes from an :mod:`onnxq.ternary` operator, not round(W / s))."""
+        return self.bits == 2 and self.narrow
 
     @property
     def store_bits(self) -> int:

@@ -169,7 +169,8 @@ class Target:
         return bits if bits in self.activation_bits else self.activation_bits[0]
 
     def weight_spec(self, config: QuantConfig, bits: int) -> QuantSpec:
-        """The weight grid; a 2-bit (ternary) grid is stored in the config's resolved container."""
+        """The weight grid; a 2-bit grid (ternary [-1, 1] or, with ``int2_grid="uniform"``, the 4-level
+        [-2, 1]) is stored in the config's resolved container."""
         storage = None
         if bits == 2:
             from onnxq.ternary_export import STORAGE_BITS, resolve_storage
@@ -178,11 +179,13 @@ class Target:
             if name == "auto":
                 name = resolve_storage(self.name, self.weight_bits, name)
             storage = STORAGE_BITS[name]
-        symmetric = config.weight_symmetric or bits == 2  # ternary codes are symmetric by definition
+        ternary = bits == 2 and config.int2_grid == "ternary"
+        symmetric = config.weight_symmetric or ternary  # ternary codes are symmetric by definition
         return QuantSpec(
             bits=bits, signed=True, symmetric=symmetric,
             granularity=Granularity.CHANNEL if config.per_channel else Granularity.TENSOR,
-            scale_kind=ScaleKind(config.scale_kind), narrow=symmetric and bits in (8, 2), storage_bits=storage,
+            scale_kind=ScaleKind(config.scale_kind), narrow=(symmetric and bits == 8) or ternary,
+            storage_bits=storage,
         )
 
     def activation_spec(self, config: QuantConfig, bits: int | None = None) -> QuantSpec:
@@ -223,6 +226,9 @@ class Target:
                 continue  # not a QuantConfig value: Target.act_bits supplies it
             log.info("target %s sets %s=%r (config default was %r)", self.name, name, choice, current)
             changes[name] = choice
+        if not config.weight_symmetric and self.weight_zero_points is not None and config.int2_grid == "uniform":
+            raise UserError(f"target {self.name} needs symmetric weights, and the 4-level INT2 grid has "
+                            "zero-points: use --weights ternary (int2_grid='ternary') or target ort-cpu")
         if not config.weight_symmetric and self.weight_zero_points is not None:
             raise UserError(f"target {self.name} needs symmetric weights (zero-points "
                             f"{sorted(self.weight_zero_points)}): drop --weight-asymmetric")

@@ -2,9 +2,10 @@
 
 Which tensors are ternary: the integer constants listed in the model's metadata entry
 ``onnxq.ternary_codes`` (JSON ``{codes constant: weight name}``, written by :func:`mark_ternary`
-for every weight whose QuantSpec is 2-bit), plus every int2 constant read by a DequantizeLinear
-(int2 holds [-2, 1]: a ternary weight is its only use here), directly or through the Cast to int8
-that :mod:`onnxq.int2_cast` puts in front of it. The check reads the stored values,
+for every weight whose QuantSpec is ternary), plus every int2 constant read by a DequantizeLinear,
+directly or through the Cast to int8 that :mod:`onnxq.int2_cast` puts in front of it, unless the
+entry ``onnxq.int2_codes`` lists it as a weight on the 4-level INT2 grid [-2, 1]
+(``QuantConfig.int2_grid="uniform"``), whose codes may be -2. The check reads the stored values,
 whatever the container (int2, int4, int8), and flags every code outside {-1, 0, 1}.
 
 Per tensor with n codes and k scales (float32):
@@ -34,19 +35,33 @@ from onnxq.int2_cast import cast_source, constant_types, folded_casts
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "onnxq.ternary_codes"
+INT2_METADATA_KEY = "onnxq.int2_codes"
 _CONTAINERS = {TensorProto.INT2: "int2", TensorProto.INT4: "int4", TensorProto.INT8: "int8",
                TensorProto.UINT2: "uint2", TensorProto.UINT4: "uint4", TensorProto.UINT8: "uint8",
                TensorProto.INT16: "int16", TensorProto.INT32: "int32"}
 
 
-def mark_ternary(model: onnx.ModelProto, codes: Mapping[str, str]) -> None:
-    """Record the ternary code constants (``{constant name: weight name}``) in the model's metadata."""
-    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+def mark_ternary(model: onnx.ModelProto, codes: Mapping[str, str], key: str = METADATA_KEY) -> None:
+    """Record the ternary code constants (``{constant name: weight name}``) in the model's metadata
+    (``key=INT2_METADATA_KEY``: the 4-level INT2 ones instead)."""
+    kept = [p for p in model.metadata_props if p.key != key]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     if codes:
         entry = model.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(dict(sorted(codes.items())), separators=(",", ":"))
+        entry.key, entry.value = key, json.dumps(dict(sorted(codes.items())), separators=(",", ":"))
+
+
+def _listed(model: onnx.ModelProto, key: str) -> dict[str, str]:
+    """A metadata entry's ``{codes constant: weight name}``; an unreadable one as ``{"<metadata>": message}``."""
+    out: dict[str, str] = {}
+    for prop in model.metadata_props:
+        if prop.key == key:
+            try:
+                out.update({str(k): str(v) for k, v in json.loads(prop.value).items()})
+            except (ValueError, AttributeError):
+                out["<metadata>"] = f"unreadable {key} entry"
+    return out
 
 
 @dataclass(frozen=True)
@@ -122,21 +137,19 @@ class TernaryReport:
 
 
 def ternary_tensors(model: onnx.ModelProto) -> dict[str, str]:
-    """``{codes constant: weight name}``: the metadata's list plus every int2 DequantizeLinear input."""
-    out: dict[str, str] = {}
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            try:
-                out.update({str(k): str(v) for k, v in json.loads(prop.value).items()})
-            except (ValueError, AttributeError):
-                out["<metadata>"] = f"unreadable {METADATA_KEY} entry"
+    """``{codes constant: weight name}``: the metadata's list plus every int2 DequantizeLinear input
+    that is not listed as a 4-level INT2 weight."""
+    out = _listed(model, METADATA_KEY)
+    uniform = _listed(model, INT2_METADATA_KEY)
+    if "<metadata>" in uniform:
+        out.setdefault("<metadata>", uniform["<metadata>"])
     types = constant_types(model.graph)
     casts = folded_casts(model.graph)
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear":
             continue
         src = cast_source(casts, node.input[0])
-        if types.get(src) == TensorProto.INT2:
+        if types.get(src) == TensorProto.INT2 and src not in uniform:
             out.setdefault(src, src.removesuffix("_quantized"))
     return out
 

@@ -48,8 +48,8 @@ def ternary_weight(values: np.ndarray, spec: QuantSpec, method: str) -> tuple[QP
     Per channel along ``spec.axis`` for CHANNEL specs, per tensor otherwise. With power-of-two
     specs the operator's scale is rounded to the nearest power of two (in log2) and its codes kept.
     """
-    if spec.bits != 2:
-        raise ValueError(f"ternary_weight needs a 2-bit spec, got {spec.describe()}")
+    if not spec.ternary:
+        raise ValueError(f"ternary_weight needs a ternary spec, got {spec.describe()}")
     axis = spec.axis if spec.granularity is Granularity.CHANNEL else None
     result = ternarize(np.asarray(values, dtype=np.float32), method, axis=axis)
     scale = pow2_round(result.scale, "round") if spec.pow2 else result.scale
@@ -59,9 +59,9 @@ def ternary_weight(values: np.ndarray, spec: QuantSpec, method: str) -> tuple[QP
 
 def weight_codes(values: np.ndarray, spec: QuantSpec, method: str, weight_method: str = "minmax",
                  qparams: QParams | None = None) -> tuple[QParams, np.ndarray]:
-    """QParams and int64 codes of a weight: the ternary operator for 2-bit specs, else
+    """QParams and int64 codes of a weight: the ternary operator for ternary specs, else
     ``round(W / s)`` with ``qparams`` (or :func:`onnxq.observers.weight_qparams`)."""
-    if spec.bits == 2:
+    if spec.ternary:
         qp, codes = ternary_weight(values, spec, method)
         return (qparams or qp), codes
     if qparams is None:
@@ -108,6 +108,29 @@ def finish_ternary_model(model, info: dict) -> None:
     mark_ternary(model, info["codes"])
     if info["storage"] == "int2" and int2_needs_cast():
         info["int2_cast"] = widen_int2_weights(model)
+
+
+def finish_int2_model(model, info: dict) -> None:
+    """Last step of writing a model with 4-level INT2 weights (``info`` = the run's ``report["int2"]``):
+    list their code constants in the metadata (the ternary check skips them) and, as for ternary
+    weights, read int2 containers through a Cast to int8 where onnxruntime cannot fuse them."""
+    from onnxq.int2_cast import widen_int2_weights
+    from onnxq.ternary_check import INT2_METADATA_KEY, mark_ternary
+
+    mark_ternary(model, info["codes"], key=INT2_METADATA_KEY)
+    if info["storage"] == "int2" and int2_needs_cast():
+        info["int2_cast"] = widen_int2_weights(model)
+
+
+def finish_two_bit_model(model, report: dict) -> tuple[dict | None, dict | None]:
+    """:func:`finish_ternary_model` and :func:`finish_int2_model` for whichever 2-bit weights a run
+    wrote; pops and returns ``report``'s ``"ternary"`` and ``"int2"`` entries (None when absent)."""
+    ternary, int2 = report.pop("ternary", None), report.pop("int2", None)
+    if ternary:
+        finish_ternary_model(model, ternary)
+    if int2:
+        finish_int2_model(model, int2)
+    return ternary, int2
 
 
 def int2_needs_cast() -> bool:

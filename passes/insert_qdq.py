@@ -4,11 +4,13 @@ Reads ``ctx.specs``, ``ctx.qparams`` (activations) and ``ctx.config.weight_metho
 weight and bias QParams into ``ctx.qparams`` and the float weights into ``ctx.float_weights``.
 
   * weights: W -> integer constant q = clip(round(W / s_w), qmin, qmax) feeding a DequantizeLinear
-    (axis = output channel for per-channel specs); INT4 stored natively (opset 21). 2-bit specs are
-    ternary: codes and scale come from ``ctx.config.ternary_method``
+    (axis = output channel for per-channel specs); INT4 stored natively (opset 21). Ternary 2-bit
+    specs: codes and scale come from ``ctx.config.ternary_method``
     (:func:`onnxq.ternary_export.ternary_weight`), exported as they are (for twn and mquant-b they
     are not round(W / s)), in the spec's container (int2, int4 or int8); their constant names are
-    listed in ``ctx.report["ternary"]["codes"]`` (code constant -> weight) for the validator;
+    listed in ``ctx.report["ternary"]["codes"]`` (code constant -> weight) for the validator. The
+    4-level INT2 grid [-2, 1] rounds to nearest like any grid; its constants are listed in
+    ``ctx.report["int2"]["codes"]`` (the ternary check leaves them alone);
   * biases: b -> INT32 constant round(b / s_b) with s_b = s_in * s_w (per channel) and zero-point
     0. If |b / s_b| would exceed 2^31 - 1 the channel's weight scale is raised to
     |b| / (s_in (2^31 - 1)) (rounded up to a power of two for POW2 specs) before the weight is
@@ -181,7 +183,7 @@ class InsertQDQPass(Pass):
             spec: QuantSpec = ctx.specs[w.name]
             cfg = ctx.config
             codes = None
-            if spec.bits == 2:  # the operator's scale (unless CorrectBiasPass set the same) and codes
+            if spec.ternary:  # the operator's scale (unless CorrectBiasPass set the same) and codes
                 t_qp, codes = ternary_weight(values, spec, cfg.ternary_method)
                 w_qp = ctx.qparams.get(w.name) or t_qp
             else:
@@ -189,19 +191,19 @@ class InsertQDQPass(Pass):
             if quant_bias:
                 s_in = ctx.qparams[node.inputs[0].name].scale
                 fitted = fit_bias(w_qp, s_in, np.asarray(bias.values))
-                if spec.bits == 2 and fitted is not w_qp:  # raised channels: nearest on the new scale
+                if spec.ternary and fitted is not w_qp:  # raised channels: nearest on the new scale
                     codes = np.where(_raised(w_qp, fitted, values.ndim), quantize(values, fitted), codes)
                 w_qp = fitted
-            if spec.bits != 2:
+            if not spec.ternary:
                 codes = quantize(values, w_qp)  # with the final (possibly raised) scale
             ctx.qparams[w.name] = w_qp
             ctx.float_weights.setdefault(w.name, values)
             dq_name = w.name if w.name not in done else f"{w.name}_{node.name}"
             done[w.name] = node.inputs[w_idx] = make_dq(graph, codes, w_qp, dq_name,
                                                         keep_zero_point=node.op == "Gemm")
-            if spec.bits == 2:
-                info = ctx.report.setdefault("ternary", {"method": cfg.ternary_method,
-                                                         "storage": f"int{spec.store_bits}", "codes": {}})
+            if spec.bits == 2:  # ternary, or the 4-level INT2 grid
+                key, first = ("ternary", {"method": cfg.ternary_method}) if spec.ternary else ("int2", {})
+                info = ctx.report.setdefault(key, {**first, "storage": f"int{spec.store_bits}", "codes": {}})
                 info["codes"][dq_name + "_quantized"] = w.name
             if quant_bias:
                 self._bias(graph, ctx, node, b_idx, bias, w_qp)

@@ -78,6 +78,9 @@ _W8A8 = dict(target="ort-cpu", weight_bits=8, per_channel=True, activation_dtype
              scale_kind="float", seed=0)
 _W4A4 = {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}
 _W2A4 = {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse", "ternary_method": "twn"}
+# The papers' W2: the 4-level INT2 grid [-2, 1], per-channel asymmetric, MSE-searched ranges.
+_W2A4U = {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse", "int2_grid": "uniform",
+          "weight_symmetric": False, "weight_method": "mse"}
 ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w8a8_minmax", {**_W8A8, "calib_method": "minmax"}),
     OnnxqEntry("onnxq_w8a8_percentile", {**_W8A8, "calib_method": "percentile"}),
@@ -161,6 +164,14 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w2a4_brecq", {**_W2A4, "method": "brecq"}, default=False),
     OnnxqEntry("onnxq_w2a4_mrecg_brecq", {**_W2A4, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
     OnnxqEntry("onnxq_w2a4_mrecg_qdrop", {**_W2A4, "method": "mrecg", "mrecg_base": "qdrop"}, default=False),
+    # W2A4 on the papers' 4-level INT2 grid (like for like with BRECQ/QDrop/MRECG's W2A4 rows).
+    OnnxqEntry("onnxq_w2a4u_rtn", _W2A4U, default=False),
+    OnnxqEntry("onnxq_w2a4u_rtn_bc", {**_W2A4U, "bias_correction": "data"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_adaround", {**_W2A4U, "method": "adaround"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_brecq", {**_W2A4U, "method": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_qdrop", {**_W2A4U, "method": "qdrop"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_mrecg_brecq", {**_W2A4U, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_mrecg_qdrop", {**_W2A4U, "method": "mrecg", "mrecg_base": "qdrop"}, default=False),
 ]
 
 
