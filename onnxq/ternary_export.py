@@ -94,7 +94,7 @@ def resolve_storage(target_name: str, weight_bits: tuple[int, ...], storage: str
         raise UserError(f"target {target_name} does not allow ternary storage {storage}: use "
                         f"{' or '.join(allowed)} (or auto)")
     if storage == "int2" and int2_needs_cast():
-        log.info("int2 ternary weights are read through a Cast to int8: %s", int2_support()[1])
+        log.info("int2 weights (ternary or 4-level) are read through a Cast to int8: %s", int2_support()[1])
     return storage
 
 
