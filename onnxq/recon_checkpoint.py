@@ -5,13 +5,16 @@ Layout of the checkpoint folder::
     state.json        {"fingerprint": ..., "done": [block indices], "results": {index: {...}}}
     block_0007.npz    the constants block 7 changed (weight codes, scales, requantized biases)
 
-The fingerprint hashes the round-to-nearest QDQ model and the reconstruction settings, so a
-checkpoint is only reused for the very same run. Files are written atomically (temporary file,
+The fingerprint hashes the round-to-nearest QDQ model, the reconstruction settings and the source of
+the installed onnxq package (:func:`code_fingerprint`), so a checkpoint is only reused for the very
+same run by the very same code: blocks written by another onnxq version, or by a working tree edited
+since, are reconstructed again instead of being mixed with new ones. Files are written atomically (temporary file,
 then ``os.replace``), so a run killed at any moment leaves a consistent checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +31,23 @@ log = logging.getLogger(__name__)
 def fingerprint(model_bytes: bytes, settings: dict[str, Any]) -> str:
     h = hashlib.sha256(model_bytes)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(code_fingerprint().encode())
     return h.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """SHA-256 of every ``.py`` file of the onnxq package and of ``onnxq.passes`` (paths and bytes)."""
+    import onnxq
+    import onnxq.passes
+
+    h = hashlib.sha256()
+    for pkg in (onnxq, onnxq.passes):
+        root = Path(pkg.__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(f"{pkg.__name__}/{path.relative_to(root).as_posix()}".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -61,7 +80,8 @@ class Checkpoint:
                 self.results = data.get("results", {})
                 log.info("resuming reconstruction: %d block(s) already done", len(self.done))
             else:
-                log.warning("checkpoint in %s belongs to another run; starting over", self.folder)
+                log.warning("checkpoint in %s belongs to another run (model, settings or onnxq code); starting over",
+                            self.folder)
                 for f in self.folder.glob("block_*.npz"):
                     f.unlink()
 

@@ -156,6 +156,43 @@ def test_kept_checkpoint_lets_a_rerun_add_tuning_without_reconstructing(calib, b
     assert tuned.model.SerializeToString() != reference.model.SerializeToString()
 
 
+def test_checkpoint_of_other_code_is_not_reused(calib, brecq, tmp_path, monkeypatch):
+    """Blocks written by another onnxq (another version, or a working tree edited since) are
+    reconstructed again: mixing them with new blocks gave a silently worse model."""
+    import onnxq.recon_checkpoint as rc
+
+    reference, _ = brecq
+    ckpt = tmp_path / "kept"
+    onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt), keep_checkpoint=True))
+    same = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt), keep_checkpoint=True))
+    assert same.report["reconstruction"]["resumed_blocks"] > 0
+    monkeypatch.setattr(rc, "code_fingerprint", lambda: "another onnxq")
+    other = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt)))
+    assert other.report["reconstruction"]["resumed_blocks"] == 0
+    assert other.model.SerializeToString() == reference.model.SerializeToString()
+
+
+def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
+    import onnxq.recon_checkpoint as rc
+
+    first = rc.code_fingerprint()
+    assert first == rc.code_fingerprint() and len(first) == 64
+    fake = tmp_path / "onnxq"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("x = 1\n")
+    monkeypatch.setattr(onnxq, "__file__", str(fake / "__init__.py"))
+    rc.code_fingerprint.cache_clear()
+    try:
+        one = rc.code_fingerprint()
+        (fake / "__init__.py").write_text("x = 2\n")
+        rc.code_fingerprint.cache_clear()
+        assert rc.code_fingerprint() != one != first
+    finally:
+        monkeypatch.undo()
+        rc.code_fingerprint.cache_clear()
+    assert rc.code_fingerprint() == first
+
+
 def test_keep_checkpoint_needs_a_folder():
     with pytest.raises(onnxq.UserError, match="checkpoint_dir"):
         _config(keep_checkpoint=True)
