@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration samples cached per block (overrides the schedule)")
     r.add_argument("--fisher", action="store_true", help="weight the block error by the diagonal Fisher")
     r.add_argument("--drop-prob", type=float, default=0.5, help="QDrop: probability of keeping an element float")
+    r.add_argument("--weight-phase-inputs", choices=("quantized", "weights-only"), default=None,
+                   help="block inputs of the adaround/brecq weight phase (default: quantized for brecq, "
+                        "weights-only for adaround)")
     r.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     r.add_argument("--checkpoint-dir", default=None,
@@ -154,7 +157,9 @@ def _quantize(args: argparse.Namespace) -> int:
         validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
         method=args.method, schedule=args.schedule, recon_iters=args.iters,
         recon_batch_size=args.recon_batch_size, recon_samples=args.recon_samples, fisher=args.fisher,
-        drop_prob=args.drop_prob, device=args.device, max_chain=args.max_chain, equalize=args.equalize,
+        drop_prob=args.drop_prob, device=args.device,
+        weight_phase_inputs=args.weight_phase_inputs.replace("-", "_") if args.weight_phase_inputs else None,
+        max_chain=args.max_chain, equalize=args.equalize,
         relu6=args.relu6, bias_absorb=args.bias_absorb, bias_correction=args.bias_correction,
         checkpoint_dir=args.checkpoint_dir or (str(out) + ".ckpt" if args.method != "rtn" else None),
         keep_checkpoint=args.keep_checkpoint,

@@ -71,6 +71,8 @@ class QuantConfig:
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
         drop_prob: QDrop's probability of leaving an activation element in float.
+        weight_phase_inputs: block inputs of the AdaRound/BRECQ weight phase, "quantized" or
+            "weights_only" (None: the method's default, see ``onnxq.recon.ReconConfig.weight_inputs``).
         device: "cpu" or "cuda" for the torch engine.
         max_chain: longest chain of single layers merged into one block.
         checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.
@@ -127,6 +129,7 @@ class QuantConfig:
     recon_samples: int | None = None
     fisher: bool = False
     drop_prob: float = 0.5
+    weight_phase_inputs: str | None = None
     device: str = "cpu"
     max_chain: int = 3
     checkpoint_dir: str | None = None
@@ -175,6 +178,7 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
+        _choice("weight_phase_inputs", self.weight_phase_inputs, (None, "quantized", "weights_only"))
         if not 0.0 <= self.drop_prob <= 1.0:
             raise UserError(f"drop_prob {self.drop_prob} is not a probability: use a value in [0, 1]")
         _choice("relu6", self.relu6, ("skip", "replace"))
@@ -204,7 +208,8 @@ class QuantConfig:
 
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
                                        ("num_samples", self.recon_samples)) if v is not None}
-        overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed)
+        overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
+                         weight_inputs=self.weight_phase_inputs)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
         return factory(self.mrecg_base if self.method == "mrecg" else self.method, **overrides)
 

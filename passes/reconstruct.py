@@ -146,7 +146,7 @@ class ReconstructPass(Pass):
                    quantize_acts: bool) -> dict:
         cfg = self.config
         need_fp = cfg.method in ("brecq", "qdrop")
-        need_w = cfg.method in ("adaround", "brecq") and quantize_acts
+        need_w = cfg.method in ("adaround", "brecq") and quantize_acts and cfg.weight_inputs == "weights_only"
         data: BlockData = capture_block_data(to_model(graph), ctx.reference, block.inputs, block.outputs, self.feeds,
                                              cfg.num_samples, store, need_fp_inputs=need_fp,
                                              need_weight_inputs=need_w)

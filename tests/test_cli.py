@@ -119,3 +119,14 @@ def test_fisher_weighting_needs_classification_logits(tmp_path, capsys):
     _expect_user_error(capsys, ["quantize", str(tmp_path / "conv.onnx"), "-o", str(tmp_path / "f.onnx"), "--calib",
                                 str(tmp_path / "calib.npz"), "--method", "brecq", "--iters", "2", "--fisher"],
                        "logits")
+
+
+def test_weight_phase_inputs_flag(tmp_path, capsys):
+    onnx.save(make_model(TEXT), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((12, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "m.q.onnx"
+    code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                 "--weights", "int4", "--method", "brecq", "--iters", "2", "--weight-phase-inputs", "weights-only"])
+    capsys.readouterr()
+    assert code == 0
+    assert json.loads(out.with_suffix(".report.json").read_text())["config"]["weight_phase_inputs"] == "weights_only"

@@ -98,6 +98,36 @@ def test_adaround_is_layer_wise(calib):
     assert all(b["kind"] == "layer" for b in rec["blocks"])
 
 
+@pytest.mark.parametrize("method,weight_inputs,captured", [
+    ("brecq", None, False), ("brecq", "weights_only", True), ("adaround", None, True),
+    ("adaround", "quantized", False)])
+def test_weight_phase_inputs(calib, monkeypatch, method, weight_inputs, captured):
+    """BRECQ's weight phase reads the quantized model's block inputs by default (its activation phase
+    runs block by block, so later inputs are clipped by learned steps); AdaRound's the weights-only ones."""
+    import dataclasses
+
+    import onnxq.api
+    import onnxq.passes.reconstruct as rp
+
+    seen = []
+    real = rp.capture_block_data
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["need_weight_inputs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rp, "capture_block_data", spy)
+    cfg = _config(method=method, activation_bits=8)
+    recon = dataclasses.replace(cfg.recon_config(), weight_inputs=weight_inputs)
+    monkeypatch.setattr(onnxq.QuantConfig, "recon_config", lambda self: recon)
+    result = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, cfg)
+    assert result.report["reconstruction"]["blocks"] and seen and set(seen) == {captured}
+    from onnxq.recon import ReconConfig
+
+    with pytest.raises(onnxq.UserError, match="weight_inputs"):
+        ReconConfig.fast("brecq", weight_inputs="float")
+
+
 def test_qdrop_same_seed_gives_identical_bytes(calib):
     a = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(method="qdrop"))
     b = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(method="qdrop"))
