@@ -151,8 +151,8 @@ def _quantize(args: argparse.Namespace) -> int:
         ternary_storage=args.ternary_storage, learn_weight_scale=args.learn_weight_scale,
         per_channel=not args.per_tensor,
         **explicit, calib_method=args.calib_method,
-        weight_method=args.weight_method, int2_grid="uniform" if args.weights == "int2" else "ternary",
-        weight_symmetric=not (args.weight_asymmetric or args.weights == "int2"), percentile=args.percentile, calib_samples=args.calib_samples,
+        weight_method=args.weight_method, **_weight_grid(args), percentile=args.percentile,
+        calib_samples=args.calib_samples,
         first_last_bits=8 if args.first_last == "8" else None, exclude=tuple(args.exclude),
         validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
         method=args.method, schedule=args.schedule, recon_iters=args.iters,
@@ -308,13 +308,19 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def _weight_grid(args: argparse.Namespace) -> dict[str, object]:
+    """QuantConfig's int2_grid and weight_symmetric for --weights (int2 is the 4-level grid with
+    zero-points) and --weight-asymmetric (quantize only)."""
+    uniform = args.weights == "int2"
+    return {"int2_grid": "uniform" if uniform else "ternary",
+            "weight_symmetric": not (uniform or getattr(args, "weight_asymmetric", False))}
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from onnxq.inspection import inspect_model
 
-    uniform = args.weights == "int2"
     plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights],
-                                                 int2_grid="uniform" if uniform else "ternary",
-                                                 weight_symmetric=not uniform))
+                                                 **_weight_grid(args)))
     if args.json:
         sys.stdout.write(json.dumps(plan, indent=2) + "\n")
     else:

@@ -226,12 +226,11 @@ class Target:
                 continue  # not a QuantConfig value: Target.act_bits supplies it
             log.info("target %s sets %s=%r (config default was %r)", self.name, name, choice, current)
             changes[name] = choice
-        if not config.weight_symmetric and self.weight_zero_points is not None and config.int2_grid == "uniform":
-            raise UserError(f"target {self.name} needs symmetric weights, and the 4-level INT2 grid has "
-                            "zero-points: use --weights ternary (int2_grid='ternary') or target ort-cpu")
         if not config.weight_symmetric and self.weight_zero_points is not None:
+            fix = ("the 4-level INT2 grid has zero-points: use --weights ternary (int2_grid='ternary') or "
+                   "target ort-cpu" if config.int2_grid == "uniform" else "drop --weight-asymmetric")
             raise UserError(f"target {self.name} needs symmetric weights (zero-points "
-                            f"{sorted(self.weight_zero_points)}): drop --weight-asymmetric")
+                            f"{sorted(self.weight_zero_points)}): {fix}")
         if config.first_last_bits is not None and config.first_last_bits not in self.weight_bits:
             raise UserError(f"target {self.name} does not allow first_last_bits={config.first_last_bits}: "
                             f"use {' or '.join(map(str, self.weight_bits))}")

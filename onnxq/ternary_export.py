@@ -98,39 +98,26 @@ def resolve_storage(target_name: str, weight_bits: tuple[int, ...], storage: str
     return storage
 
 
-def finish_ternary_model(model, info: dict) -> None:
-    """Last step of writing a model with ternary weights (``info`` = the run's ``report["ternary"]``):
-    record the code constants in the metadata and, for int2 containers this onnxruntime cannot fuse,
-    read them through a Cast to int8 (``info["int2_cast"]`` = how many)."""
-    from onnxq.int2_cast import widen_int2_weights
-    from onnxq.ternary_check import mark_ternary
-
-    mark_ternary(model, info["codes"])
-    if info["storage"] == "int2" and int2_needs_cast():
-        info["int2_cast"] = widen_int2_weights(model)
-
-
-def finish_int2_model(model, info: dict) -> None:
-    """Last step of writing a model with 4-level INT2 weights (``info`` = the run's ``report["int2"]``):
-    list their code constants in the metadata (the ternary check skips them) and, as for ternary
-    weights, read int2 containers through a Cast to int8 where onnxruntime cannot fuse them."""
-    from onnxq.int2_cast import widen_int2_weights
-    from onnxq.ternary_check import INT2_METADATA_KEY, mark_ternary
-
-    mark_ternary(model, info["codes"], key=INT2_METADATA_KEY)
-    if info["storage"] == "int2" and int2_needs_cast():
-        info["int2_cast"] = widen_int2_weights(model)
-
-
 def finish_two_bit_model(model, report: dict) -> tuple[dict | None, dict | None]:
-    """:func:`finish_ternary_model` and :func:`finish_int2_model` for whichever 2-bit weights a run
-    wrote; pops and returns ``report``'s ``"ternary"`` and ``"int2"`` entries (None when absent)."""
-    ternary, int2 = report.pop("ternary", None), report.pop("int2", None)
-    if ternary:
-        finish_ternary_model(model, ternary)
-    if int2:
-        finish_int2_model(model, int2)
-    return ternary, int2
+    """Last step of writing a model with 2-bit weights; pops and returns ``report``'s ``"ternary"`` and
+    ``"int2"`` (4-level grid) entries, None when absent.
+
+    Each entry's code constants are recorded in the metadata (``onnxq.ternary_codes`` or
+    ``onnxq.int2_codes``, so the ternary check knows which int2 constants may hold -2) and, for int2
+    containers this onnxruntime cannot fuse, read through a Cast to int8 (``info["int2_cast"]`` = how
+    many)."""
+    from onnxq.int2_cast import widen_int2_weights
+    from onnxq.ternary_check import INT2_METADATA_KEY, METADATA_KEY, mark_ternary
+
+    infos = {name: report.pop(name, None) for name in ("ternary", "int2")}
+    for name, key in (("ternary", METADATA_KEY), ("int2", INT2_METADATA_KEY)):
+        info = infos[name]
+        if not info:
+            continue
+        mark_ternary(model, info["codes"], key=key)
+        if info["storage"] == "int2" and int2_needs_cast():
+            info["int2_cast"] = widen_int2_weights(model)
+    return infos["ternary"], infos["int2"]
 
 
 def int2_needs_cast() -> bool:
