@@ -4,7 +4,8 @@
 weight DequantizeLinear becomes an :class:`~onnxq.recon.AdaRoundWeight` initialised from the float
 weight and its QParams (or a fixed round-to-nearest quantizer when the method is ``rtn``), and
 each activation Q -> [Clip] -> DQ becomes a :class:`~onnxq.recon.FakeQuant` with the calibrated
-scale. ``write_back`` replaces the integer constants of the graph by the learned codes, and the
+scale (``graph_codes``: fixed weights keep the codes already in the graph, for BRECQ's two-pass
+activation pass). ``write_back`` replaces the integer constants of the graph by the learned codes, and the
 activation scales by the learned step sizes; the INT32 biases that depend on a changed input
 scale are requantized (s_b = s_in * s_w).
 
@@ -52,7 +53,13 @@ def weight_name_of(dq: gs.Node) -> str | None:
 
 
 def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: bool,
-                learn_scales: bool) -> BuiltBlock:
+                learn_scales: bool, graph_codes: bool = False) -> BuiltBlock:
+    """The block's torch module with its weight and activation quantizers.
+
+    ``rounding``: AdaRound weights (else fixed ones). ``learn_scales``: activation step sizes may train.
+    ``graph_codes``: fixed weights hold the integer codes already in the graph (e.g. learned by an
+    earlier pass) instead of round-to-nearest of the float weight.
+    """
     by_name = {n.name: n for n in graph.nodes}
     nodes = [by_name[n] for n in block.nodes]
     weights: dict[str, AdaRoundWeight | RoundToNearestWeight] = {}
@@ -64,7 +71,8 @@ def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: b
             qp = ctx.qparams[w]
             args = (ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax,
                     qp.spec.axis if qp.scale.ndim == 1 else None)
-            codes = np.asarray(node.inputs[0].values).astype(np.int64) if qp.spec.ternary else None
+            in_graph = qp.spec.ternary or (graph_codes and not rounding)
+            codes = np.asarray(node.inputs[0].values).astype(np.int64) if in_graph else None
             if rounding:
                 learn = bool(getattr(ctx.config, "learn_weight_scale", False)) and not qp.spec.pow2
                 quantizer = AdaRoundWeight(*args, init_codes=codes, learn_scale=learn)

@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--weight-phase-inputs", choices=("quantized", "weights-only"), default=None,
                    help="block inputs of the adaround/brecq weight phase (default: quantized for brecq, "
                         "weights-only for adaround)")
+    r.add_argument("--recon-order", choices=("interleaved", "two-pass"), default=None,
+                   help="brecq: each block's activation steps right after its weights (interleaved) or, "
+                        "as BRECQ's reference, all weights first, then all steps (two-pass)")
     r.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     r.add_argument("--checkpoint-dir", default=None,
@@ -159,6 +162,7 @@ def _quantize(args: argparse.Namespace) -> int:
         recon_batch_size=args.recon_batch_size, recon_samples=args.recon_samples, fisher=args.fisher,
         drop_prob=args.drop_prob, device=args.device,
         weight_phase_inputs=args.weight_phase_inputs.replace("-", "_") if args.weight_phase_inputs else None,
+        recon_order=args.recon_order.replace("-", "_") if args.recon_order else None,
         max_chain=args.max_chain, equalize=args.equalize,
         relu6=args.relu6, bias_absorb=args.bias_absorb, bias_correction=args.bias_correction,
         checkpoint_dir=args.checkpoint_dir or (str(out) + ".ckpt" if args.method != "rtn" else None),

@@ -73,6 +73,9 @@ class QuantConfig:
         drop_prob: QDrop's probability of leaving an activation element in float.
         weight_phase_inputs: block inputs of the AdaRound/BRECQ weight phase, "quantized" or
             "weights_only" (None: the method's default, see ``onnxq.recon.ReconConfig.weight_inputs``).
+        recon_order: BRECQ's phase order, "interleaved" (per block: weights, then activation steps)
+            or "two_pass" (the reference's: all weights, then all steps); None: the default of
+            ``onnxq.recon.ReconConfig.order``. Also MRECG's with the brecq base.
         device: "cpu" or "cuda" for the torch engine.
         max_chain: longest chain of single layers merged into one block.
         checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.
@@ -130,6 +133,7 @@ class QuantConfig:
     fisher: bool = False
     drop_prob: float = 0.5
     weight_phase_inputs: str | None = None
+    recon_order: str | None = None
     device: str = "cpu"
     max_chain: int = 3
     checkpoint_dir: str | None = None
@@ -179,6 +183,10 @@ class QuantConfig:
             if value is not None and value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
         _choice("weight_phase_inputs", self.weight_phase_inputs, (None, "quantized", "weights_only"))
+        _choice("recon_order", self.recon_order, (None, "interleaved", "two_pass"))
+        if self.recon_order == "two_pass" and (self.mrecg_base if self.method == "mrecg" else self.method) != "brecq":
+            raise UserError(f"recon_order 'two_pass' needs method brecq (or mrecg on brecq), got {self.method!r}: "
+                            "drop --recon-order")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise UserError(f"drop_prob {self.drop_prob} is not a probability: use a value in [0, 1]")
         _choice("relu6", self.relu6, ("skip", "replace"))
@@ -209,7 +217,7 @@ class QuantConfig:
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
                                        ("num_samples", self.recon_samples)) if v is not None}
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
-                         weight_inputs=self.weight_phase_inputs)
+                         weight_inputs=self.weight_phase_inputs, order=self.recon_order)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
         return factory(self.mrecg_base if self.method == "mrecg" else self.method, **overrides)
 

@@ -7,8 +7,8 @@ Reads ``ctx.reference`` (the float model after the float phase: block inputs/tar
 
 For each block (:func:`onnxq.blocks.partition`) in topological order, BRECQ's asymmetric setting:
 inputs x~ come from the QDQ model quantized so far (earlier blocks already written back; for the
-adaround/brecq weight phase with its activation quantizers bypassed, as BRECQ sets
-``act_quant=False`` there), targets z = f_fp(x) from the float model, and the engine minimises
+adaround/brecq weight phase with weights-only inputs, its activation quantizers bypassed, as BRECQ
+sets ``act_quant=False`` there), targets z = f_fp(x) from the float model, and the engine minimises
 
     E || f_q(x~; W_hat(V)) - z ||^p + lambda * sum_ij (1 - |2 h(V_ij) - 1|^beta)
 
@@ -17,6 +17,14 @@ over the rounding variables V (AdaRound / BRECQ weight phase), then learns activ
 new codes only when its evaluation loss beats round-to-nearest. After every block the changed
 constants are checkpointed, so an interrupted run resumes from the last finished block. The first
 weighted layer is not reconstructed (8-bit round-to-nearest, as BRECQ).
+
+BRECQ's phase order (``ReconConfig.order``): "interleaved" runs a block's activation phase right
+after its weight phase; "two_pass" is the reference's order: a weight pass over every block
+(rounding only, weights-only inputs, activation quantizers off; checkpoint index k), then an
+activation pass over every block (step sizes only, the weights fixed at the codes the weight pass
+wrote, float-model inputs for training and the fully quantized model's for the keep-or-not
+evaluation; checkpoint index ACT_PASS_OFFSET + k). Its report has one entry per block with the
+activation pass's losses and the weight pass's under ``weight_phase``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from onnxq.block_build import apply_constants, build_block, write_back
-from onnxq.block_data import BlockData, TensorStore, capture_block_data, collect
+from onnxq.block_data import BlockData, TensorStore, capture_block_data, collect, weights_only
 from onnxq.blocks import Block, partition
 from onnxq.context import QuantContext
 from onnxq.errors import PassError
@@ -45,6 +53,9 @@ from onnxq.recon_fisher import build_tail, check_logit_outputs, fisher_gradients
 from onnxq.torchify import supported
 
 log = logging.getLogger(__name__)
+
+#: Checkpoint index of block k's activation pass in BRECQ's two-pass order (the weight pass uses k).
+ACT_PASS_OFFSET = 100_000
 
 
 def rebatch(feeds, size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -119,45 +130,78 @@ class ReconstructPass(Pass):
             names = [t.name for t in graph.outputs]
             got = collect(ctx.reference, names, self.feeds, cfg.num_samples, store, "capture logits")
             self.logits = [got[n] for n in names]
-        base = store.mark()
+        two_pass = cfg.method == "brecq" and cfg.order == "two_pass" and quantize_acts
+        report["order"] = "two_pass" if two_pass else "interleaved"
+        phases = [("weights", 0), ("acts", ACT_PASS_OFFSET)] if two_pass else [("both", 0)]
         try:
-            bar = tqdm(todo, desc=f"{cfg.method} blocks", unit="block", disable=None)
-            for block in bar:
-                if block.index in ckpt.done:
-                    report["blocks"].append({"block": block.name, **ckpt.results.get(str(block.index), {})})
-                    continue
-                try:
-                    entry = self._one_block(graph, ctx, block, store, quantize_acts)
-                finally:
-                    store.release(base)  # this block's cached tensors are done with
-                report["blocks"].append(entry)
-                ckpt.save(block.index, entry.pop("_constants"), entry)
+            for phase, offset in phases:
+                entries = self._run_phase(graph, ctx, todo, phase, offset, ckpt, store, quantize_acts)
+                if phase == "acts":  # one entry per block: the act pass's losses, the weight pass's nested
+                    for entry, w in zip(entries, report["blocks"], strict=True):
+                        entry["weight_phase"] = {k: v for k, v in w.items() if k not in ("block", "kind")}
+                report["blocks"] = entries
         finally:
             store.close()
         report["seconds"] = round(time.perf_counter() - start, 1)
-        report["improved_blocks"] = sum(1 for b in report["blocks"] if b.get("kept"))
+        report["improved_blocks"] = sum(1 for b in report["blocks"]
+                                        if b.get("kept") or b.get("weight_phase", {}).get("kept"))
         report["skipped"] = [b.name for b in blocks if b not in todo]
         ctx.report["reconstruction"] = report
         if not self.keep_checkpoint:
             ckpt.clear()
         return PassResult(graph, report["improved_blocks"] > 0)
 
+    def _run_phase(self, graph: gs.Graph, ctx: QuantContext, todo: list[Block], phase: str, offset: int,
+                   ckpt: Checkpoint, store: TensorStore, quantize_acts: bool) -> list[dict]:
+        """One sweep over the blocks; block k is checkpointed under index ``offset + k``."""
+        entries: list[dict] = []
+        base = store.mark()
+        label = {"both": "blocks", "weights": "blocks, weight pass", "acts": "blocks, activation pass"}[phase]
+        for block in tqdm(todo, desc=f"{self.config.method} {label}", unit="block", disable=None):
+            index = offset + block.index
+            if index in ckpt.done:
+                entries.append({"block": block.name, **ckpt.results.get(str(index), {})})
+                continue
+            try:
+                entry = self._one_block(graph, ctx, block, store, quantize_acts, phase)
+            finally:
+                store.release(base)  # this block's cached tensors are done with
+            entries.append(entry)
+            ckpt.save(index, entry.pop("_constants"), entry)
+        return entries
+
     def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,
-                   quantize_acts: bool) -> dict:
+                   quantize_acts: bool, phase: str = "both") -> dict:
+        """Reconstruct one block. ``phase``: "both" (the method's loop(s)), or BRECQ's two-pass order:
+        "weights" (rounding only, every activation quantizer off) or "acts" (step sizes only, the
+        weights fixed at the codes the weight pass wrote)."""
         cfg = self.config
-        need_fp = cfg.method in ("brecq", "qdrop")
-        need_w = cfg.method in ("adaround", "brecq") and quantize_acts and cfg.weight_inputs == "weights_only"
-        data: BlockData = capture_block_data(to_model(graph), ctx.reference, block.inputs, block.outputs, self.feeds,
+        model = to_model(graph)
+        if phase == "weights":  # the weight pass sees weights-only inputs, or the fully quantized model's
+            cfg = dataclasses.replace(cfg, act_iters=0)
+            if cfg.weight_inputs == "weights_only":
+                model = weights_only(model)
+        need_fp = cfg.method == "qdrop" or (cfg.method == "brecq" and phase != "weights")
+        need_w = (phase == "both" and cfg.method in ("adaround", "brecq") and quantize_acts
+                  and cfg.weight_inputs == "weights_only")
+        data: BlockData = capture_block_data(model, ctx.reference, block.inputs, block.outputs, self.feeds,
                                              cfg.num_samples, store, need_fp_inputs=need_fp,
                                              need_weight_inputs=need_w)
-        built = build_block(graph, block, ctx, rounding=cfg.method != "rtn", learn_scales=quantize_acts)
-        fisher = self._fisher(graph, ctx, block, built.module, data) if cfg.fisher else None
+        built = build_block(graph, block, ctx, rounding=cfg.method != "rtn" and phase != "acts",
+                            learn_scales=quantize_acts and phase != "weights", graph_codes=phase == "acts")
+        if phase == "weights":
+            for fq in built.acts.values():
+                fq.enabled = False
+        use_fisher = cfg.fisher and phase != "acts"
+        fisher = self._fisher(graph, ctx, block, built.module, data) if use_fisher else None
+        acts = {} if phase == "weights" else built.acts
         result = reconstruct_block(
-            built.module, built.weights, built.acts, BlockData.as_torch(data.inputs_q),
+            built.module, built.weights, acts, BlockData.as_torch(data.inputs_q),
             BlockData.as_torch(data.inputs_fp) if need_fp else None, BlockData.as_torch(data.targets),
             cfg if not cfg.fisher or fisher is not None else dataclasses.replace(cfg, fisher=False),
             fisher=fisher,
-            quantize_activations=quantize_acts, desc=f"block {block.index} ({block.kind})",
+            quantize_activations=quantize_acts and phase != "weights",
+            desc=f"block {block.index} ({block.kind}{'' if phase == 'both' else ', ' + phase})",
             inputs_w=BlockData.as_torch(data.inputs_w) if need_w else None)
         kept = cfg.method != "rtn" and result.improved
         constants = write_back(graph, built, ctx) if kept else {}

@@ -121,6 +121,13 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
                default=False, checkpoint="w4a8_brecq"),
     OnnxqEntry("onnxq_w4a8_brecq_bt", {**_W8A8, "weight_bits": 4, "method": "brecq", "bias_tuning": True},
                default=False, checkpoint="w4a8_brecq"),
+    # BRECQ in its reference's two-pass order (all weights, then all activation steps).
+    OnnxqEntry("onnxq_w4a8_brecq_2p", {**_W8A8, "weight_bits": 4, "method": "brecq", "recon_order": "two_pass"},
+               default=False, checkpoint="w4a8_brecq_2p"),
+    OnnxqEntry("onnxq_w4a8_brecq_2p_st", {**_W8A8, "weight_bits": 4, "method": "brecq", "recon_order": "two_pass",
+                                          "stats_tuning": True}, default=False, checkpoint="w4a8_brecq_2p"),
+    OnnxqEntry("onnxq_w4a4_brecq_2p", {**_W4A4, "method": "brecq", "recon_order": "two_pass"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_brecq_2p", {**_W2A4U, "method": "brecq", "recon_order": "two_pass"}, default=False),
     OnnxqEntry("onnxq_w4a8_brecq_wmse", {**_W8A8, "weight_bits": 4, "method": "brecq", "weight_method": "mse"}),
     OnnxqEntry("onnxq_w4a8_qdrop", {**_W8A8, "weight_bits": 4, "method": "qdrop"}),
     OnnxqEntry("onnxq_w4a4_rtn", {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}),

@@ -66,6 +66,7 @@ def _is_int(v: object) -> bool:
 
 
 WEIGHT_INPUTS = ("quantized", "weights_only")
+ORDERS = ("interleaved", "two_pass")
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,19 @@ class ReconConfig:
         eval_samples: the evaluation subset (the first samples, also trained on) unless ``holdout``.
         holdout: > 0: the last ``holdout`` samples are never trained on and are the evaluation subset.
         log_every: record the training error in the history every this many iterations.
+        order: BRECQ's phase order over the network (the caller, ReconstructPass, runs it):
+            "interleaved" (each block's activation phase right after its weight phase) or "two_pass"
+            (BRECQ's reference: every block's weight phase, then every block's activation phase).
+            None: "interleaved". Only brecq has two phases; other methods accept "interleaved" only.
         weight_inputs: block inputs of the adaround/brecq weight phase: "quantized" (``inputs_q``, from
             the model quantized so far) or "weights_only" (``inputs_w``, the same model with its
-            activation quantizers off, BRECQ's act_quant=False). None: "quantized" for brecq,
-            "weights_only" for adaround. BRECQ's reference learns every block's weights before any
-            activation step; here each block's activation phase runs right after its weight phase,
-            so later blocks get inputs clipped by steps that weights-only inputs never show (on
-            EfficientNet-Lite0 W4A8 the learned output steps are about 35 % under the calibrated ones,
-            and weights-only inputs cost 15.3 points of top-1: 66.00 against 81.33).
+            activation quantizers off, BRECQ's act_quant=False). None: "weights_only" for adaround and
+            for brecq's two-pass order, "quantized" for interleaved brecq. Interleaved, a block's
+            activation phase runs right after its weight phase, so later blocks get inputs clipped by
+            learned steps that weights-only inputs never show (on EfficientNet-Lite0 W4A8 the learned
+            output steps are about 35 % under the calibrated ones, and weights-only inputs cost 15.3
+            points of top-1: 66.00 against 81.33). In the two-pass order no step is learned before
+            every weight is, so weights-only inputs are consistent, as in the reference.
     """
 
     method: str
@@ -121,6 +127,7 @@ class ReconConfig:
     holdout: int = 0
     log_every: int = 100
     weight_inputs: str | None = None
+    order: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS,
@@ -149,8 +156,15 @@ class ReconConfig:
         _check(self.beta[0] >= self.beta[1] > 0, f"recon beta must satisfy start >= end > 0, got {self.beta}")
         _check(0.0 <= self.warmup < 1.0, f"recon warmup is a fraction in [0, 1), got {self.warmup}")
         _check(0.0 <= self.drop_prob <= 1.0, f"recon drop_prob must be in [0, 1], got {self.drop_prob}")
+        if self.order is None:
+            object.__setattr__(self, "order", "interleaved")
+        _check(self.order in ORDERS, f"recon order {self.order!r} is unknown: use {' or '.join(ORDERS)}")
+        _check(self.order == "interleaved" or self.method == "brecq",
+               f"recon order {self.order!r} applies to brecq only (the method is {self.method!r}): "
+               "leave the order unset")
         if self.weight_inputs is None:
-            object.__setattr__(self, "weight_inputs", "weights_only" if self.method == "adaround" else "quantized")
+            consistent = self.method == "adaround" or self.order == "two_pass"
+            object.__setattr__(self, "weight_inputs", "weights_only" if consistent else "quantized")
         _check(self.weight_inputs in WEIGHT_INPUTS,
                f"recon weight_inputs {self.weight_inputs!r} is unknown: use {' or '.join(WEIGHT_INPUTS)}")
         for name in ("fisher", "act_lr_relative"):
@@ -408,7 +422,8 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
     learnable = [a for a in aq if a.enabled and a.trainable] if quantize_activations else []
     method = config.method
     act_phase = method == "brecq" and bool(learnable) and config.act_iters > 0
-    total = 0 if method == "rtn" else config.iters + (config.act_iters if act_phase else 0)
+    weight_iters = config.iters if rounding or (method == "qdrop" and learnable) else 0
+    total = 0 if method == "rtn" else weight_iters + (config.act_iters if act_phase else 0)
     first = next((t for m in (module, *wq, *aq) for t in (*m.parameters(), *m.buffers())), None)
     home = first.device if first is not None else torch.device("cpu")
     for m in (module, *wq, *aq):
@@ -426,10 +441,11 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
         if method in ("adaround", "brecq"):
             for a in aq:  # weight phase: activations in float, V only
                 a.enabled = False
-            _train_rounding(rounding, True)
-            opt = weight_optimizer(rounding, config.round_lr) if rounding else None
-            runner.loop(config.iters, _rounding_loss(rounding, config), [opt] if opt else [], [], "w")
-            _train_rounding(rounding, False)
+            if rounding:  # fixed weights (e.g. BRECQ's two-pass activation pass): nothing to learn here
+                _train_rounding(rounding, True)
+                opt = weight_optimizer(rounding, config.round_lr)
+                runner.loop(config.iters, _rounding_loss(rounding, config), [opt], [], "w")
+                _train_rounding(rounding, False)
             state.restore_enabled()
             if act_phase:  # hard frozen weights, LSQ steps, float-model inputs, |dz|^act_p
                 for a in learnable:
@@ -437,7 +453,7 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
                 opt = _act_optimizer(learnable, config)
                 sched = _cosine(opt, config.act_iters)
                 runner.loop(config.act_iters, ReconLoss(p=config.act_p), [opt], [sched], "fp")
-        elif method == "qdrop":
+        elif method == "qdrop" and weight_iters:
             _qdrop(runner, rounding, learnable, aq, config)
         state.restore(module, wq)
         loss_final = runner.evaluate() if method != "rtn" else loss_rtn

@@ -1,0 +1,188 @@
+"""BRECQ's two-pass order (the reference's): every block's weights first, then every block's steps."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq.recon import AdaRoundWeight, ReconConfig, RoundToNearestWeight
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.fixture(scope="module")
+def calib() -> list[dict[str, np.ndarray]]:
+    x = np.load(MODELS / "tiny_cnn_calib.npz")["input"]
+    return [{"input": x[i:i + 4]} for i in range(0, 48, 4)]
+
+
+def _config(**kw) -> onnxq.QuantConfig:
+    base = dict(weight_bits=4, activation_bits=4, method="brecq", recon_order="two_pass", recon_iters=8,
+                recon_samples=16, recon_batch_size=8, validate=False)
+    base.update(kw)
+    return onnxq.QuantConfig(**base)
+
+
+def _codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: onnx.numpy_helper.to_array(i).astype(np.int64) for i in model.graph.initializer
+            if i.name.endswith("_quantized") and "bias" not in i.name}
+
+
+def _activation_quantizers(model: onnx.ModelProto) -> int:
+    constants = {i.name for i in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants)
+
+
+@pytest.fixture(scope="module")
+def spied(calib):
+    """One two-pass run with every engine call and every capture recorded."""
+    import onnxq.passes.reconstruct as rp
+
+    calls, captures = [], []
+    real_block, real_capture = rp.reconstruct_block, rp.capture_block_data
+
+    def block_spy(module, weights, acts, *args, **kwargs):
+        fixed = {k: w.codes().numpy().copy() for k, w in weights.items()
+                 if isinstance(w, RoundToNearestWeight)}
+        learned = any(isinstance(w, AdaRoundWeight) for w in weights.values())
+        enabled = [a.enabled for a in module.modules() if hasattr(a, "enabled") and hasattr(a, "scale")]
+        calls.append({"desc": kwargs["desc"], "adaround": learned,
+                      "fixed": fixed, "acts": len(acts), "enabled": enabled,
+                      "quantize_activations": kwargs["quantize_activations"], "iters": args[3].iters,
+                      "act_iters": args[3].act_iters, "fp_inputs": args[1] is not None})
+        return real_block(module, weights, acts, *args, **kwargs)
+
+    def capture_spy(model, *args, **kwargs):
+        captures.append(_activation_quantizers(model))
+        return real_capture(model, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rp, "reconstruct_block", block_spy)
+    mp.setattr(rp, "capture_block_data", capture_spy)
+    try:
+        result = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(validate=True))
+    finally:
+        mp.undo()
+    return result, calls, captures
+
+
+def test_all_weight_phases_run_before_any_activation_phase(spied):
+    result, calls, _ = spied
+    rec = result.report["reconstruction"]
+    n = len(rec["blocks"])
+    assert rec["order"] == "two_pass" and n >= 3 and len(calls) == 2 * n
+    assert all("weights" in c["desc"] for c in calls[:n]) and all("acts" in c["desc"] for c in calls[n:])
+    for c in calls[:n]:  # the weight pass: rounding variables, every activation quantizer off, no step phase
+        assert c["adaround"] and c["acts"] == 0 and not any(c["enabled"])
+        assert c["quantize_activations"] is False and c["act_iters"] == 0 and not c["fp_inputs"]
+    for c in calls[n:]:  # the activation pass: fixed weights, enabled quantizers, float-model inputs
+        assert not c["adaround"] and c["fixed"] and c["acts"] > 0 and all(c["enabled"])
+        assert c["quantize_activations"] is True and c["act_iters"] > 0 and c["fp_inputs"]
+    assert result.validation.ok
+
+
+def test_weight_pass_reads_weights_only_inputs_and_act_pass_the_quantized_model(spied):
+    result, calls, captures = spied
+    n = len(result.report["reconstruction"]["blocks"])
+    assert len(captures) == 2 * n
+    assert captures[:n] == [0] * n  # weights-only model: no activation quantizer upstream
+    assert all(q > 0 for q in captures[n:])
+
+
+def test_act_pass_keeps_the_codes_the_weight_pass_learned(spied, calib):
+    """The activation pass trains on exactly the codes in the output model, and they are not RTN's."""
+    result, calls, _ = spied
+    n = len(result.report["reconstruction"]["blocks"])
+    final = _codes(result.model)
+    rtn_config = _config(method="rtn", recon_order=None)
+    rtn = _codes(onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, rtn_config).model)
+    seen = 0
+    changed = 0
+    for c in calls[n:]:
+        for key, codes in c["fixed"].items():
+            name = key.removesuffix("_dequantized") + "_quantized"
+            np.testing.assert_array_equal(codes, final[name].reshape(codes.shape), err_msg=name)
+            changed += int(np.sum(final[name] != rtn[name]))
+            seen += 1
+    assert seen > 0 and changed > 0
+
+
+def test_report_nests_the_weight_pass_in_each_block(spied):
+    rec = spied[0].report["reconstruction"]
+    for entry in rec["blocks"]:
+        assert {"loss_rtn", "loss_final", "kept"} <= set(entry)
+        assert {"loss_rtn", "loss_final", "kept"} <= set(entry["weight_phase"])
+    assert rec["improved_blocks"] >= 1
+
+
+def test_interrupted_in_the_activation_pass_resumes_to_the_same_bytes(calib, spied, tmp_path, monkeypatch):
+    """Killed in the second block of the activation pass, the run resumes there (the whole weight
+    pass and one act block come from the checkpoint) and ends with the bytes of an uninterrupted run."""
+    import onnxq.passes.reconstruct as rp
+
+    real = rp.reconstruct_block
+    acts = []
+
+    def dying(*args, **kwargs):
+        if "acts" in kwargs["desc"]:
+            acts.append(kwargs["desc"])
+            if len(acts) == 2:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(rp, "reconstruct_block", dying)
+    with pytest.raises(KeyboardInterrupt):
+        onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt)))
+    state = json.loads((ckpt / "state.json").read_text())
+    n = len(spied[0].report["reconstruction"]["blocks"])
+    assert len(state["done"]) == n + 1 and max(state["done"]) >= rp.ACT_PASS_OFFSET
+    resumed_calls = []
+
+    def counting(*args, **kwargs):
+        resumed_calls.append(kwargs["desc"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rp, "reconstruct_block", counting)
+    resumed = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(checkpoint_dir=str(ckpt)))
+    assert len(resumed_calls) == n - 1 and all("acts" in d for d in resumed_calls)
+    assert resumed.report["reconstruction"]["resumed_blocks"] == n + 1
+    assert resumed.model.SerializeToString() == spied[0].model.SerializeToString()
+
+
+def test_order_defaults_and_errors():
+    assert ReconConfig.fast("brecq").order == "interleaved"
+    assert ReconConfig.fast("brecq").weight_inputs == "quantized"
+    assert ReconConfig.fast("brecq", order="two_pass").weight_inputs == "weights_only"
+    assert ReconConfig.fast("brecq", order="two_pass", weight_inputs="quantized").weight_inputs == "quantized"
+    assert ReconConfig.fast("qdrop").weight_inputs == "quantized"
+    with pytest.raises(onnxq.UserError, match="brecq only"):
+        ReconConfig.fast("qdrop", order="two_pass")
+    with pytest.raises(onnxq.UserError, match="unknown"):
+        ReconConfig.fast("brecq", order="reverse")
+    with pytest.raises(onnxq.UserError, match="needs method brecq"):
+        _config(method="qdrop")
+    assert _config(method="mrecg", mrecg_base="brecq").recon_config().order == "two_pass"
+    assert replace(_config(), recon_order=None).recon_config().order == "interleaved"
+
+
+def test_cli_flag(tmp_path, capsys):
+    from onnxq.cli import main
+
+    out = tmp_path / "m.q.onnx"
+    np.savez(tmp_path / "calib.npz", input=np.load(MODELS / "tiny_cnn_calib.npz")["input"][:16])
+    calib_file = str(tmp_path / "calib.npz")
+    args = ["quantize", str(MODELS / "tiny_cnn.onnx"), "--calib", calib_file, "--weights", "int4"]
+    code = main([*args, "-o", str(out), "--method", "brecq", "--iters", "2", "--recon-order", "two-pass"])
+    capsys.readouterr()
+    assert code == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["config"]["recon_order"] == "two_pass" and report["reconstruction"]["order"] == "two_pass"
+    code = main([*args, "-o", str(tmp_path / "x.onnx"), "--method", "qdrop", "--recon-order", "two-pass"])
+    assert code != 0 and "needs method brecq" in capsys.readouterr().err
