@@ -159,6 +159,9 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w4a8_adaquant_seq_bt", {**_W8A8, "weight_bits": 4, "method": "adaquant", "bias_tuning": True,
                                               "adaquant_mode": "sequential"}, default=False,
                checkpoint="w4a8_adaquant_seq"),
+    # QDrop's reference quantizers: per-channel asymmetric weights with MSE-searched ranges (ort-cpu).
+    OnnxqEntry("onnxq_w4a4_qdrop_asym", {**_W4A4, "method": "qdrop", "weight_symmetric": False,
+                                         "weight_method": "mse"}, default=False),
     OnnxqEntry("onnxq_w4a4_adaquant_par", {**_W4A4, "method": "adaquant", "adaquant_mode": "parallel"},
                default=False),
     OnnxqEntry("onnxq_w4a4_adaquant_seq", {**_W4A4, "method": "adaquant", "adaquant_mode": "sequential"},
