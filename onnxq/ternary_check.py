@@ -1,7 +1,7 @@
 """Check the ternary weights of a written QDQ model and measure their sparsity and size.
 
 Which tensors are ternary: the integer constants listed in the model's metadata entry
-``onnxq.ternary_codes`` (JSON ``{codes constant: weight name}``, written by :func:`mark_ternary`
+``onnxq.ternary_codes`` (JSON ``{codes constant: weight name}``, written by :func:`mark_two_bit_codes`
 for every weight whose QuantSpec is ternary), plus every int2 constant read by a DequantizeLinear,
 directly or through the Cast to int8 that :mod:`onnxq.int2_cast` puts in front of it, unless the
 entry ``onnxq.int2_codes`` lists it as a weight on the 4-level INT2 grid [-2, 1]
@@ -41,9 +41,10 @@ _CONTAINERS = {TensorProto.INT2: "int2", TensorProto.INT4: "int4", TensorProto.I
                TensorProto.INT16: "int16", TensorProto.INT32: "int32"}
 
 
-def mark_ternary(model: onnx.ModelProto, codes: Mapping[str, str], key: str = METADATA_KEY) -> None:
-    """Record the ternary code constants (``{constant name: weight name}``) in the model's metadata
-    (``key=INT2_METADATA_KEY``: the 4-level INT2 ones instead)."""
+def mark_two_bit_codes(model: onnx.ModelProto, codes: Mapping[str, str],
+                       key: str = METADATA_KEY) -> None:
+    """Record 2-bit code constants (``{constant name: weight name}``) in the model's metadata under
+    ``key``: the ternary ones (``METADATA_KEY``) or the 4-level INT2 ones (``INT2_METADATA_KEY``)."""
     kept = [p for p in model.metadata_props if p.key != key]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

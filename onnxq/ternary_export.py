@@ -107,14 +107,14 @@ def finish_two_bit_model(model, report: dict) -> tuple[dict | None, dict | None]
     containers this onnxruntime cannot fuse, read through a Cast to int8 (``info["int2_cast"]`` = how
     many)."""
     from onnxq.int2_cast import widen_int2_weights
-    from onnxq.ternary_check import INT2_METADATA_KEY, METADATA_KEY, mark_ternary
+    from onnxq.ternary_check import INT2_METADATA_KEY, METADATA_KEY, mark_two_bit_codes
 
     infos = {name: report.pop(name, None) for name in ("ternary", "int2")}
     for name, key in (("ternary", METADATA_KEY), ("int2", INT2_METADATA_KEY)):
         info = infos[name]
         if not info:
             continue
-        mark_ternary(model, info["codes"], key=key)
+        mark_two_bit_codes(model, info["codes"], key=key)
         if info["storage"] == "int2" and int2_needs_cast():
             info["int2_cast"] = widen_int2_weights(model)
     return infos["ternary"], infos["int2"]

@@ -18,7 +18,7 @@ from onnxq.errors import UserError
 from onnxq.rules import check_target
 from onnxq.targets import resolve_config
 from onnxq.ternary import METHODS, MQUANT_DEFAULT, ternarize
-from onnxq.ternary_check import METADATA_KEY, check_ternary, mark_ternary
+from onnxq.ternary_check import METADATA_KEY, check_ternary, mark_two_bit_codes
 from onnxq.validate import validate
 from tests.helpers import make_model, run_ort
 
@@ -223,12 +223,12 @@ def test_validator_catches_a_code_outside_ternary(model, calib):
     # int2 tensors are checked even without the metadata entry (-2 is an int2 value).
     res2 = onnxq.quantize(model, calib, _config(ternary_storage="int2", validate=False))
     bad2 = _corrupt(res2.model, "w3_quantized", -2)
-    mark_ternary(bad2, {})
+    mark_two_bit_codes(bad2, {})
     assert not any(p.key == METADATA_KEY for p in bad2.metadata_props)
     report2 = check_ternary(bad2)
     assert report2 is not None and len(report2.violations) == 1 and "w3_quantized" in report2.violations[0]
     # A listed tensor that is missing is a violation too; a model without ternary tensors has no report.
-    mark_ternary(bad2, {"gone_quantized": "gone"})
+    mark_two_bit_codes(bad2, {"gone_quantized": "gone"})
     assert any("missing" in v for v in check_ternary(bad2).violations)
     assert check_ternary(model) is None
 
