@@ -162,9 +162,14 @@ def run_one(entry: OnnxqEntry, fp32: Path, x_cal: np.ndarray, x_eval: np.ndarray
 
 
 def markdown(meta: dict[str, Any], fp32_row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    title = "data-free" if meta["method"] == "rtn" else f"{meta['method']} (fast schedule) started from each operator"
+    changed = ", ".join(f"{k.removeprefix('recon_')} {v}" for k, v in meta.get("recon", {}).items())
+    schedule = f"fast schedule, {changed}" if changed else "fast schedule"
+    title = "data-free" if meta["method"] == "rtn" else f"{meta['method']} ({schedule}) started from each operator"
+    dw = meta.get("depthwise_bits")
+    kept = "the first and last layers" + (f" and the {meta['n_depthwise']} depthwise ones" if dw else "")
+    widths = f"first/last 8-bit, depthwise {dw}-bit" if dw else "8-bit"
     lines = [f"### Ternary EfficientNet-Lite0, {title} ({meta['n_eval']} eval images)", "",
-             "Weights ternary except the first and last layers (8-bit); activations uint8 (minmax, "
+             f"Weights ternary except {kept} ({widths}); activations uint8 (minmax, "
              f"{meta['n_calib']} calibration images); target ort-cpu.", "",
              "| operator | storage | top-1 % | agree w/ FP32 % | logit cos | weight rel. MSE | sparsity % "
              "| ternary bytes / FP32 | 2-bit size / FP32 | file MB | quant s | ORT level |",
@@ -184,7 +189,7 @@ def markdown(meta: dict[str, Any], fp32_row: dict[str, Any], rows: list[dict[str
             f"| {r['quant_s']:.0f} | {r['ort_level']} |")
     first = next((r for r in rows if "error" not in r), None)
     if first:
-        lines += ["", f"- Ternary layers: {first['ternary_layers']} (all weighted layers but the first and last); "
+        lines += ["", f"- Ternary layers: {first['ternary_layers']} (all weighted layers but {kept}); "
                   "sparsity = fraction of zero codes over them; bytes = their codes + float32 per-channel "
                   "scales as stored in the file; logit cos = cosine of the logits to FP32 on 32 held-out "
                   "evaluation images (onnxq's validation; '-' where it was off); weight rel. MSE = mean over "
@@ -235,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     folded = folded_weights(fp32)
     rows = []
     recon = {k: v for k, v in (("recon_iters", args.iters), ("recon_samples", args.recon_samples)) if v is not None}
+    depthwise = depthwise_layers(fp32)
     for entry in entries(args.method, only, args.storage, args.learn_weight_scale, recon, args.tuning,
-                         {n: args.depthwise_bits for n in depthwise_layers(fp32)} if args.depthwise_bits else None):
+                         {n: args.depthwise_bits for n in depthwise} if args.depthwise_bits else None):
         try:
             rows.append(run_one(entry, fp32, x_cal, x_eval, y_eval, ref["pred"], args.out_dir, folded))
         except Exception as exc:  # keep going; the table records the failure
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"name": entry.name, "error": f"{type(exc).__name__}: {exc}"})
     meta = {**machine_info(), "command": command, "method": args.method, "n_eval": int(len(y_eval)),
             "n_calib": int(len(x_cal)), "preprocessing": PREPROC_TAG, "total_s": time.perf_counter() - t_start,
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "recon": recon,
+            "depthwise_bits": args.depthwise_bits, "n_depthwise": len(depthwise)}
     write_results(args.json, {"meta": meta, "fp32": fp32_row, "results": rows}, args.markdown,
                   lambda: markdown(meta, fp32_row, rows))
 
