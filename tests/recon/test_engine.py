@@ -237,6 +237,11 @@ def test_loss_normalisation_fisher_and_regulariser() -> None:
     assert float(output_error(pred, target, 2.4)) == pytest.approx(lp, rel=1e-5)
     assert float(output_error(pred[:, :, 0, 0], target[:, :, 0, 0])) == pytest.approx(
         float((dz[:, :, 0, 0] ** 2).sum() / 3), rel=1e-5)
+    assert float(output_error(pred[:, 0, 0, 0], target[:, 0, 0, 0])) == pytest.approx(  # 1-D: a plain mean
+        float((dz[:, 0, 0, 0] ** 2).mean()), rel=1e-5)
+    leaf = pred.clone().requires_grad_()
+    output_error(leaf, target, 2.0).backward()  # the fused p = 2 path has the gradient of its formula
+    torch.testing.assert_close(leaf.grad, 2 * dz / (3 * 16))
     fisher = float(((g.abs() + 1) ** 2 * dz ** 2).sum() / (3 * 16))
     assert float(output_error(pred, target, 2.0, g)) == pytest.approx(fisher, rel=1e-5)
     w = AdaRoundWeight(torch.randn(4, 3, generator=gen), torch.full((4,), 0.3), torch.zeros(4), -8, 7, axis=0)
