@@ -58,10 +58,15 @@ class TensorStore:
         del self._files[mark[1]:]
 
     def allocate(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float16 array of ``shape``. A 4-D (N, C, H, W) one is stored channels-last (N, H, W, C in
+        memory, returned as its NCHW view): the torch engine trains on that layout
+        (:mod:`onnxq.recon.batching`), which then takes it as is instead of keeping a transposed copy."""
         nbytes = int(np.prod(shape)) * 2
+        order = (0, 2, 3, 1) if len(shape) == 4 else tuple(range(len(shape)))
+        stored = tuple(shape[i] for i in order)
         if self.used + nbytes <= self.budget:
             self.used += nbytes
-            return np.empty(shape, dtype=np.float16)
+            return _logical(np.empty(stored, dtype=np.float16), order)
         if self._dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="onnxq_cache_")
             self._dir = Path(self._tmp.name)
@@ -69,12 +74,17 @@ class TensorStore:
         safe = "".join(c if c.isalnum() else "_" for c in name)
         path = self._dir / f"{safe}_{self.spilled}.f16"
         self._files.append(path)
-        return np.memmap(path, dtype=np.float16, mode="w+", shape=shape)
+        return _logical(np.memmap(path, dtype=np.float16, mode="w+", shape=stored), order)
 
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _logical(stored: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+    """The view of ``stored`` (axes in ``order``) with the caller's axis order back."""
+    return stored.transpose(np.argsort(order)) if order != tuple(range(len(order))) else stored
 
 
 def weights_only(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from onnxq.block_data import TensorStore, weights_only
+from onnxq.block_data import BlockData, TensorStore, weights_only
+from onnxq.recon.batching import cache_layout
 from tests.helpers import make_model, run_ort
 
 _QDQ = """
@@ -74,4 +76,23 @@ def test_tensor_store_spills_beyond_budget_and_releases_per_block(tmp_path):
         store.release(base)
         assert store.used == 200 and not list(tmp_path.iterdir())  # spill files deleted
         assert float(b.sum()) == 200.0  # still readable while mapped
+    store.close()
+
+
+@pytest.mark.parametrize("budget", [10_000, 100])  # in RAM, and spilled to a memory-mapped file
+def test_tensor_store_keeps_images_channels_last(tmp_path, budget):
+    """4-D block tensors are NCHW arrays laid out NHWC, so the engine's channels-last batches need no
+    transposed copy of the cache: the torch view is already channels-last."""
+    store = TensorStore(budget_bytes=budget, spill_dir=tmp_path)
+    a = store.allocate("x", (3, 4, 5, 6))
+    values = np.arange(360, dtype=np.float16).reshape(3, 4, 5, 6)
+    a[:] = values
+    assert a.shape == (3, 4, 5, 6) and a.strides == (240, 2, 48, 8)
+    np.testing.assert_array_equal(a, values)
+    t = BlockData.as_torch([a[:2]])[0]
+    assert t.is_contiguous(memory_format=torch.channels_last)
+    assert cache_layout(t).data_ptr() == t.data_ptr()  # taken as is
+    np.testing.assert_array_equal(t.numpy(), values[:2])
+    flat = store.allocate("v", (3, 7))
+    assert flat.flags.c_contiguous
     store.close()
