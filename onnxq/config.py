@@ -69,6 +69,8 @@ class QuantConfig:
             mrecg (``mrecg_base`` on blocks with merged neighbours; :mod:`onnxq.passes.mrecg`).
         schedule: "fast" (sized for a 2-core CPU) or "paper" (20k iterations, batch 32, 1024 samples).
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
+        recon_round_weight: the AdaRound regulariser weight lambda (None: the schedule's; the papers'
+            0.01 with ``schedule="paper"``, 10 with "fast", see ``onnxq.recon.ReconConfig.fast``).
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
         drop_prob: QDrop's probability of leaving an activation element in float.
         weight_phase_inputs: block inputs of the AdaRound/BRECQ weight phase, "quantized" or
@@ -130,6 +132,7 @@ class QuantConfig:
     recon_iters: int | None = None
     recon_batch_size: int | None = None
     recon_samples: int | None = None
+    recon_round_weight: float | None = None
     fisher: bool = False
     drop_prob: float = 0.5
     weight_phase_inputs: str | None = None
@@ -182,6 +185,10 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
+        lam = self.recon_round_weight
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0
+                                or lam == float("inf")):
+            raise UserError(f"recon_round_weight must be a finite number >= 0, got {lam!r}")
         _choice("weight_phase_inputs", self.weight_phase_inputs, (None, "quantized", "weights_only"))
         _choice("recon_order", self.recon_order, (None, "interleaved", "two_pass"))
         if self.recon_order == "two_pass" and (self.mrecg_base if self.method == "mrecg" else self.method) != "brecq":
@@ -215,7 +222,8 @@ class QuantConfig:
         from onnxq.recon import ReconConfig
 
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
-                                       ("num_samples", self.recon_samples)) if v is not None}
+                                       ("num_samples", self.recon_samples),
+                                       ("round_weight", self.recon_round_weight)) if v is not None}
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
                          weight_inputs=self.weight_phase_inputs, order=self.recon_order)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper

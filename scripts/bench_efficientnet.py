@@ -441,6 +441,21 @@ def write_results(json_path: Path | None, payload: dict[str, Any], markdown: str
             print(f"wrote {markdown}")
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: value}``; a value is read as JSON (10, 0.5, true, null) or
+    else kept as a string. Unknown keys are caught where ``QuantConfig`` is built."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: use KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def _select(only: str | None) -> tuple[list[OrtEntry], list[OnnxqEntry]]:
     if not only:
         return ([e for e in ORT_CONFIGS if e.default], [e for e in ONNXQ_CONFIGS if e.default])
@@ -462,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-runs-b32", type=int, default=10, help="timed runs at batch 32")
     ap.add_argument("--limit", type=int, help="use only the first N evaluation images")
     ap.add_argument("--calib-limit", type=int, help="use only the first N calibration images")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a QuantConfig field in every onnxq entry (repeatable; VALUE is JSON, "
+                         "else a string), e.g. --set recon_round_weight=10; the rows are named NAME[KEY=VALUE]")
     ap.add_argument("--json", type=Path, help="write all results to this JSON file")
     ap.add_argument("--markdown", nargs="?", const="-", metavar="PATH",
                     help="print (or write to PATH) a markdown report for docs/benchmarks.md")
@@ -472,6 +490,11 @@ def main(argv: list[str] | None = None) -> None:
     t_start, load_start = time.perf_counter(), os.getloadavg()
 
     ort_entries, onnxq_entries = _select(args.only)
+    overrides = parse_overrides(args.overrides)
+    if overrides:
+        tag = ",".join(f"{k}={v}" for k, v in overrides.items())
+        onnxq_entries = [OnnxqEntry(f"{e.name}[{tag}]", {**e.params, **overrides}, e.default,
+                                    f"{e.checkpoint}[{tag}]" if e.checkpoint else None) for e in onnxq_entries]
     out_dir = args.out_dir
     opt_dir = out_dir / "ort_optimized"
     opt_dir.mkdir(parents=True, exist_ok=True)

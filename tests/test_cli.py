@@ -130,3 +130,15 @@ def test_weight_phase_inputs_flag(tmp_path, capsys):
     capsys.readouterr()
     assert code == 0
     assert json.loads(out.with_suffix(".report.json").read_text())["config"]["weight_phase_inputs"] == "weights_only"
+
+
+def test_round_weight_flag(workdir, capsys):
+    out = workdir / "m.rw.onnx"
+    code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",
+                      str(workdir / "calib.npz"), "--weights", "int4", "--method", "adaround", "--iters", "2",
+                      "--round-weight", "0.5")
+    assert code == 0
+    assert json.loads(out.with_suffix(".report.json").read_text())["config"]["recon_round_weight"] == 0.5
+    _expect_user_error(capsys, ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
+                                str(workdir / "calib.npz"), "--method", "brecq", "--round-weight", "-1"],
+                       "recon_round_weight")

@@ -276,3 +276,30 @@ def test_config_presets() -> None:
     assert ReconConfig.fast("brecq").act_iters == ReconConfig.fast("brecq").iters // 4
     assert ReconConfig.fast("brecq", iters=40).act_iters == 10
     assert ReconConfig("rtn", iters=0).iters == 0
+
+
+def test_fast_schedule_leaves_no_soft_rounding() -> None:
+    """The fast schedule's regulariser (lambda = 10) makes every h(V) 0 or 1 within its 300 steps, so the
+    hard codes keep what the soft ones learned; the papers' lambda = 0.01 leaves a third of them soft
+    when the output error is large (inputs scaled x30: errors of order 1, as on real blocks)."""
+    results = {}
+    for lam in (None, 0.01):
+        _, x_q, x_fp, _ = _data(0)
+        x_fp, x_q = x_fp.float() * 30.0, x_q.float() * 30.0
+        torch.manual_seed(0)
+        fp = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+        with torch.no_grad():
+            y = fp(x_fp)
+        block = QBlock(fp, x_fp)
+        for a in block.acts.values():
+            a.enabled = False
+        extra = {} if lam is None else {"round_weight": lam}
+        cfg = ReconConfig.fast("adaround", eval_samples=64, **extra)
+        result = _run(block, x_q, x_fp, y, cfg)
+        h = torch.cat([w.h().detach().reshape(-1) for w in block.ws.values()])
+        results[lam] = (float(((h > 0.01) & (h < 0.99)).float().mean()), result)
+    assert ReconConfig.fast("brecq").round_weight == 10.0 and ReconConfig.paper("brecq").round_weight == 0.01
+    soft_fast, fast = results[None]
+    soft_paper, paper = results[0.01]
+    assert soft_fast < 0.01 < 0.2 < soft_paper
+    assert fast.loss_final < paper.loss_final < fast.loss_rtn
