@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-limit", type=int, help="use only the first N calibration images")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a QuantConfig field in every onnxq entry (repeatable; VALUE is JSON, "
-                         "else a string), e.g. --set recon_round_weight=10; the rows are named NAME[KEY=VALUE]")
+                         "else a string), e.g. --set recon_round_weight=10; rows are named NAME[KEY=VALUE]")
     ap.add_argument("--json", type=Path, help="write all results to this JSON file")
     ap.add_argument("--markdown", nargs="?", const="-", metavar="PATH",
                     help="print (or write to PATH) a markdown report for docs/benchmarks.md")
@@ -494,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     if overrides:
         tag = ",".join(f"{k}={v}" for k, v in overrides.items())
         onnxq_entries = [OnnxqEntry(f"{e.name}[{tag}]", {**e.params, **overrides}, e.default,
-                                    f"{e.checkpoint}[{tag}]" if e.checkpoint else None) for e in onnxq_entries]
+                                    f"{e.checkpoint}[{tag}]" if e.checkpoint else None)
+                         for e in onnxq_entries]
     out_dir = args.out_dir
     opt_dir = out_dir / "ort_optimized"
     opt_dir.mkdir(parents=True, exist_ok=True)

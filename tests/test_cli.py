@@ -139,6 +139,6 @@ def test_round_weight_flag(workdir, capsys):
                       "--round-weight", "0.5")
     assert code == 0
     assert json.loads(out.with_suffix(".report.json").read_text())["config"]["recon_round_weight"] == 0.5
-    _expect_user_error(capsys, ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
-                                str(workdir / "calib.npz"), "--method", "brecq", "--round-weight", "-1"],
-                       "recon_round_weight")
+    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
+           str(workdir / "calib.npz"), "--method", "brecq", "--round-weight", "-1"]
+    _expect_user_error(capsys, bad, "recon_round_weight")
