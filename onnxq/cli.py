@@ -88,11 +88,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="AdaRound regulariser weight (default: 10 with the fast schedule, 0.01 with paper)")
     r.add_argument("--drop-prob", type=float, default=0.5, help="QDrop: probability of keeping an element float")
     r.add_argument("--weight-phase-inputs", choices=("quantized", "weights-only"), default=None,
-                   help="block inputs of the adaround/brecq weight phase (default: quantized for brecq, "
-                        "weights-only for adaround)")
+                   help="block inputs of the adaround/brecq weight phase (default: weights-only, or "
+                        "quantized for interleaved brecq)")
     r.add_argument("--recon-order", choices=("interleaved", "two-pass"), default=None,
-                   help="brecq: each block's activation steps right after its weights (interleaved) or, "
-                        "as BRECQ's reference, all weights first, then all steps (two-pass)")
+                   help="brecq: as BRECQ's reference, all weights first, then all activation steps "
+                        "(two-pass, the default), or each block's steps right after its weights (interleaved)")
     r.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     r.add_argument("--checkpoint-dir", default=None,

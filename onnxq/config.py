@@ -77,7 +77,7 @@ class QuantConfig:
             "weights_only" (None: the method's default, see ``onnxq.recon.ReconConfig.weight_inputs``).
         recon_order: BRECQ's phase order, "interleaved" (per block: weights, then activation steps)
             or "two_pass" (the reference's: all weights, then all steps); None: the default of
-            ``onnxq.recon.ReconConfig.order``. Also MRECG's with the brecq base.
+            ``onnxq.recon.ReconConfig.order`` (two_pass for brecq). Also MRECG's with the brecq base.
         device: "cpu" or "cuda" for the torch engine.
         max_chain: longest chain of single layers merged into one block.
         checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.

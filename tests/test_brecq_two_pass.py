@@ -157,8 +157,10 @@ def test_interrupted_in_the_activation_pass_resumes_to_the_same_bytes(calib, spi
 
 
 def test_order_defaults_and_errors():
-    assert ReconConfig.fast("brecq").order == "interleaved"
-    assert ReconConfig.fast("brecq").weight_inputs == "quantized"
+    assert ReconConfig.fast("brecq").order == "two_pass" and ReconConfig.paper("brecq").order == "two_pass"
+    assert ReconConfig.fast("brecq").weight_inputs == "weights_only"
+    assert ReconConfig.fast("brecq", order="interleaved").weight_inputs == "quantized"
+    assert ReconConfig.fast("adaround").order == "interleaved" and ReconConfig.fast("qdrop").order == "interleaved"
     assert ReconConfig.fast("brecq", order="two_pass").weight_inputs == "weights_only"
     assert ReconConfig.fast("brecq", order="two_pass", weight_inputs="quantized").weight_inputs == "quantized"
     assert ReconConfig.fast("qdrop").weight_inputs == "quantized"
@@ -169,7 +171,8 @@ def test_order_defaults_and_errors():
     with pytest.raises(onnxq.UserError, match="needs method brecq"):
         _config(method="qdrop")
     assert _config(method="mrecg", mrecg_base="brecq").recon_config().order == "two_pass"
-    assert replace(_config(), recon_order=None).recon_config().order == "interleaved"
+    assert replace(_config(), recon_order=None).recon_config().order == "two_pass"
+    assert replace(_config(), recon_order="interleaved").recon_config().order == "interleaved"
 
 
 def test_cli_flag(tmp_path, capsys):

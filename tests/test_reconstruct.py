@@ -102,8 +102,9 @@ def test_adaround_is_layer_wise(calib):
     ("brecq", None, False), ("brecq", "weights_only", True), ("adaround", None, True),
     ("adaround", "quantized", False)])
 def test_weight_phase_inputs(calib, monkeypatch, method, weight_inputs, captured):
-    """BRECQ's weight phase reads the quantized model's block inputs by default (its activation phase
-    runs block by block, so later inputs are clipped by learned steps); AdaRound's the weights-only ones."""
+    """Interleaved BRECQ's weight phase reads the quantized model's block inputs by default (its activation
+    phase runs block by block, so later inputs are clipped by learned steps); AdaRound's the weights-only
+    ones. (BRECQ's default two-pass order captures its weight pass from the weights-only model itself.)"""
     import dataclasses
 
     import onnxq.api
@@ -117,7 +118,7 @@ def test_weight_phase_inputs(calib, monkeypatch, method, weight_inputs, captured
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rp, "capture_block_data", spy)
-    cfg = _config(method=method, activation_bits=8)
+    cfg = _config(method=method, activation_bits=8, **({"recon_order": "interleaved"} if method == "brecq" else {}))
     recon = dataclasses.replace(cfg.recon_config(), weight_inputs=weight_inputs)
     monkeypatch.setattr(onnxq.QuantConfig, "recon_config", lambda self: recon)
     result = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, cfg)
@@ -178,8 +179,9 @@ def test_kept_checkpoint_lets_a_rerun_add_tuning_without_reconstructing(calib, b
     monkeypatch.setattr(rp, "reconstruct_block", forbidden)
     tuned = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib,
                            _config(checkpoint_dir=str(ckpt), keep_checkpoint=True, stats_tuning=True))
-    n = len(tuned.report["reconstruction"]["blocks"])
-    assert tuned.report["reconstruction"]["resumed_blocks"] == n > 0
+    rec = tuned.report["reconstruction"]
+    passes = 2 if rec["order"] == "two_pass" else 1  # BRECQ's default: a weight and an activation pass
+    assert rec["resumed_blocks"] == passes * len(rec["blocks"]) > 0
     monkeypatch.undo()
     direct = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(stats_tuning=True))
     assert tuned.model.SerializeToString() == direct.model.SerializeToString()
