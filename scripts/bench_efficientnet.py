@@ -78,6 +78,9 @@ _W8A8 = dict(target="ort-cpu", weight_bits=8, per_channel=True, activation_dtype
              scale_kind="float", seed=0)
 _W4A4 = {**_W8A8, "weight_bits": 4, "activation_bits": 4, "calib_method": "mse"}
 _W2A4 = {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse", "ternary_method": "twn"}
+# BRECQ/QDrop's reference weight quantizer: per-channel asymmetric, MSE-searched ranges (ort-cpu only).
+_W4A8A = {**_W8A8, "weight_bits": 4, "weight_symmetric": False, "weight_method": "mse"}
+_W4A4A = {**_W4A4, "weight_symmetric": False, "weight_method": "mse"}
 # The papers' W2: the 4-level INT2 grid [-2, 1], per-channel asymmetric, MSE-searched ranges.
 _W2A4U = {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse", "int2_grid": "uniform",
           "weight_symmetric": False, "weight_method": "mse"}
@@ -162,6 +165,17 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     # QDrop's reference quantizers: per-channel asymmetric weights with MSE-searched ranges (ort-cpu).
     OnnxqEntry("onnxq_w4a4_qdrop_asym", {**_W4A4, "method": "qdrop", "weight_symmetric": False,
                                          "weight_method": "mse"}, default=False),
+    # The reference quantizers at every W4 setting (session 5 table): asymmetric MSE weight grid.
+    OnnxqEntry("onnxq_w4a8_qdrop_asym", {**_W4A8A, "method": "qdrop"}, default=False),
+    OnnxqEntry("onnxq_w4a4_rtn_asym", _W4A4A, default=False),
+    OnnxqEntry("onnxq_w4a4_adaround_asym", {**_W4A4A, "method": "adaround"}, default=False),
+    OnnxqEntry("onnxq_w4a4_brecq_asym", {**_W4A4A, "method": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w4a4_mrecg_brecq_asym", {**_W4A4A, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
+    OnnxqEntry("onnxq_w4a4_mrecg_qdrop_asym", {**_W4A4A, "method": "mrecg", "mrecg_base": "qdrop"}, default=False),
+    OnnxqEntry("onnxq_w4a4_adaquant_seq_asym", {**_W4A4A, "method": "adaquant", "adaquant_mode": "sequential"},
+               default=False),
+    OnnxqEntry("onnxq_w4a4_adaquant_par_asym", {**_W4A4A, "method": "adaquant", "adaquant_mode": "parallel"},
+               default=False),
     OnnxqEntry("onnxq_w4a4_adaquant_par", {**_W4A4, "method": "adaquant", "adaquant_mode": "parallel"},
                default=False),
     OnnxqEntry("onnxq_w4a4_adaquant_seq", {**_W4A4, "method": "adaquant", "adaquant_mode": "sequential"},
