@@ -71,6 +71,8 @@ class QuantConfig:
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
         recon_round_weight: the AdaRound regulariser weight lambda (None: the schedule's; the papers'
             0.01 with ``schedule="paper"``, 10 with "fast", see ``onnxq.recon.ReconConfig.fast``).
+        recon_augment: augmented views per calibration sample for adaround/brecq/qdrop/mrecg (a
+            horizontal flip, then random resized crops; :mod:`onnxq.augment`); 0: none. Image models only.
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
         drop_prob: QDrop's probability of leaving an activation element in float.
         weight_phase_inputs: block inputs of the AdaRound/BRECQ weight phase, "quantized" or
@@ -133,6 +135,7 @@ class QuantConfig:
     recon_batch_size: int | None = None
     recon_samples: int | None = None
     recon_round_weight: float | None = None
+    recon_augment: int = 0
     fisher: bool = False
     drop_prob: float = 0.5
     weight_phase_inputs: str | None = None
@@ -189,6 +192,13 @@ class QuantConfig:
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0
                                 or lam == float("inf")):
             raise UserError(f"recon_round_weight must be a finite number >= 0, got {lam!r}")
+        aug = self.recon_augment
+        if isinstance(aug, bool) or not isinstance(aug, int) or aug < 0:
+            raise UserError(f"recon_augment must be a count of views per sample >= 0, got {aug!r}")
+        if aug and self.method not in ("adaround", "brecq", "qdrop", "mrecg"):
+            raise UserError(f"recon_augment applies to adaround, brecq, qdrop and mrecg, not method "
+                            f"{self.method!r}: "
+                            "drop --augment or pick one of those methods")
         _choice("weight_phase_inputs", self.weight_phase_inputs, (None, "quantized", "weights_only"))
         _choice("recon_order", self.recon_order, (None, "interleaved", "two_pass"))
         if self.recon_order == "two_pass" and (self.mrecg_base if self.method == "mrecg" else self.method) != "brecq":
@@ -225,6 +235,7 @@ class QuantConfig:
                                        ("num_samples", self.recon_samples),
                                        ("round_weight", self.recon_round_weight)) if v is not None}
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
+                         augment=self.recon_augment,
                          weight_inputs=self.weight_phase_inputs, order=self.recon_order)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
         return factory(self.mrecg_base if self.method == "mrecg" else self.method, **overrides)

@@ -18,6 +18,10 @@ new codes only when its evaluation loss beats round-to-nearest. After every bloc
 constants are checkpointed, so an interrupted run resumes from the last finished block. The first
 weighted layer is not reconstructed (8-bit round-to-nearest, as BRECQ).
 
+With ``ReconConfig.augment = k`` the blocks are fitted on the calibration samples followed by k
+augmented views of each (:mod:`onnxq.augment`); the keep-or-not evaluation reads the first samples,
+the originals.
+
 BRECQ's phase order (``ReconConfig.order``): "interleaved" runs a block's activation phase right
 after its weight phase; "two_pass" is the reference's order: a weight pass over every block
 (rounding only, weights-only inputs, activation quantizers off; checkpoint index k), then an
@@ -39,6 +43,7 @@ import onnx_graphsurgeon as gs
 import torch
 from tqdm.auto import tqdm
 
+from onnxq.augment import augment_feeds, count_samples, take_samples
 from onnxq.block_build import apply_constants, build_block, write_back
 from onnxq.block_data import BlockData, TensorStore, capture_block_data, collect, weights_only
 from onnxq.blocks import Block, partition
@@ -119,16 +124,21 @@ class ReconstructPass(Pass):
             apply_constants(graph, ctx, ckpt.load(index))
         store = TensorStore(self.cache_budget)
         # The calibration samples, re-batched once (every block runs them through both models).
-        self.feeds = list(rebatch(ctx.calib, 32 if self.dynamic_batch else 1, limit=cfg.num_samples))
+        # With ``cfg.augment``, augmented views of those samples follow them (onnxq.augment).
+        batch = 32 if self.dynamic_batch else 1
+        originals = take_samples(list(rebatch(ctx.calib, batch, limit=cfg.num_samples)), cfg.num_samples)
+        self.feeds = augment_feeds(originals, cfg.augment, cfg.seed)
+        self.n_samples = count_samples(self.feeds)
         report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,
-                  "num_samples": cfg.num_samples, "blocks": [], "resumed_blocks": len(ckpt.done)}
+                  "num_samples": cfg.num_samples, "augment": cfg.augment, "samples": self.n_samples,
+                  "blocks": [], "resumed_blocks": len(ckpt.done)}
         start = time.perf_counter()
         quantize_acts = any(ctx.qparams[n].spec.bits <= 8 for n in ctx.qparams if n not in ctx.float_weights)
         self.logits = None
         if cfg.fisher:  # the float model's outputs, once: the Fisher gradients of every block compare to them
             check_logit_outputs(graph)
             names = [t.name for t in graph.outputs]
-            got = collect(ctx.reference, names, self.feeds, cfg.num_samples, store, "capture logits")
+            got = collect(ctx.reference, names, self.feeds, self.n_samples, store, "capture logits")
             self.logits = [got[n] for n in names]
         two_pass = cfg.method == "brecq" and cfg.order == "two_pass" and quantize_acts
         report["order"] = "two_pass" if two_pass else "interleaved"
@@ -185,7 +195,7 @@ class ReconstructPass(Pass):
         need_w = (phase == "both" and cfg.method in ("adaround", "brecq") and quantize_acts
                   and cfg.weight_inputs == "weights_only")
         data: BlockData = capture_block_data(model, ctx.reference, block.inputs, block.outputs, self.feeds,
-                                             cfg.num_samples, store, need_fp_inputs=need_fp,
+                                             self.n_samples, store, need_fp_inputs=need_fp,
                                              need_weight_inputs=need_w)
         built = build_block(graph, block, ctx, rounding=cfg.method != "rtn" and phase != "acts",
                             learn_scales=quantize_acts and phase != "weights", graph_codes=phase == "acts")

@@ -132,6 +132,21 @@ def test_weight_phase_inputs_flag(tmp_path, capsys):
     assert json.loads(out.with_suffix(".report.json").read_text())["config"]["weight_phase_inputs"] == "weights_only"
 
 
+def test_augment_flag(workdir, capsys):
+    out = workdir / "m.aug.onnx"
+    code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",
+                      str(workdir / "calib.npz"), "--weights", "int4", "--method", "qdrop", "--iters", "2",
+                      "--augment", "1")
+    assert code == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["config"]["recon_augment"] == 1
+    samples = report["reconstruction"]["samples"]  # the originals (validation holds a few out), then flips
+    assert samples % 2 == 0 and 12 < samples <= 24
+    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
+           str(workdir / "calib.npz"), "--method", "rtn", "--augment", "1"]
+    _expect_user_error(capsys, bad, "recon_augment")
+
+
 def test_round_weight_flag(workdir, capsys):
     out = workdir / "m.rw.onnx"
     code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",

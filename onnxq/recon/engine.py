@@ -92,6 +92,10 @@ class ReconConfig:
         eval_samples: the evaluation subset (the first samples, also trained on) unless ``holdout``.
         holdout: > 0: the last ``holdout`` samples are never trained on and are the evaluation subset.
         log_every: record the training error in the history every this many iterations.
+        augment: augmented views per calibration sample (:mod:`onnxq.augment`: a horizontal flip, then
+            random resized crops), appended after the ``num_samples`` originals, so a block is fitted
+            on ``num_samples * (1 + augment)`` samples. 0: none (the papers'). Image inputs only; not
+            with ``holdout`` (a view of a training image would be scored as held out).
         order: BRECQ's phase order over the network (the caller, ReconstructPass, runs it):
             "interleaved" (each block's activation phase right after its weight phase) or "two_pass"
             (BRECQ's reference: every block's weight phase, then every block's activation phase).
@@ -129,15 +133,21 @@ class ReconConfig:
     eval_samples: int = 256
     holdout: int = 0
     log_every: int = 100
+    augment: int = 0
     weight_inputs: str | None = None
     order: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS,
                f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("iters", "batch_size", "num_samples", "seed", "eval_samples", "holdout", "log_every"):
+        for name in ("iters", "batch_size", "num_samples", "seed", "eval_samples", "holdout", "log_every",
+                     "augment"):
             v = getattr(self, name)
             _check(_is_int(v), f"recon {name} must be an integer, got {v!r}")
+        _check(self.augment >= 0, f"recon augment must be >= 0 views per sample, got {self.augment}")
+        _check(not (self.augment and self.holdout),
+               "recon augment and holdout exclude each other (a view of a training image would be scored as "
+               "held out): set one of them to 0")
         _check(self.iters >= (self.method != "rtn"), f"recon iters must be >= 1, got {self.iters}")
         for name in ("batch_size", "num_samples", "eval_samples", "log_every"):
             _check(getattr(self, name) >= 1, f"recon {name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,101 @@
+"""Calibration augmentation (onnxq.augment) and its use by ReconstructPass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxq
+from onnxq.augment import augment_feeds, count_samples, image_layout, take_samples
+from onnxq.errors import UserError
+from onnxq.recon import ReconConfig
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def _images(n=5, c=3, h=12, w=16, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+
+
+def test_layout_detection():
+    assert image_layout("x", _images()) == "NCHW"
+    assert image_layout("x", _images().transpose(0, 2, 3, 1)) == "NHWC"
+    assert image_layout("ids", np.zeros((2, 3, 4, 5), np.int64)) is None
+    assert image_layout("x", np.zeros((2, 3, 4), np.float32)) is None
+    with pytest.raises(UserError, match="channel axis"):
+        image_layout("x", np.zeros((2, 16, 8, 32), np.float32))
+
+
+def test_originals_first_then_flip_then_crops():
+    x = _images()
+    out = augment_feeds([{"x": x[:3]}, {"x": x[3:]}], copies=3, seed=1)
+    assert count_samples(out) == 4 * len(x)
+    got = np.concatenate([f["x"] for f in out])
+    np.testing.assert_array_equal(got[:5], x)                 # originals untouched, first
+    np.testing.assert_array_equal(got[5:10], x[..., ::-1])    # view 1: the horizontal mirror
+    crops = got[10:]
+    assert crops.shape == (10, *x.shape[1:]) and crops.dtype == np.float32
+    assert np.isfinite(crops).all() and not np.allclose(crops[:5], x)
+    # a resized crop stays inside the image's value range (bilinear interpolation)
+    assert crops.min() >= x.min() - 1e-5 and crops.max() <= x.max() + 1e-5
+
+
+def test_nhwc_views_match_nchw_views_and_other_inputs_repeat():
+    x = _images()
+    scale = np.arange(5, dtype=np.float32)[:, None]
+    a = augment_feeds([{"x": x, "s": scale}], copies=2, seed=3)
+    b = augment_feeds([{"x": x.transpose(0, 2, 3, 1), "s": scale}], copies=2, seed=3)
+    for fa, fb in zip(a, b, strict=True):
+        np.testing.assert_allclose(fa["x"], fb["x"].transpose(0, 3, 1, 2), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(fa["s"], scale)
+
+
+def test_seeded():
+    feeds = [{"x": _images()}]
+    same = [augment_feeds(feeds, 3, seed=7) for _ in range(2)]
+    other = augment_feeds(feeds, 3, seed=8)
+    for fa, fb in zip(*same, strict=True):
+        np.testing.assert_array_equal(fa["x"], fb["x"])
+    assert not np.array_equal(same[0][-1]["x"], other[-1]["x"])
+
+
+def test_no_image_input_is_a_user_error():
+    with pytest.raises(UserError, match="4-D float image input"):
+        augment_feeds([{"tokens": np.zeros((2, 7), np.int64)}], copies=1)
+    assert augment_feeds([{"tokens": np.zeros((2, 7), np.int64)}], copies=0)[0]["tokens"].shape == (2, 7)
+
+
+def test_take_samples_cuts_the_last_batch():
+    feeds = [{"x": _images(4)}, {"x": _images(4)}]
+    got = take_samples(feeds, 6)
+    assert [f["x"].shape[0] for f in got] == [4, 2]
+    assert count_samples(take_samples(feeds, 100)) == 8
+
+
+def test_config_checks():
+    assert ReconConfig.fast("brecq", augment=2).augment == 2
+    with pytest.raises(UserError, match="augment"):
+        ReconConfig.fast("brecq", augment=-1)
+    with pytest.raises(UserError, match="holdout"):
+        ReconConfig.fast("brecq", augment=1, holdout=8)
+    assert onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_augment=1).recon_config().augment == 1
+    with pytest.raises(UserError, match="recon_augment"):
+        onnxq.QuantConfig(weight_bits=4, method="rtn", recon_augment=1)
+    with pytest.raises(UserError, match="recon_augment"):
+        onnxq.QuantConfig(weight_bits=4, method="brecq", recon_augment=-2)
+
+
+def test_reconstruction_fits_on_the_augmented_samples():
+    x = np.load(MODELS / "tiny_cnn_calib.npz")["input"]
+    calib = [{"input": x[i:i + 4]} for i in range(0, 24, 4)]
+    config = onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_iters=4, recon_samples=10,
+                               recon_batch_size=8, recon_augment=2)
+    first = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, config)
+    rec = first.report["reconstruction"]
+    assert rec["augment"] == 2 and rec["samples"] == 30
+    assert all(b["samples"] == 30 for b in rec["blocks"])
+    assert first.validation.ok
+    again = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, config)
+    assert first.model.SerializeToString() == again.model.SerializeToString()
