@@ -78,7 +78,9 @@ class QuantConfig:
         weight_phase_inputs: block inputs of the AdaRound/BRECQ weight phase, "quantized" or
             "weights_only" (None: the method's default, see ``onnxq.recon.ReconConfig.weight_inputs``).
         recon_order: BRECQ's phase order, "interleaved" (per block: weights, then activation steps)
-            or "two_pass" (the reference's: all weights, then all steps); None: the default of
+            or "two_pass" (the reference's: all weights, then all steps); None: "interleaved" with
+            4-bit activations (on EfficientNet-Lite0 W4A4 two-pass gave 69.20 % top-1 against 76.13 %:
+            its weight pass never sees the 4-bit activation error), else the default of
             ``onnxq.recon.ReconConfig.order`` (two_pass for brecq). Also MRECG's with the brecq base.
         device: "cpu" or "cuda" for the torch engine.
         max_chain: longest chain of single layers merged into one block.
@@ -234,11 +236,15 @@ class QuantConfig:
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
                                        ("num_samples", self.recon_samples),
                                        ("round_weight", self.recon_round_weight)) if v is not None}
+        method = self.mrecg_base if self.method == "mrecg" else self.method
+        order = self.recon_order
+        if order is None and method == "brecq" and self.activation_bits <= 4:
+            order = "interleaved"  # two-pass at W4A4: 69.20 % against 76.13 % (docs/benchmarks.md)
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
                          augment=self.recon_augment,
-                         weight_inputs=self.weight_phase_inputs, order=self.recon_order)
+                         weight_inputs=self.weight_phase_inputs, order=order)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
-        return factory(self.mrecg_base if self.method == "mrecg" else self.method, **overrides)
+        return factory(method, **overrides)
 
     def adaquant_config(self):
         """AdaQuant's AdaQuantConfig for this run (imports torch); ``recon_*`` override the schedule."""

@@ -171,7 +171,10 @@ def test_order_defaults_and_errors():
     with pytest.raises(onnxq.UserError, match="needs method brecq"):
         _config(method="qdrop")
     assert _config(method="mrecg", mrecg_base="brecq").recon_config().order == "two_pass"
-    assert replace(_config(), recon_order=None).recon_config().order == "two_pass"
+    assert replace(_config(), recon_order=None, activation_bits=8).recon_config().order == "two_pass"
+    assert replace(_config(), recon_order=None).recon_config().order == "interleaved"  # 4-bit activations
+    mrecg = replace(_config(method="mrecg", mrecg_base="brecq"), recon_order=None)
+    assert mrecg.recon_config().order == "interleaved"
     assert replace(_config(), recon_order="interleaved").recon_config().order == "interleaved"
 
 
