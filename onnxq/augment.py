@@ -49,23 +49,6 @@ def image_layout(name: str, value: np.ndarray) -> str | None:
     return "NCHW" if c_first < c_last else "NHWC"
 
 
-def count_samples(feeds: Sequence[Feed]) -> int:
-    """Samples in a list of batched feeds (the first input's leading dimension)."""
-    return sum(next(iter(f.values())).shape[0] for f in feeds if f)
-
-
-def take_samples(feeds: Sequence[Feed], limit: int) -> list[dict[str, np.ndarray]]:
-    """The first ``limit`` samples of ``feeds``, the last batch cut to size."""
-    out, left = [], limit
-    for feed in feeds:
-        if left <= 0:
-            break
-        n = next(iter(feed.values())).shape[0]
-        out.append({k: v[:left] for k, v in feed.items()} if n > left else dict(feed))
-        left -= n
-    return out
-
-
 def _resized_crop(images: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
     """Crop every NCHW image to its relative box (top, left, height, width) and resize it back."""
     import torch

@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                         "quantized for interleaved brecq)")
     r.add_argument("--recon-order", choices=("interleaved", "two-pass"), default=None,
                    help="brecq: as BRECQ's reference, all weights first, then all activation steps "
-                        "(two-pass, the default), or each block's steps right after its weights (interleaved)")
+                        "(two-pass, the default with 8-bit activations), or each block's steps right after "
+                        "its weights (interleaved, the default with 4-bit activations)")
     r.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     r.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     r.add_argument("--checkpoint-dir", default=None,

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import onnx_graphsurgeon as gs
 import torch
-from onnxq.passes.reconstruct import rebatch
+from onnxq.passes.reconstruct import count_samples, rebatch
 from tqdm.auto import tqdm
 
 from onnxq.adaquant_build import apply_layer_constants, build_layer, write_layer
@@ -138,7 +138,7 @@ class AdaQuantPass(Pass):
         sizes: dict[str, int] = {}
         capture(ctx.reference, list(dict.fromkeys(names)), probe,
                 lambda name, value: sizes.__setitem__(name, int(np.asarray(value)[:1].size)), desc="probe")
-        n = min(self.config.num_samples, sum(next(iter(f.values())).shape[0] for f in feeds))
+        n = min(self.config.num_samples, count_samples(feeds))
         groups: list[list[Block]] = [[]]
         used = 0
         for u in units:

@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 import torch
 from tqdm.auto import tqdm
 
-from onnxq.augment import augment_feeds, count_samples, take_samples
+from onnxq.augment import augment_feeds
 from onnxq.block_build import apply_constants, build_block, write_back
 from onnxq.block_data import BlockData, TensorStore, capture_block_data, collect, weights_only
 from onnxq.blocks import Block, partition
@@ -63,20 +63,29 @@ log = logging.getLogger(__name__)
 ACT_PASS_OFFSET = 100_000
 
 
+def count_samples(feeds) -> int:
+    """Samples in a sequence of batched feeds (each feed's first input's leading dimension; an
+    input-less feed is one sample)."""
+    return sum(next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds)
+
+
 def rebatch(feeds, size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Concatenate consecutive feeds into batches of up to ``size`` samples where shapes allow,
-    stopping once ``limit`` samples have been handed out."""
+    handing out at most ``limit`` samples (the feed that crosses it is cut)."""
     pending: list[Mapping[str, np.ndarray]] = []
     count = total = 0
     for feed in feeds:
         if limit is not None and total >= limit:
             break
-        total += next(iter(feed.values())).shape[0] if feed else 1
+        n = count_samples([feed])
+        if limit is not None and feed and total + n > limit:
+            feed, n = {k: v[:limit - total] for k, v in feed.items()}, limit - total
+        total += n
         if pending and any(feed[k].shape[1:] != pending[0][k].shape[1:] for k in feed):
             yield {k: np.concatenate([f[k] for f in pending]) for k in pending[0]}
             pending, count = [], 0
         pending.append(feed)
-        count += next(iter(feed.values())).shape[0] if feed else 1
+        count += n
         if count >= size:
             yield {k: np.concatenate([f[k] for f in pending]) for k in pending[0]}
             pending, count = [], 0
@@ -125,8 +134,7 @@ class ReconstructPass(Pass):
         store = TensorStore(self.cache_budget)
         # The calibration samples, re-batched once (every block runs them through both models).
         # With ``cfg.augment``, augmented views of those samples follow them (onnxq.augment).
-        batch = 32 if self.dynamic_batch else 1
-        originals = take_samples(list(rebatch(ctx.calib, batch, limit=cfg.num_samples)), cfg.num_samples)
+        originals = list(rebatch(ctx.calib, 32 if self.dynamic_batch else 1, limit=cfg.num_samples))
         self.feeds = augment_feeds(originals, cfg.augment, cfg.seed)
         self.n_samples = count_samples(self.feeds)
         report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import onnxq
-from onnxq.augment import augment_feeds, count_samples, image_layout, take_samples
+from onnxq.augment import augment_feeds, image_layout
 from onnxq.errors import UserError
+from onnxq.passes.reconstruct import count_samples, rebatch
 from onnxq.recon import ReconConfig
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -67,11 +68,11 @@ def test_no_image_input_is_a_user_error():
     assert augment_feeds([{"tokens": np.zeros((2, 7), np.int64)}], copies=0)[0]["tokens"].shape == (2, 7)
 
 
-def test_take_samples_cuts_the_last_batch():
+def test_rebatch_cuts_the_feed_that_crosses_the_limit():
     feeds = [{"x": _images(4)}, {"x": _images(4)}]
-    got = take_samples(feeds, 6)
+    got = list(rebatch(feeds, 4, limit=6))
     assert [f["x"].shape[0] for f in got] == [4, 2]
-    assert count_samples(take_samples(feeds, 100)) == 8
+    assert count_samples(rebatch(feeds, 4, limit=100)) == 8
 
 
 def test_config_checks():
