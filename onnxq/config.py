@@ -71,6 +71,8 @@ class QuantConfig:
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
         recon_round_weight: the AdaRound regulariser weight lambda (None: the schedule's; the papers'
             0.01 with ``schedule="paper"``, 10 with "fast", see ``onnxq.recon.ReconConfig.fast``).
+        recon_act_iters: length of BRECQ's activation step-size phase per block (None: the schedule's,
+            a quarter of the weight iterations; 0: keep the calibrated activation ranges).
         recon_augment: augmented views per calibration sample for adaround/brecq/qdrop/mrecg (a
             horizontal flip, then random resized crops; :mod:`onnxq.augment`); 0: none. Image models only.
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
@@ -137,6 +139,7 @@ class QuantConfig:
     recon_batch_size: int | None = None
     recon_samples: int | None = None
     recon_round_weight: float | None = None
+    recon_act_iters: int | None = None
     recon_augment: int = 0
     fisher: bool = False
     drop_prob: float = 0.5
@@ -194,6 +197,9 @@ class QuantConfig:
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0
                                 or lam == float("inf")):
             raise UserError(f"recon_round_weight must be a finite number >= 0, got {lam!r}")
+        act = self.recon_act_iters
+        if act is not None and (isinstance(act, bool) or not isinstance(act, int) or act < 0):
+            raise UserError(f"recon_act_iters must be an integer >= 0 (0: no activation phase), got {act!r}")
         aug = self.recon_augment
         if isinstance(aug, bool) or not isinstance(aug, int) or aug < 0:
             raise UserError(f"recon_augment must be a count of views per sample >= 0, got {aug!r}")
@@ -235,7 +241,8 @@ class QuantConfig:
 
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
                                        ("num_samples", self.recon_samples),
-                                       ("round_weight", self.recon_round_weight)) if v is not None}
+                                       ("round_weight", self.recon_round_weight),
+                                       ("act_iters", self.recon_act_iters)) if v is not None}
         method = self.mrecg_base if self.method == "mrecg" else self.method
         order = self.recon_order
         if order is None and method == "brecq" and self.activation_bits <= 4:

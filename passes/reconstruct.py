@@ -138,7 +138,8 @@ class ReconstructPass(Pass):
         self.feeds = augment_feeds(originals, cfg.augment, cfg.seed)
         self.n_samples = count_samples(self.feeds)
         report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,
-                  "num_samples": cfg.num_samples, "augment": cfg.augment, "samples": self.n_samples,
+                  "num_samples": cfg.num_samples, "act_iters": cfg.act_iters if cfg.method == "brecq" else 0,
+                  "augment": cfg.augment, "samples": self.n_samples,
                   "blocks": [], "resumed_blocks": len(ckpt.done)}
         start = time.perf_counter()
         quantize_acts = any(ctx.qparams[n].spec.bits <= 8 for n in ctx.qparams if n not in ctx.float_weights)
@@ -148,7 +149,8 @@ class ReconstructPass(Pass):
             names = [t.name for t in graph.outputs]
             got = collect(ctx.reference, names, self.feeds, self.n_samples, store, "capture logits")
             self.logits = [got[n] for n in names]
-        two_pass = cfg.method == "brecq" and cfg.order == "two_pass" and quantize_acts
+        # No activation phase (act_iters 0): one pass of weight steps, whatever the order.
+        two_pass = cfg.method == "brecq" and cfg.order == "two_pass" and quantize_acts and cfg.act_iters > 0
         report["order"] = "two_pass" if two_pass else "interleaved"
         phases = [("weights", 0), ("acts", ACT_PASS_OFFSET)] if two_pass else [("both", 0)]
         try:

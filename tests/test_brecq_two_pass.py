@@ -185,10 +185,47 @@ def test_cli_flag(tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", input=np.load(MODELS / "tiny_cnn_calib.npz")["input"][:16])
     calib_file = str(tmp_path / "calib.npz")
     args = ["quantize", str(MODELS / "tiny_cnn.onnx"), "--calib", calib_file, "--weights", "int4"]
-    code = main([*args, "-o", str(out), "--method", "brecq", "--iters", "2", "--recon-order", "two-pass"])
+    code = main([*args, "-o", str(out), "--method", "brecq", "--iters", "4", "--recon-order", "two-pass"])
     capsys.readouterr()
     assert code == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["config"]["recon_order"] == "two_pass" and report["reconstruction"]["order"] == "two_pass"
     code = main([*args, "-o", str(tmp_path / "x.onnx"), "--method", "qdrop", "--recon-order", "two-pass"])
     assert code != 0 and "needs method brecq" in capsys.readouterr().err
+
+
+def _activation_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    constants = {i.name: i for i in model.graph.initializer}
+    return {n.input[0]: onnx.numpy_helper.to_array(constants[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
+
+
+def test_no_activation_phase_keeps_the_calibrated_ranges(calib):
+    """``recon_act_iters=0``: one weight pass, no step-size learning, so every activation scale is
+    the calibrated one (as round-to-nearest writes it) while the weight codes are learned."""
+    import onnxq.passes.reconstruct as rp
+
+    assert _config(recon_act_iters=0).recon_config().act_iters == 0
+    assert _config(recon_act_iters=7).recon_config().act_iters == 7
+    assert _config().recon_config().act_iters == 2  # a quarter of the 8 weight iterations
+    with pytest.raises(onnxq.UserError, match="recon_act_iters"):
+        _config(recon_act_iters=-1)
+    calls = []
+    real = rp.reconstruct_block
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rp, "reconstruct_block", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    try:
+        result = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(recon_act_iters=0))
+    finally:
+        mp.undo()
+    rec = result.report["reconstruction"]
+    assert rec["act_iters"] == 0 and rec["order"] == "interleaved"
+    assert len(calls) == len(rec["blocks"]) and not any("acts" in c for c in calls)
+    rtn = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(method="rtn", recon_order=None)).model
+    got, want = _activation_scales(result.model), _activation_scales(rtn)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert rec["improved_blocks"] >= 1
+    learned = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config()).model  # with the step phase
+    assert any(not np.array_equal(s, want[n]) for n, s in _activation_scales(learned).items())

@@ -157,3 +157,16 @@ def test_round_weight_flag(workdir, capsys):
     bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
            str(workdir / "calib.npz"), "--method", "brecq", "--round-weight", "-1"]
     _expect_user_error(capsys, bad, "recon_round_weight")
+
+
+def test_act_iters_flag(workdir, capsys):
+    out = workdir / "m.ai.onnx"
+    code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",
+                      str(workdir / "calib.npz"), "--weights", "int4", "--method", "brecq", "--iters", "4",
+                      "--act-iters", "0")
+    assert code == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["config"]["recon_act_iters"] == 0 and report["reconstruction"]["act_iters"] == 0
+    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
+           str(workdir / "calib.npz"), "--method", "brecq", "--act-iters", "-2"]
+    _expect_user_error(capsys, bad, "recon_act_iters")
