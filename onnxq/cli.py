@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--round-weight", type=float, default=None, metavar="LAMBDA",
                    help="AdaRound regulariser weight (default: 10 with the fast schedule, 0.01 with paper)")
     r.add_argument("--act-iters", type=int, default=None, metavar="N",
-                   help="brecq: activation step-size iterations per block (default: a quarter of --iters; "
-                        "0 keeps the calibrated ranges)")
+                   help="brecq: activation step-size iterations per block (default: 0 with 8-bit activations "
+                        "on the fast schedule, else a quarter of --iters); 0 keeps the calibrated ranges")
     r.add_argument("--augment", type=int, default=0, metavar="K",
                    help="fit the rounding on K augmented views of every calibration image too (a flip, then "
                         "random resized crops); image models only (default 0)")

@@ -151,7 +151,8 @@ class ReconstructPass(Pass):
             self.logits = [got[n] for n in names]
         # No activation phase (act_iters 0): one pass of weight steps, whatever the order.
         two_pass = cfg.method == "brecq" and cfg.order == "two_pass" and quantize_acts and cfg.act_iters > 0
-        report["order"] = "two_pass" if two_pass else "interleaved"
+        no_steps = cfg.method == "brecq" and cfg.act_iters == 0
+        report["order"] = "two_pass" if two_pass else "weights_only" if no_steps else "interleaved"
         phases = [("weights", 0), ("acts", ACT_PASS_OFFSET)] if two_pass else [("both", 0)]
         try:
             for phase, offset in phases:

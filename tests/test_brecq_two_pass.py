@@ -185,7 +185,8 @@ def test_cli_flag(tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", input=np.load(MODELS / "tiny_cnn_calib.npz")["input"][:16])
     calib_file = str(tmp_path / "calib.npz")
     args = ["quantize", str(MODELS / "tiny_cnn.onnx"), "--calib", calib_file, "--weights", "int4"]
-    code = main([*args, "-o", str(out), "--method", "brecq", "--iters", "4", "--recon-order", "two-pass"])
+    code = main([*args, "-o", str(out), "--method", "brecq", "--iters", "4", "--act-iters", "1",
+                 "--recon-order", "two-pass"])
     capsys.readouterr()
     assert code == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
@@ -208,6 +209,11 @@ def test_no_activation_phase_keeps_the_calibrated_ranges(calib):
     assert _config(recon_act_iters=0).recon_config().act_iters == 0
     assert _config(recon_act_iters=7).recon_config().act_iters == 7
     assert _config().recon_config().act_iters == 2  # a quarter of the 8 weight iterations
+    # 8-bit activations on the fast schedule: no step phase by default (it overfits), paper keeps it
+    assert replace(_config(), activation_bits=8).recon_config().act_iters == 0
+    assert replace(_config(), activation_bits=8, recon_act_iters=3).recon_config().act_iters == 3
+    assert replace(_config(), activation_bits=8, schedule="paper").recon_config().act_iters == 2
+    assert replace(_config(), activation_bits=8, method="qdrop", recon_order=None).recon_config().act_iters == 2
     with pytest.raises(onnxq.UserError, match="recon_act_iters"):
         _config(recon_act_iters=-1)
     calls = []
@@ -219,7 +225,7 @@ def test_no_activation_phase_keeps_the_calibrated_ranges(calib):
     finally:
         mp.undo()
     rec = result.report["reconstruction"]
-    assert rec["act_iters"] == 0 and rec["order"] == "interleaved"
+    assert rec["act_iters"] == 0 and rec["order"] == "weights_only"
     assert len(calls) == len(rec["blocks"]) and not any("acts" in c for c in calls)
     rtn = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(method="rtn", recon_order=None)).model
     got, want = _activation_scales(result.model), _activation_scales(rtn)
