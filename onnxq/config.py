@@ -73,8 +73,8 @@ class QuantConfig:
             0.01 with ``schedule="paper"``, 10 with "fast", see ``onnxq.recon.ReconConfig.fast``).
         recon_act_iters: length of BRECQ's activation step-size phase per block; 0 keeps the calibrated
             activation ranges. None: 0 on the fast schedule with 8-bit activations (on EfficientNet-Lite0
-            W4A8 the learned 8-bit steps fit the 250 calibration images and cost 1.9 points of top-1:
-            82.53 % with them, 84.40 % without), else the schedule's (a quarter of the weight iterations).
+            W4A8 the learned 8-bit steps gave 82.53 % top-1, without them 84.40 % and 82.67 % (seeds 0, 1):
+            no gain, and the run is 300 s longer), else the schedule's (a quarter of the weight iterations).
         recon_augment: augmented views per calibration sample for adaround/brecq/qdrop/mrecg (a
             horizontal flip, then random resized crops; :mod:`onnxq.augment`); 0: none. Image models only.
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
@@ -85,7 +85,8 @@ class QuantConfig:
             or "two_pass" (the reference's: all weights, then all steps); None: "interleaved" with
             4-bit activations (on EfficientNet-Lite0 W4A4 two-pass gave 69.20 % top-1 against 76.13 %:
             its weight pass never sees the 4-bit activation error), else the default of
-            ``onnxq.recon.ReconConfig.order`` (two_pass for brecq). Also MRECG's with the brecq base.
+            ``onnxq.recon.ReconConfig.order`` (two_pass for brecq; without a step phase, see
+            ``recon_act_iters``, BRECQ makes one pass whatever the order). Also MRECG's with the brecq base.
         device: "cpu" or "cuda" for the torch engine.
         max_chain: longest chain of single layers merged into one block.
         checkpoint_dir: folder where finished blocks are saved so an interrupted run resumes.
@@ -251,7 +252,7 @@ class QuantConfig:
             order = "interleaved"  # two-pass at W4A4: 69.20 % against 76.13 % (docs/benchmarks.md)
         if self.recon_act_iters is None and method == "brecq" and self.schedule == "fast" \
                 and self.activation_bits >= 8:
-            overrides["act_iters"] = 0  # learned 8-bit steps overfit: docs/benchmarks.md, session 6
+            overrides["act_iters"] = 0  # no gain from 8-bit steps: docs/benchmarks.md, session 6
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
                          augment=self.recon_augment,
                          weight_inputs=self.weight_phase_inputs, order=order)
