@@ -189,7 +189,7 @@ class QuantConfig:
         _choice("adaquant_mode", self.adaquant_mode, ADAQUANT_MODES)
         _choice("mrecg_base", self.mrecg_base, MRECG_BASES)
         _choice("mrecg_capacity", self.mrecg_capacity, MRECG_CAPACITIES)
-        if isinstance(self.mrecg_k, bool) or not isinstance(self.mrecg_k, int) or self.mrecg_k < 0:
+        if not _is_count(self.mrecg_k):
             raise UserError(f"mrecg_k={self.mrecg_k!r} is not a count of block pairs: use an integer >= 0")
         _choice("schedule", self.schedule, SCHEDULES)
         for name in ("recon_iters", "recon_batch_size", "recon_samples"):
@@ -201,10 +201,10 @@ class QuantConfig:
                                 or lam == float("inf")):
             raise UserError(f"recon_round_weight must be a finite number >= 0, got {lam!r}")
         act = self.recon_act_iters
-        if act is not None and (isinstance(act, bool) or not isinstance(act, int) or act < 0):
+        if act is not None and not _is_count(act):
             raise UserError(f"recon_act_iters must be an integer >= 0 (0: no activation phase), got {act!r}")
         aug = self.recon_augment
-        if isinstance(aug, bool) or not isinstance(aug, int) or aug < 0:
+        if not _is_count(aug):
             raise UserError(f"recon_augment must be a count of views per sample >= 0, got {aug!r}")
         if aug and self.method not in ("adaround", "brecq", "qdrop", "mrecg"):
             raise UserError(f"recon_augment applies to adaround, brecq, qdrop and mrecg, not method "
@@ -289,6 +289,11 @@ def _bit_plan(plan: object) -> tuple[tuple[str, int], ...]:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise UserError(f"bit_plan names {dup[0]!r} twice: give each layer one width")
     return tuple(out)
+
+
+def _is_count(value: object) -> bool:
+    """An integer >= 0 (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

@@ -132,41 +132,37 @@ def test_weight_phase_inputs_flag(tmp_path, capsys):
     assert json.loads(out.with_suffix(".report.json").read_text())["config"]["weight_phase_inputs"] == "weights_only"
 
 
-def test_augment_flag(workdir, capsys):
-    out = workdir / "m.aug.onnx"
+def _recon_report(workdir, capsys, name: str, *flags: str) -> dict:
+    """Quantize the workdir model to int4 weights with ``flags``; the run's report."""
+    out = workdir / f"m.{name}.onnx"
     code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",
-                      str(workdir / "calib.npz"), "--weights", "int4", "--method", "qdrop", "--iters", "2",
-                      "--augment", "1")
+                      str(workdir / "calib.npz"), "--weights", "int4", *flags)
     assert code == 0
-    report = json.loads(out.with_suffix(".report.json").read_text())
+    return json.loads(out.with_suffix(".report.json").read_text())
+
+
+def _expect_bad_flags(workdir, capsys, needle: str, *flags: str) -> None:
+    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
+           str(workdir / "calib.npz"), *flags]
+    _expect_user_error(capsys, bad, needle)
+
+
+def test_augment_flag(workdir, capsys):
+    report = _recon_report(workdir, capsys, "aug", "--method", "qdrop", "--iters", "2", "--augment", "1")
     assert report["config"]["recon_augment"] == 1
     samples = report["reconstruction"]["samples"]  # the originals (validation holds a few out), then flips
     assert samples % 2 == 0 and 12 < samples <= 24
-    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
-           str(workdir / "calib.npz"), "--method", "rtn", "--augment", "1"]
-    _expect_user_error(capsys, bad, "recon_augment")
+    _expect_bad_flags(workdir, capsys, "recon_augment", "--method", "rtn", "--augment", "1")
 
 
 def test_round_weight_flag(workdir, capsys):
-    out = workdir / "m.rw.onnx"
-    code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",
-                      str(workdir / "calib.npz"), "--weights", "int4", "--method", "adaround", "--iters", "2",
-                      "--round-weight", "0.5")
-    assert code == 0
-    assert json.loads(out.with_suffix(".report.json").read_text())["config"]["recon_round_weight"] == 0.5
-    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
-           str(workdir / "calib.npz"), "--method", "brecq", "--round-weight", "-1"]
-    _expect_user_error(capsys, bad, "recon_round_weight")
+    report = _recon_report(workdir, capsys, "rw", "--method", "adaround", "--iters", "2",
+                           "--round-weight", "0.5")
+    assert report["config"]["recon_round_weight"] == 0.5
+    _expect_bad_flags(workdir, capsys, "recon_round_weight", "--method", "brecq", "--round-weight", "-1")
 
 
 def test_act_iters_flag(workdir, capsys):
-    out = workdir / "m.ai.onnx"
-    code, _, _ = _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(out), "--calib",
-                      str(workdir / "calib.npz"), "--weights", "int4", "--method", "brecq", "--iters", "4",
-                      "--act-iters", "0")
-    assert code == 0
-    report = json.loads(out.with_suffix(".report.json").read_text())
+    report = _recon_report(workdir, capsys, "ai", "--method", "brecq", "--iters", "4", "--act-iters", "0")
     assert report["config"]["recon_act_iters"] == 0 and report["reconstruction"]["act_iters"] == 0
-    bad = ["quantize", str(workdir / "m.onnx"), "-o", str(workdir / "bad.onnx"), "--calib",
-           str(workdir / "calib.npz"), "--method", "brecq", "--act-iters", "-2"]
-    _expect_user_error(capsys, bad, "recon_act_iters")
+    _expect_bad_flags(workdir, capsys, "recon_act_iters", "--method", "brecq", "--act-iters", "-2")
