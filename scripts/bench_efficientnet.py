@@ -22,7 +22,7 @@ import logging
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +62,9 @@ class OnnxqEntry:
     # Entries naming the same checkpoint share one reconstruction (kept under OUT_DIR/checkpoints/):
     # the first one run reconstructs, the others only add what comes after it (tuning).
     checkpoint: str | None = None
+    # Mixed precision: measure the per-layer sensitivity table (8/4/2 bits, output MSE), solve the
+    # integer program at the weight size of uniform W4A8 and quantize with that plan (and ``params``).
+    mixed_w4size: bool = False
 
 
 ORT_CONFIGS: list[OrtEntry] = [
@@ -117,6 +120,12 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
                default=False, checkpoint="w4a8_brecq_asym"),
     OnnxqEntry("onnxq_w4a8_adaround_asym", {**_W8A8, "weight_bits": 4, "method": "adaround",
                                             "weight_symmetric": False, "weight_method": "mse"}, default=False),
+    OnnxqEntry("onnxq_mp_w4size_adaround_asym", {**_W8A8, "weight_bits": 4, "method": "adaround",
+                                                 "weight_symmetric": False, "weight_method": "mse"},
+               default=False, mixed_w4size=True),
+    OnnxqEntry("onnxq_mp_w4size_brecq_asym", {**_W8A8, "weight_bits": 4, "method": "brecq",
+                                              "weight_symmetric": False, "weight_method": "mse"},
+               default=False, mixed_w4size=True),
     # Reconstruction (fast CPU schedule): W4A8 and W4A4, first/last layers 8-bit.
     OnnxqEntry("onnxq_w4a8_adaround", {**_W8A8, "weight_bits": 4, "method": "adaround"}),
     OnnxqEntry("onnxq_w4a8_brecq", {**_W8A8, "weight_bits": 4, "method": "brecq"}, checkpoint="w4a8_brecq"),
@@ -437,13 +446,39 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
     t0 = time.perf_counter()
     # All 250 calibration images calibrate (as for onnxruntime); the report's fidelity check runs on
     # held-out evaluation images (they never influence the model).
-    result = quantize(str(fp32), calib, cfg, validation=[{INPUT: holdout_x}])
+    validation = [{INPUT: holdout_x}]
+    if entry.mixed_w4size:
+        result, plan = _quantize_mixed_w4size(fp32, calib, cfg, validation, out)
+    else:
+        result, plan = quantize(str(fp32), calib, cfg, validation=validation), None
     result.save(str(out))
     seconds = time.perf_counter() - t0
     report = getattr(result, "report", {}) or {}
     shown = ", ".join(f"{k}={v}" for k, v in entry.params.items() if k not in ("target", "seed"))
-    return {"quant_s": seconds, "notes": [f"QuantConfig({shown})"],
+    notes = [f"QuantConfig({shown})"]
+    if plan is not None:
+        notes.append(f"integer-program bit plan at uniform W4A8's weight size "
+                     f"(ratio {plan['size_ratio']:.4f}): layers per width {plan['layers_per_width']}")
+    return {"quant_s": seconds, "notes": notes, "bit_plan": plan,
             "onnxq_report": {k: report.get(k) for k in ("validation", "float_ops", "timings")}}
+
+
+def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list,
+                           out: Path) -> tuple[Any, dict[str, Any]]:
+    """Sensitivity table (8/4/2 bits, output MSE on held-out calibration images), the integer program at
+    the weight size of uniform W4A8, then one quantization (``cfg``'s method) with that plan."""
+    from onnxq.mixed_precision import Budget, quantize_mixed, uniform_plan
+    from onnxq.sensitivity import measure_sensitivity
+
+    table = measure_sensitivity(str(fp32), calib, cfg, widths=(8, 4, 2))
+    w4 = uniform_plan(table, 4)
+    mixed = quantize_mixed(str(fp32), calib, cfg, budget=Budget("size", w4.size_ratio), table=table,
+                           validation=validation)
+    mixed.plan.save(out.with_suffix(".bitplan.json"))
+    predicted = mixed.plan.to_dict()["predicted"]
+    return mixed.result, {"size_ratio": predicted["size_ratio"], "uniform_w4_ratio": w4.size_ratio,
+                          "layers_per_width": predicted["layers_per_width"],
+                          "path": str(out.with_suffix(".bitplan.json")), "sensitivity_s": table.seconds}
 
 
 def write_results(json_path: Path | None, payload: dict[str, Any], markdown: str | None,
@@ -515,8 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = parse_overrides(args.overrides)
     if overrides:
         tag = ",".join(f"{k}={v}" for k, v in overrides.items())
-        onnxq_entries = [OnnxqEntry(f"{e.name}[{tag}]", {**e.params, **overrides}, e.default,
-                                    f"{e.checkpoint}[{tag}]" if e.checkpoint else None)
+        onnxq_entries = [replace(e, name=f"{e.name}[{tag}]", params={**e.params, **overrides},
+                                 checkpoint=f"{e.checkpoint}[{tag}]" if e.checkpoint else None)
                          for e in onnxq_entries]
     out_dir = args.out_dir
     opt_dir = out_dir / "ort_optimized"
