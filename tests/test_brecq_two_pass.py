@@ -216,6 +216,10 @@ def test_no_activation_phase_keeps_the_calibrated_ranges(calib):
     assert replace(_config(), activation_bits=8, method="qdrop", recon_order=None).recon_config().act_iters == 2
     with pytest.raises(onnxq.UserError, match="recon_act_iters"):
         _config(recon_act_iters=-1)
+    for method in ("qdrop", "adaround", "rtn"):  # no activation phase to size: an error, not ignored
+        with pytest.raises(onnxq.UserError, match="has none"):
+            _config(method=method, recon_order=None, recon_act_iters=3)
+    assert _config(method="mrecg", mrecg_base="brecq", recon_act_iters=3).recon_config().act_iters == 3
     calls = []
     real = rp.reconstruct_block
     mp = pytest.MonkeyPatch()

@@ -166,3 +166,4 @@ def test_act_iters_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "ai", "--method", "brecq", "--iters", "4", "--act-iters", "0")
     assert report["config"]["recon_act_iters"] == 0 and report["reconstruction"]["act_iters"] == 0
     _expect_bad_flags(workdir, capsys, "recon_act_iters", "--method", "brecq", "--act-iters", "-2")
+    _expect_bad_flags(workdir, capsys, "drop --act-iters", "--method", "qdrop", "--act-iters", "3")
