@@ -212,12 +212,14 @@ class QuantConfig:
                             "drop --augment or pick one of those methods")
         _choice("weight_phase_inputs", self.weight_phase_inputs, (None, "quantized", "weights_only"))
         _choice("recon_order", self.recon_order, (None, "interleaved", "two_pass"))
-        if self.recon_order == "two_pass" and (self.mrecg_base if self.method == "mrecg" else self.method) != "brecq":
+        optimiser = self.mrecg_base if self.method == "mrecg" else self.method
+        if self.recon_order == "two_pass" and optimiser != "brecq":
             raise UserError(f"recon_order 'two_pass' needs method brecq (or mrecg on brecq), got {self.method!r}: "
                             "drop --recon-order")
-        if act is not None and (self.mrecg_base if self.method == "mrecg" else self.method) != "brecq":
+        if act is not None and optimiser != "brecq":
             raise UserError(f"recon_act_iters sets BRECQ's activation phase; method {self.method!r} has none "
-                            "(QDrop learns its steps with the rounding): drop --act-iters or use --method brecq")
+                            "(QDrop learns its steps with the rounding): "
+                            "drop --act-iters or use --method brecq")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise UserError(f"drop_prob {self.drop_prob} is not a probability: use a value in [0, 1]")
         _choice("relu6", self.relu6, ("skip", "replace"))
