@@ -75,6 +75,7 @@ class Block:
         outputs: float tensors leaving the block (names shared with the float model).
         weights: outputs (``"<w>_dequantized"``) of the weight DQs of the block's weighted ops.
         weighted_ops: names of the Conv/ConvTranspose/Gemm/MatMul nodes with a constant weight.
+        members: how many blocks of the base partition this unit holds (MRECG's merged units: 2 or 3).
     """
 
     index: int
@@ -85,6 +86,7 @@ class Block:
     outputs: tuple[str, ...]
     weights: tuple[str, ...]
     weighted_ops: tuple[str, ...]
+    members: int = 1
 
 
 @dataclass

@@ -179,7 +179,7 @@ def _quantize(args: argparse.Namespace) -> int:
         keep_checkpoint=args.keep_checkpoint,
         bit_plan=_bit_plan_arg(args), bias_tuning=args.bias_tuning, stats_tuning=args.stats_tuning,
         adaquant_mode=args.adaquant_mode, mrecg_base=args.mrecg_base, mrecg_k=_mrecg_k_arg(args.mrecg_k),
-        mrecg_capacity=args.mrecg_capacity,
+        mrecg_capacity=args.mrecg_capacity, mrecg_iters=args.mrecg_iters,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = _budget_arg(args)
@@ -233,6 +233,9 @@ def _add_adaquant_mrecg_args(r) -> None:
     r.add_argument("--mrecg-capacity", default="data", metavar="{data,proxy}",
                    help="--method mrecg: block losses of a first, shorter pass (data, default) or our "
                         "data-free proxy (relative weight quantization noise per block)")
+    r.add_argument("--mrecg-iters", default="per_unit", metavar="{per_unit,per_block}",
+                   help="--method mrecg: every unit runs --iters (per_unit, default, the paper) or a merged "
+                        "unit of n blocks runs n x --iters (per_block)")
 
 
 def _mrecg_k_arg(text: str) -> int:

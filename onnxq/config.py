@@ -20,6 +20,7 @@ RECON_METHODS = ("rtn", "adaround", "brecq", "qdrop", "adaquant", "mrecg")
 ADAQUANT_MODES = ("parallel", "sequential")
 MRECG_BASES = ("brecq", "qdrop")
 MRECG_CAPACITIES = ("data", "proxy")
+MRECG_ITERS = ("per_unit", "per_block")
 SCHEDULES = ("fast", "paper")
 
 
@@ -113,6 +114,8 @@ class QuantConfig:
         mrecg_k: MRECG merges the ``k`` adjacent block pairs with the largest capacity differentials.
         mrecg_capacity: "data" (block losses of a first, shorter reconstruction pass) or "proxy"
             (a data-free capacity of our own: the block's relative weight quantization noise).
+        mrecg_iters: "per_unit" (every reconstruction unit, merged or not, runs ``recon_iters``: the
+            paper) or "per_block" (a merged unit of n blocks runs n times them).
     """
 
     target: str = "ort-cpu"
@@ -164,6 +167,7 @@ class QuantConfig:
     mrecg_base: str = "brecq"
     mrecg_k: int = 4
     mrecg_capacity: str = "data"
+    mrecg_iters: str = "per_unit"
 
     def __post_init__(self) -> None:
         _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
@@ -189,6 +193,7 @@ class QuantConfig:
         _choice("adaquant_mode", self.adaquant_mode, ADAQUANT_MODES)
         _choice("mrecg_base", self.mrecg_base, MRECG_BASES)
         _choice("mrecg_capacity", self.mrecg_capacity, MRECG_CAPACITIES)
+        _choice("mrecg_iters", self.mrecg_iters, MRECG_ITERS)
         if not _is_count(self.mrecg_k):
             raise UserError(f"mrecg_k={self.mrecg_k!r} is not a count of block pairs: use an integer >= 0")
         _choice("schedule", self.schedule, SCHEDULES)

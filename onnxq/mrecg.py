@@ -195,7 +195,7 @@ def merge_blocks(graph: gs.Graph, blocks: Sequence[Block], index: int) -> Block:
     Nodes: the union (first appearance order: topological, since each block only reads earlier ones).
     Inputs: the members' inputs not produced inside. Outputs: the last block's outputs, plus any output
     of an earlier member that a node outside the unit (or the graph output) reads, e.g. a U-Net skip.
-    Weights and weighted ops: the union. Kind ``"merged"``.
+    Weights and weighted ops: the union. Kind ``"merged"``; ``members`` counts the base blocks.
     """
     if not blocks:
         raise ValueError("merge_blocks needs at least one block")
@@ -220,7 +220,8 @@ def merge_blocks(graph: gs.Graph, blocks: Sequence[Block], index: int) -> Block:
     return Block(index=index, name=f"block{index:02d}:merged({members})", kind="merged", nodes=nodes,
                  inputs=inputs, outputs=outputs,
                  weights=tuple(dict.fromkeys(w for b in blocks for w in b.weights)),
-                 weighted_ops=tuple(dict.fromkeys(o for b in blocks for o in b.weighted_ops)))
+                 weighted_ops=tuple(dict.fromkeys(o for b in blocks for o in b.weighted_ops)),
+                 members=sum(b.members for b in blocks))
 
 
 def merged_partition(graph: gs.Graph, blocks: Sequence[Block], groups: Sequence[Sequence[int]]

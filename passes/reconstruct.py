@@ -96,12 +96,17 @@ def rebatch(feeds, size: int, limit: int | None = None) -> Iterator[dict[str, np
 class ReconstructPass(Pass):
     def __init__(self, config: ReconConfig, *, max_chain: int = 3, checkpoint_dir: str | None = None,
                  keep_checkpoint: bool = False, cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False,
-                 partitioner: Callable[[gs.Graph, Callable[[gs.Node], bool]], list[Block]] | None = None):
+                 partitioner: Callable[[gs.Graph, Callable[[gs.Node], bool]], list[Block]] | None = None,
+                 iters_per_member: bool = False):
         """``partitioner(graph, is_supported)`` replaces the default block partition (MRECG's merged
         blocks use it); ``layerwise`` selects AdaRound's one-layer units; ``keep_checkpoint`` leaves a
-        finished run's checkpoint in place (a re-run with the same settings reuses every block)."""
+        finished run's checkpoint in place (a re-run with the same settings reuses every block).
+        ``iters_per_member``: a unit holding ``n`` base blocks (``Block.members``) runs ``n`` times the
+        iterations of each phase (and its beta schedule stretches with them), so every weight gets the
+        steps it would get in its own block; off, every unit runs ``config.iters`` (the papers)."""
         self.config = config
         self.partitioner = partitioner
+        self.iters_per_member = iters_per_member
         self.max_chain = max_chain
         self.checkpoint_dir = checkpoint_dir
         self.keep_checkpoint = keep_checkpoint
@@ -126,6 +131,8 @@ class ReconstructPass(Pass):
                                and n.inputs[1].name.endswith("_dequantized")), None)
         todo = [b for b in blocks if not (b.kind == "layer" and first_weighted in b.weighted_ops)]
         settings = {"recon": cfg.__dict__, "max_chain": self.max_chain, "blocks": [b.name for b in blocks]}
+        if self.iters_per_member:
+            settings["iters_per_member"] = True
         if getattr(ctx.config, "learn_weight_scale", False):  # not in the graph: must key the checkpoint
             settings["learn_weight_scale"] = True
         ckpt = Checkpoint(self.checkpoint_dir, fingerprint(to_model(graph).SerializeToString(), settings))
@@ -191,12 +198,20 @@ class ReconstructPass(Pass):
             ckpt.save(index, entry.pop("_constants"), entry)
         return entries
 
+    def unit_config(self, block: Block) -> ReconConfig:
+        """The schedule of one unit: ``config``, or with ``iters_per_member`` its iterations times
+        ``block.members``."""
+        n = block.members if self.iters_per_member else 1
+        if n == 1:
+            return self.config
+        return dataclasses.replace(self.config, iters=self.config.iters * n, act_iters=self.config.act_iters * n)
+
     def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,
                    quantize_acts: bool, phase: str = "both") -> dict:
         """Reconstruct one block. ``phase``: "both" (the method's loop(s)), or BRECQ's two-pass order:
         "weights" (rounding only, every activation quantizer off) or "acts" (step sizes only, the
         weights fixed at the codes the weight pass wrote)."""
-        cfg = self.config
+        cfg = self.unit_config(block)
         model = to_model(graph)
         if phase == "weights":  # the weight pass sees weights-only inputs, or the fully quantized model's
             cfg = dataclasses.replace(cfg, act_iters=0)
@@ -229,7 +244,8 @@ class ReconstructPass(Pass):
         log.info("%s: loss %.4g -> %.4g (%s)", block.name, result.loss_rtn, result.loss_final,
                  "kept" if kept else "round-to-nearest kept")
         return {"block": block.name, "kind": block.kind, "loss_rtn": result.loss_rtn,
-                "loss_final": result.loss_final, "kept": kept, "seconds": round(result.seconds, 1),
+                "loss_final": result.loss_final, "kept": kept, "iters": cfg.iters,
+                "seconds": round(result.seconds, 1),
                 "samples": data.num_samples, "history": [round(h, 6) for h in result.history],
                 "_constants": constants}
 

@@ -199,10 +199,12 @@ def test_cli_runs_adaquant_and_mrecg_flags(workdir, capsys):
     out2 = workdir / "m.onnx"
     code, _, err = _cli(capsys, "quantize", model, "-o", str(out2), "--calib", calib, "--batch-size", "8",
                         "--weights", "int4", "--method", "mrecg", "--mrecg-k", "1", "--mrecg-base", "qdrop",
-                        "--mrecg-capacity", "proxy", "--iters", "2", "--recon-samples", "8", "--no-validate")
+                        "--mrecg-capacity", "proxy", "--mrecg-iters", "per_block", "--iters", "2",
+                        "--recon-samples", "8", "--no-validate")
     assert code == 0, err
     rep = json.loads(out2.with_suffix(".report.json").read_text())
     assert rep["config"]["mrecg_k"] == 1 and rep["mrecg"]["base"] == "qdrop"
+    assert rep["config"]["mrecg_iters"] == "per_block" and rep["mrecg"]["final_pass"]["per"] == "block"
     assert len(rep["mrecg"]["merges"]) == 1
     assert out2.with_suffix(".mrecg.png").exists() and rep["mrecg"]["plot"].endswith("m.mrecg.png")
 
@@ -213,6 +215,7 @@ def test_cli_runs_adaquant_and_mrecg_flags(workdir, capsys):
     (["--method", "mrecg", "--mrecg-k", "-1"], "mrecg_k"),
     (["--method", "mrecg", "--mrecg-base", "adaround"], "mrecg_base"),
     (["--method", "mrecg", "--mrecg-capacity", "oracle"], "mrecg_capacity"),
+    (["--method", "mrecg", "--mrecg-iters", "per_layer"], "mrecg_iters"),
 ])
 def test_cli_bad_values_are_one_line_errors(workdir, capsys, flags, fragment):
     out = workdir / "bad.onnx"

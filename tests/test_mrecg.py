@@ -195,9 +195,11 @@ def _config(**kw) -> onnxq.QuantConfig:
     return onnxq.QuantConfig(**base)
 
 
-@pytest.mark.parametrize("base,capacity", [("brecq", "data"), ("qdrop", "proxy")])
-def test_mrecg_quantizes_tiny_cnn_end_to_end(tiny_calib, tmp_path, base, capacity):
-    cfg = _config(mrecg_base=base, mrecg_capacity=capacity, checkpoint_dir=str(tmp_path / "ck"))
+@pytest.mark.parametrize("base,capacity,iters",
+                         [("brecq", "data", "per_unit"), ("qdrop", "proxy", "per_block")])
+def test_mrecg_quantizes_tiny_cnn_end_to_end(tiny_calib, tmp_path, base, capacity, iters):
+    cfg = _config(mrecg_base=base, mrecg_capacity=capacity, mrecg_iters=iters,
+                  checkpoint_dir=str(tmp_path / "ck"))
     result = onnxq.quantize(MODELS / "tiny_cnn.onnx", tiny_calib, cfg)
     rep = result.report["mrecg"]
     assert rep["base"] == base and rep["capacity"] == capacity and len(rep["merges"]) == 1
@@ -206,7 +208,9 @@ def test_mrecg_quantizes_tiny_cnn_end_to_end(tiny_calib, tmp_path, base, capacit
     rec = result.report["reconstruction"]
     assert rec["method"] == base
     assert len(rec["blocks"]) == len(rep["blocks"]) - 2  # first layer skipped, 1 merge
-    assert any(b["kind"] == "merged" for b in rec["blocks"])
+    unit_iters = {b["kind"] == "merged": b["iters"] for b in rec["blocks"]}
+    assert unit_iters == {True: 6 * len(merged) if iters == "per_block" else 6, False: 6}
+    assert rep["final_pass"]["per"] == iters.split("_")[1]
     assert (rep["loss_before"][merged[-1]] is not None) == (capacity == "data")
     assert rep["loss_after"][merged[-1]] is not None and rep["loss_after"][merged[0]] is None
     if capacity == "data":
