@@ -212,6 +212,9 @@ def _add_mixed_args(q: argparse.ArgumentParser) -> None:
     m.add_argument("--mp-widths", default="8,4,2", help="candidate weight widths (default: 8,4,2)")
     m.add_argument("--mp-measure", choices=("mse", "cosine", "fisher"), default="mse",
                    help="sensitivity measure: output MSE, 1 - cosine, or BRECQ's Fisher estimate (default: mse)")
+    m.add_argument("--mp-reconstruct", choices=("rtn", "adaquant"), default="rtn",
+                   help="the sensitivity table's weights at each width: round to nearest (default) or "
+                        "parallel AdaQuant per layer (CalibTIP; one AdaQuant pass per width, --iters long)")
     m.add_argument("--mp-holdout", type=int, default=None, metavar="N",
                    help="calibration samples held out to measure the sensitivity (default: a fifth, at most 64)")
     m.add_argument("--bias-tuning", action="store_true",
@@ -281,8 +284,8 @@ def _quantize_mixed(args: argparse.Namespace, config: QuantConfig, budget, out: 
     except ValueError:
         raise UserError(f"--mp-widths {args.mp_widths!r} is not a comma-separated list of widths: e.g. 8,4,2") from None
     mixed = quantize_mixed(args.model, args.data, config, budget=budget, widths=widths, measure=args.mp_measure,
-                           holdout=args.mp_holdout, validation=args.validation, recipe=_recipe(args.recipe),
-                           batch_size=args.batch_size)
+                           holdout=args.mp_holdout, reconstruct=args.mp_reconstruct, validation=args.validation,
+                           recipe=_recipe(args.recipe), batch_size=args.batch_size)
     plan_path = mixed.plan.save(out.with_suffix(".bitplan.json"))
     p = mixed.plan
     sys.stdout.write(f"wrote {plan_path}: size ratio {p.size_ratio:.4f}, bops ratio {p.bops_ratio:.4f}, "

@@ -223,18 +223,21 @@ def report_section(table: SensitivityTable, plan: BitPlan) -> dict[str, Any]:
                      "sensitivity": {str(b): table.values[info.name][b].get(plan.measure)
                                      for b in table.choices(info)}})
     return {"plan": plan.to_dict(), "base": dict(table.base), "holdout_samples": table.holdout_samples,
-            "sensitivity_seconds": round(table.seconds, 2), "layers": rows}
+            "sensitivity_seconds": round(table.seconds, 2), "table_weights": table.reconstruct,
+            "layers": rows}
 
 
 def quantize_mixed(model: Any, calib: Any, config: QuantConfig | None = None, *, budget: Budget,
                    widths: Sequence[int] = (8, 4, 2), measure: str = "mse", holdout: Any = None,
                    table: SensitivityTable | None = None, metric: Callable[[np.ndarray], float] | None = None,
-                   validation: Any = None, recipe: Any = None, batch_size: int = 1) -> MixedPrecisionResult:
+                   validation: Any = None, recipe: Any = None, batch_size: int = 1,
+                   reconstruct: str = "rtn") -> MixedPrecisionResult:
     """Sensitivity table (unless given), integer program, then the final quantization with the plan.
 
     The final run is :func:`onnxq.api.quantize` with ``config.bit_plan`` set to the plan (so the
     configured method, bias correction and tuning apply); its report gets a "mixed_precision"
-    section (:func:`report_section`).
+    section (:func:`report_section`). ``reconstruct``: the table's weights ("rtn" or "adaquant", see
+    :mod:`onnxq.sensitivity`).
     """
     from onnxq.api import quantize
 
@@ -243,7 +246,8 @@ def quantize_mixed(model: Any, calib: Any, config: QuantConfig | None = None, *,
         raise UserError("mixed precision chooses the bit plan itself: drop the given bit plan (or use it alone)")
     if table is None:
         table = measure_sensitivity(model, calib, config, widths=widths, holdout=holdout, metric=metric,
-                                    fisher=measure == "fisher", recipe=recipe, batch_size=batch_size)
+                                    fisher=measure == "fisher", recipe=recipe, batch_size=batch_size,
+                                    reconstruct=reconstruct)
     plan = solve(table, budget, measure)
     result = quantize(model, calib, replace(config, bit_plan=plan.layers), validation=validation, recipe=recipe,
                       batch_size=batch_size)

@@ -24,8 +24,17 @@ Efficiency (the model is quantized and calibrated once):
     float graph input (``DequantizeLinear`` is ``(q - z) s`` in float32, computed here the same
     way); a swap re-runs only the layers downstream of the swapped one, from cached activations
     (:mod:`onnxq.sensitivity_eval`).
-The weights are round-to-nearest (the table does not run reconstruction) and bias/statistics
-tuning are not applied here; they apply to the final quantization of a plan.
+Bias/statistics tuning are not applied here; they apply to the final quantization of a plan.
+
+Weights at each width (``reconstruct``):
+  * ``"rtn"``: round to nearest (the default; minutes).
+  * ``"adaquant"``: CalibTIP's pre-optimisation. At every width below 8, parallel AdaQuant
+    (:mod:`onnxq.passes.adaquant`: inputs from the float model, so layers are independent) tunes each
+    layer's weights, bias and ranges at that width, and the table swaps in those weights and biases.
+    The 8-bit base stays round to nearest (8-bit rounding is near-lossless). It prices a layer by what
+    is left after reconstruction, not by its round-to-nearest damage: a plan then follows a
+    reconstruction method's view (AdaRound repairs 4-bit early layers well and a 2-bit layer badly,
+    which an RTN table cannot see). Cost: one parallel AdaQuant run per width below 8.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ from onnxq.targets import WEIGHT_INPUTS, resolve_config
 log = logging.getLogger(__name__)
 
 MEASURES = ("mse", "cosine", "metric", "fisher")
+#: How the table's weights at each width are made (see the module docstring).
+RECONSTRUCT = ("rtn", "adaquant")
 #: Held-out samples set aside from the calibration data when none are given.
 DEFAULT_HOLDOUT = 64
 
@@ -85,7 +96,8 @@ class SensitivityTable:
     """Measured degradation per layer and width (see the module docstring).
 
     ``values[layer][bits][measure]``; fixed layers have only their fixed width. ``base`` holds the
-    measures of the all-8-bit base model (fisher: 0).
+    measures of the all-8-bit base model (fisher: 0). ``reconstruct``: how the weights at each width
+    were made (``RECONSTRUCT``).
     """
 
     layers: tuple[LayerInfo, ...]
@@ -94,6 +106,7 @@ class SensitivityTable:
     base: dict[str, float] = field(default_factory=dict)
     holdout_samples: int = 0
     seconds: float = 0.0
+    reconstruct: str = "rtn"
 
     @property
     def measures(self) -> tuple[str, ...]:
@@ -127,7 +140,7 @@ class SensitivityTable:
                    "values": {str(b): dict(v) for b, v in self.values.get(info.name, {}).items()}}
             rows.append(row)
         return {"widths": list(self.widths), "base": dict(self.base), "holdout_samples": self.holdout_samples,
-                "seconds": round(self.seconds, 2), "layers": rows}
+                "seconds": round(self.seconds, 2), "reconstruct": self.reconstruct, "layers": rows}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SensitivityTable:
@@ -136,7 +149,8 @@ class SensitivityTable:
         values = {r["name"]: {int(b): {k: float(x) for k, x in v.items()} for b, v in r["values"].items()}
                   for r in data["layers"]}
         return cls(layers, tuple(int(b) for b in data["widths"]), values, dict(data["base"]),
-                   int(data.get("holdout_samples", 0)), float(data.get("seconds", 0.0)))
+                   int(data.get("holdout_samples", 0)), float(data.get("seconds", 0.0)),
+                   str(data.get("reconstruct", "rtn")))
 
     def save(self, path: str | Path) -> Path:
         import json
@@ -156,7 +170,8 @@ class SensitivityTable:
 def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config: QuantConfig | None = None, *,
                         widths: Sequence[int] = (8, 4, 2), holdout: Any = None,
                         metric: Callable[[np.ndarray], float] | None = None, fisher: bool = False,
-                        recipe: ImageRecipe | None = None, batch_size: int = 1) -> SensitivityTable:
+                        recipe: ImageRecipe | None = None, batch_size: int = 1, reconstruct: str = "rtn",
+                        adaquant: Any = None) -> SensitivityTable:
     """Measure the per-layer sensitivity table (see the module docstring).
 
     Args:
@@ -170,8 +185,14 @@ def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config:
             e.g. top-1 against labels the caller knows for the held-out samples, in order).
         fisher: also compute the Fisher measure (needs torch; :mod:`onnxq.sensitivity_fisher`).
         recipe / batch_size: for image folders and file sources.
+        reconstruct: "rtn" or "adaquant" (parallel AdaQuant per width below 8; see the module docstring).
+        adaquant: the AdaQuantConfig for ``reconstruct="adaquant"`` (its mode must be parallel); None
+            takes ``config``'s schedule (``config.adaquant_config()``) in parallel mode.
     """
     t0 = time.perf_counter()
+    if reconstruct not in RECONSTRUCT:
+        raise UserError(f"sensitivity reconstruct={reconstruct!r} is unknown: use {' or '.join(RECONSTRUCT)}")
+    optimiser = _adaquant_config(config or QuantConfig(), adaquant) if reconstruct == "adaquant" else None
     original = g.load_model(model) if isinstance(model, (str, Path)) else model
     widths = _widths(widths)
     base_cfg = _base_config(config or QuantConfig(), widths)
@@ -188,7 +209,7 @@ def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config:
                         "fixed by first_last_bits): nothing to plan")
     log.info("sensitivity: %d candidate layers x widths %s on %d held-out samples", len(candidates), widths,
              eval_set.num_samples)
-    weights = {b: _width_weights(cal, layers, b) for b in widths}
+    weights = {b: _width_weights(cal, layers, b, optimiser if b < 8 else None) for b in widths}
     feed_model, slots = _feed_model(cal, candidates)
     base_inputs = {slots[i.name][0]: weights[8][i.name][0] for i in candidates}
     base_inputs.update({slots[i.name][1]: weights[8][i.name][1] for i in candidates if slots[i.name][1]})
@@ -215,7 +236,7 @@ def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config:
                 values[info.name][info.fixed_bits]["fisher"] = 0.0
     seconds = time.perf_counter() - t0
     log.info("sensitivity: %d evaluations in %.1f s", jobs + 1, seconds)
-    return SensitivityTable(tuple(layers), widths, values, base, eval_set.num_samples, seconds)
+    return SensitivityTable(tuple(layers), widths, values, base, eval_set.num_samples, seconds, reconstruct)
 
 
 # ---------------------------------------------------------------------------- configuration and data
@@ -233,6 +254,15 @@ def _base_config(config: QuantConfig, widths: tuple[int, ...]) -> QuantConfig:
                                    validate=False))
     return replace(probe, bit_plan=(), opset=probe.output_opset, bias_tuning=False, stats_tuning=False,
                    method="rtn")
+
+
+def _adaquant_config(config: QuantConfig, given: Any) -> Any:
+    """The parallel AdaQuantConfig of the table (``given``, or ``config``'s schedule in parallel mode)."""
+    optimiser = given if given is not None else replace(config, adaquant_mode="parallel").adaquant_config()
+    if optimiser.mode != "parallel":
+        raise UserError("a reconstruction-aware sensitivity table needs parallel AdaQuant (layers "
+                        f"independent, float-model inputs), got mode {optimiser.mode!r}")
+    return optimiser
 
 
 def _split(calib_set: CalibrationSet, holdout: Any, inputs, recipe, batch_size
@@ -305,11 +335,17 @@ def dq_value(t: gs.Tensor) -> np.ndarray | None:
     return ((q - z) * s).astype(np.float32)
 
 
-def _width_weights(cal: CalibratedModel, layers: list[LayerInfo], bits: int
+def _width_weights(cal: CalibratedModel, layers: list[LayerInfo], bits: int, adaquant: Any = None
                    ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Dequantized (weight, bias) of every candidate layer with all candidates at ``bits``."""
+    """Dequantized (weight, bias) of every candidate layer with all candidates at ``bits``; with an
+    ``adaquant`` config, after parallel AdaQuant on that model."""
     plan = tuple((i.name, bits) for i in layers if i.fixed_bits is None)
-    graph, _ = cal.quantize_graph(plan)
+    graph, ctx = cal.quantize_graph(plan)
+    if adaquant is not None:
+        from onnxq.passes.adaquant import AdaQuantPass
+
+        log.info("sensitivity: parallel AdaQuant of every layer at %d bits", bits)
+        AdaQuantPass(adaquant)(graph, ctx)
     wanted = {name for name, _ in plan}
     out = {}
     for node in graph.nodes:

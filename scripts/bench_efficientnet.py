@@ -37,6 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 INPUT = "input"
 EVAL_BATCH = 32
 CALIB_BATCH = 25
+# The AdaQuant-priced sensitivity table: half the fast schedule's 200 iterations a layer, so the two
+# parallel passes (4 and 2 bits) fit next to the final reconstruction on the 2-core box.
+MP_TABLE_ADAQUANT_ITERS = 100
 CALIB_STRIDE_IMAGES = 50
 
 
@@ -65,6 +68,9 @@ class OnnxqEntry:
     # Mixed precision: measure the per-layer sensitivity table (8/4/2 bits, output MSE), solve the
     # integer program at the weight size of uniform W4A8 and quantize with that plan (and ``params``).
     mixed_w4size: bool = False
+    # The table's weights: "rtn", or "adaquant" (CalibTIP: parallel AdaQuant per width below 8, at
+    # MP_TABLE_ADAQUANT_ITERS iterations a layer).
+    mp_table: str = "rtn"
 
 
 ORT_CONFIGS: list[OrtEntry] = [
@@ -126,6 +132,9 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_mp_w4size_brecq_asym", {**_W8A8, "weight_bits": 4, "method": "brecq",
                                               "weight_symmetric": False, "weight_method": "mse"},
                default=False, mixed_w4size=True),
+    OnnxqEntry("onnxq_mp_w4size_adaround_asym_aqtable", {**_W8A8, "weight_bits": 4, "method": "adaround",
+                                                         "weight_symmetric": False, "weight_method": "mse"},
+               default=False, mixed_w4size=True, mp_table="adaquant"),
     # Reconstruction (fast CPU schedule): W4A8 and W4A4, first/last layers 8-bit.
     OnnxqEntry("onnxq_w4a8_adaround", {**_W8A8, "weight_bits": 4, "method": "adaround"}),
     OnnxqEntry("onnxq_w4a8_brecq", {**_W8A8, "weight_bits": 4, "method": "brecq"}, checkpoint="w4a8_brecq"),
@@ -448,7 +457,7 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
     # held-out evaluation images (they never influence the model).
     validation = [{INPUT: holdout_x}]
     if entry.mixed_w4size:
-        result, plan = _quantize_mixed_w4size(fp32, calib, cfg, validation, out)
+        result, plan = _quantize_mixed_w4size(fp32, calib, cfg, validation, out, entry.mp_table)
     else:
         result, plan = quantize(str(fp32), calib, cfg, validation=validation), None
     result.save(str(out))
@@ -463,14 +472,22 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
             "onnxq_report": {k: report.get(k) for k in ("validation", "float_ops", "timings")}}
 
 
-def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list,
-                           out: Path) -> tuple[Any, dict[str, Any]]:
-    """Sensitivity table (8/4/2 bits, output MSE on held-out calibration images), the integer program at
-    the weight size of uniform W4A8, then one quantization (``cfg``'s method) with that plan."""
+def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list, out: Path,
+                           table_weights: str = "rtn") -> tuple[Any, dict[str, Any]]:
+    """Sensitivity table (8/4/2 bits, output MSE on held-out calibration images; weights by
+    ``table_weights``), the integer program at the weight size of uniform W4A8, then one quantization
+    (``cfg``'s method) with that plan."""
     from onnxq.mixed_precision import Budget, quantize_mixed, uniform_plan
     from onnxq.sensitivity import measure_sensitivity
 
-    table = measure_sensitivity(str(fp32), calib, cfg, widths=(8, 4, 2))
+    adaquant = None
+    if table_weights == "adaquant":
+        from onnxq.recon.adaquant import AdaQuantConfig
+
+        adaquant = AdaQuantConfig.fast("parallel", iters=MP_TABLE_ADAQUANT_ITERS, seed=cfg.seed)
+    table = measure_sensitivity(str(fp32), calib, cfg, widths=(8, 4, 2), reconstruct=table_weights,
+                                adaquant=adaquant)
+    table.save(out.with_suffix(".sensitivity.json"))
     w4 = uniform_plan(table, 4)
     mixed = quantize_mixed(str(fp32), calib, cfg, budget=Budget("size", w4.size_ratio), table=table,
                            validation=validation)
@@ -478,7 +495,8 @@ def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list,
     predicted = mixed.plan.to_dict()["predicted"]
     return mixed.result, {"size_ratio": predicted["size_ratio"], "uniform_w4_ratio": w4.size_ratio,
                           "layers_per_width": predicted["layers_per_width"],
-                          "path": str(out.with_suffix(".bitplan.json")), "sensitivity_s": table.seconds}
+                          "path": str(out.with_suffix(".bitplan.json")), "sensitivity_s": table.seconds,
+                          "table_weights": table.reconstruct}
 
 
 def write_results(json_path: Path | None, payload: dict[str, Any], markdown: str | None,

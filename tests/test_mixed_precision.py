@@ -12,6 +12,9 @@ from onnxq.config import QuantConfig
 from onnxq.errors import UserError
 from onnxq.mixed_precision import Budget, evaluate_plan, load_bit_plan, solve, uniform_plan
 from onnxq.sensitivity import LayerInfo, SensitivityTable
+from tests.helpers import one_torch_thread
+
+torch_one_thread = pytest.fixture(one_torch_thread)
 
 MODEL = "models/tiny_cnn.onnx"
 CALIB = "models/tiny_cnn_calib.npz"
@@ -171,3 +174,15 @@ def test_cli_bit_plan_and_mixed_precision(tmp_path, capsys):
     assert main(["quantize", MODEL, "-o", str(tmp_path / "q5.onnx"), "--calib", CALIB, "--mixed-precision",
                  "--size-budget", "0.01", "--mp-widths", "8,4", "--no-validate"]) == 2
     assert "below the smallest plan" in capsys.readouterr().err
+
+
+def test_cli_mixed_precision_with_an_adaquant_table(tmp_path, torch_one_thread):
+    """--mp-reconstruct adaquant: the table's 4-bit weights come from parallel AdaQuant (--iters long),
+    and the report says so."""
+    out = tmp_path / "q.onnx"
+    rc = main(["quantize", MODEL, "-o", str(out), "--calib", CALIB, "--batch-size", "16", "--no-validate",
+               "--mixed-precision", "--size-budget", "0.6", "--mp-widths", "8,4",
+               "--mp-reconstruct", "adaquant", "--iters", "10", "--recon-samples", "48"])
+    assert rc == 0
+    section = json.loads((tmp_path / "q.report.json").read_text())["mixed_precision"]
+    assert section["table_weights"] == "adaquant" and section["plan"]["predicted"]["size_ratio"] <= 0.6

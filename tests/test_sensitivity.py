@@ -12,9 +12,10 @@ from onnxq.errors import UserError
 from onnxq.observers import weight_qparams
 from onnxq.sensitivity import measure_sensitivity
 from onnxq.spec import Granularity, QuantSpec, fake_quantize
-from tests.helpers import make_model, run_ort
+from tests.helpers import make_model, one_torch_thread, run_ort
 
 MODEL = "models/tiny_cnn.onnx"
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 def _calib(n: int = 64, batch: int = 16) -> list[dict[str, np.ndarray]]:
@@ -118,3 +119,32 @@ def test_calibrated_model_matches_quantize():
     b = {i.name: onnx.numpy_helper.to_array(i) for i in slow.graph.initializer}
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert [n.op_type for n in fast.graph.node] == [n.op_type for n in slow.graph.node]
+
+
+def _adaquant(mode: str = "parallel"):
+    from onnxq.recon.adaquant import AdaQuantConfig  # imports torch: only these tests need it
+
+    return AdaQuantConfig.fast(mode, iters=30, batch_size=16, num_samples=48, holdout=16, eval_samples=16)
+
+
+def test_adaquant_table_prices_layers_after_reconstruction(table):
+    """CalibTIP's table: each width's weights from parallel AdaQuant. The 8-bit base is unchanged,
+    the 2-bit damage AdaQuant repairs shrinks, and the table says how it was made."""
+    t = measure_sensitivity(MODEL, _calib(), QuantConfig(validate=False), holdout=_holdout(),
+                            reconstruct="adaquant", adaquant=_adaquant())
+    assert t.reconstruct == "adaquant" and table.reconstruct == "rtn"
+    assert t.base["mse"] == pytest.approx(table.base["mse"], rel=1e-6)  # 8 bits: round to nearest in both
+    names = [i.name for i in t.layers if i.fixed_bits is None]
+    rtn2 = sum(table.cost(n, 2) for n in names)
+    aq2 = sum(t.cost(n, 2) for n in names)
+    assert aq2 < 0.8 * rtn2, (aq2, rtn2)
+    assert any(t.values[n][4]["mse"] != table.values[n][4]["mse"] for n in names)
+    again = type(t).from_dict(t.to_dict())
+    assert again.reconstruct == "adaquant" and again.values == t.values
+
+
+def test_adaquant_table_bad_requests_are_user_errors():
+    with pytest.raises(UserError, match="reconstruct='adaround' is unknown"):
+        measure_sensitivity(MODEL, _calib(), reconstruct="adaround")
+    with pytest.raises(UserError, match="needs parallel AdaQuant"):
+        measure_sensitivity(MODEL, _calib(), reconstruct="adaquant", adaquant=_adaquant("sequential"))
