@@ -204,7 +204,7 @@ def _reconstruction_pass(config: QuantConfig):
         from onnxq.passes.mrecg import MRECGPass
 
         return MRECGPass(config.recon_config(), k=config.mrecg_k, capacity=config.mrecg_capacity,
-                         iters=config.mrecg_iters, max_chain=config.max_chain, **common)
+                         iters=config.mrecg_iters_used(), max_chain=config.max_chain, **common)
     from onnxq.passes.reconstruct import ReconstructPass
 
     return ReconstructPass(config.recon_config(), max_chain=config.max_chain,

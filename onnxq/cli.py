@@ -236,9 +236,10 @@ def _add_adaquant_mrecg_args(r) -> None:
     r.add_argument("--mrecg-capacity", default="data", metavar="{data,proxy}",
                    help="--method mrecg: block losses of a first, shorter pass (data, default) or our "
                         "data-free proxy (relative weight quantization noise per block)")
-    r.add_argument("--mrecg-iters", default="per_unit", metavar="{per_unit,per_block}",
-                   help="--method mrecg: every unit runs --iters (per_unit, default, the paper) or a merged "
-                        "unit of n blocks runs n x --iters (per_block)")
+    r.add_argument("--mrecg-iters", default=None, metavar="{per_unit,per_block}",
+                   help="--method mrecg: every unit runs --iters (per_unit, the paper) or a merged unit of n "
+                        "blocks runs n x --iters (per_block); default: per_block on the fast schedule, "
+                        "per_unit on the paper's")
 
 
 def _mrecg_k_arg(text: str) -> int:

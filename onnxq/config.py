@@ -115,7 +115,9 @@ class QuantConfig:
         mrecg_capacity: "data" (block losses of a first, shorter reconstruction pass) or "proxy"
             (a data-free capacity of our own: the block's relative weight quantization noise).
         mrecg_iters: "per_unit" (every reconstruction unit, merged or not, runs ``recon_iters``: the
-            paper) or "per_block" (a merged unit of n blocks runs n times them).
+            paper) or "per_block" (a merged unit of n blocks runs n times them); None: per_block on
+            the fast schedule (at 300 iterations merged units are otherwise under-trained: W2A4 BRECQ
+            18.40 % per unit, 35.47 % per block, docs/benchmarks.md session 8), per_unit on the paper's.
     """
 
     target: str = "ort-cpu"
@@ -167,7 +169,7 @@ class QuantConfig:
     mrecg_base: str = "brecq"
     mrecg_k: int = 4
     mrecg_capacity: str = "data"
-    mrecg_iters: str = "per_unit"
+    mrecg_iters: str | None = None
 
     def __post_init__(self) -> None:
         _choice("weight_bits", self.weight_bits, WEIGHT_BITS)
@@ -193,7 +195,8 @@ class QuantConfig:
         _choice("adaquant_mode", self.adaquant_mode, ADAQUANT_MODES)
         _choice("mrecg_base", self.mrecg_base, MRECG_BASES)
         _choice("mrecg_capacity", self.mrecg_capacity, MRECG_CAPACITIES)
-        _choice("mrecg_iters", self.mrecg_iters, MRECG_ITERS)
+        if self.mrecg_iters is not None:
+            _choice("mrecg_iters", self.mrecg_iters, MRECG_ITERS)
         if not _is_count(self.mrecg_k):
             raise UserError(f"mrecg_k={self.mrecg_k!r} is not a count of block pairs: use an integer >= 0")
         _choice("schedule", self.schedule, SCHEDULES)
@@ -268,6 +271,12 @@ class QuantConfig:
                          weight_inputs=self.weight_phase_inputs, order=order)
         factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
         return factory(method, **overrides)
+
+    def mrecg_iters_used(self) -> str:
+        """``mrecg_iters``, or its schedule-dependent default (see the attribute)."""
+        if self.mrecg_iters is not None:
+            return self.mrecg_iters
+        return "per_block" if self.schedule == "fast" else "per_unit"
 
     def adaquant_config(self):
         """AdaQuant's AdaQuantConfig for this run (imports torch); ``recon_*`` override the schedule."""

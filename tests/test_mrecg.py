@@ -221,3 +221,13 @@ def test_mrecg_quantizes_tiny_cnn_end_to_end(tiny_calib, tmp_path, base, capacit
     png = out.with_suffix(".mrecg.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_mrecg_iterations_per_block_by_default_on_the_fast_schedule():
+    """None follows the schedule: per block at 300 iterations (merged units otherwise under-trained),
+    the paper's per unit on its 20k; an explicit choice wins; a bad one is a UserError."""
+    assert _config().mrecg_iters_used() == "per_block"
+    assert _config(schedule="paper", recon_iters=None).mrecg_iters_used() == "per_unit"
+    assert _config(mrecg_iters="per_unit").mrecg_iters_used() == "per_unit"
+    with pytest.raises(UserError, match="mrecg_iters"):
+        _config(mrecg_iters="per_layer")
