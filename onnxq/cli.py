@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxq.config import CALIB_METHODS, RECON_METHODS, TERNARY_STORAGES, QuantConfig
+from onnxq.config import CALIB_METHODS, MP_RECONSTRUCT, RECON_METHODS, TERNARY_STORAGES, QuantConfig
 from onnxq.errors import UserError
 from onnxq.ternary import ALIASES, METHODS, MQUANT_DEFAULT
 
@@ -212,7 +212,7 @@ def _add_mixed_args(q: argparse.ArgumentParser) -> None:
     m.add_argument("--mp-widths", default="8,4,2", help="candidate weight widths (default: 8,4,2)")
     m.add_argument("--mp-measure", choices=("mse", "cosine", "fisher"), default="mse",
                    help="sensitivity measure: output MSE, 1 - cosine, or BRECQ's Fisher estimate (default: mse)")
-    m.add_argument("--mp-reconstruct", choices=("rtn", "adaquant"), default="rtn",
+    m.add_argument("--mp-reconstruct", choices=MP_RECONSTRUCT, default="rtn",
                    help="the sensitivity table's weights at each width: round to nearest (default) or "
                         "parallel AdaQuant per layer (CalibTIP; one AdaQuant pass per width, --iters long)")
     m.add_argument("--mp-holdout", type=int, default=None, metavar="N",

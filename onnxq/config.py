@@ -21,6 +21,8 @@ ADAQUANT_MODES = ("parallel", "sequential")
 MRECG_BASES = ("brecq", "qdrop")
 MRECG_CAPACITIES = ("data", "proxy")
 MRECG_ITERS = ("per_unit", "per_block")
+#: How a mixed-precision sensitivity table's weights at each width are made (onnxq.sensitivity).
+MP_RECONSTRUCT = ("rtn", "adaquant")
 SCHEDULES = ("fast", "paper")
 
 

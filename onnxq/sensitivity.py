@@ -53,7 +53,7 @@ import onnx_graphsurgeon as gs
 from onnxq import graph as g
 from onnxq.calib import CalibrationSet, ImageRecipe, load_calibration, model_inputs
 from onnxq.calibrated import CalibratedModel
-from onnxq.config import PLAN_BITS, QuantConfig
+from onnxq.config import MP_RECONSTRUCT as RECONSTRUCT, PLAN_BITS, QuantConfig
 from onnxq.context import QuantContext
 from onnxq.errors import UserError
 from onnxq.passes.assign_specs import node_key, weighted_layers
@@ -63,8 +63,6 @@ from onnxq.targets import WEIGHT_INPUTS, resolve_config
 log = logging.getLogger(__name__)
 
 MEASURES = ("mse", "cosine", "metric", "fisher")
-#: How the table's weights at each width are made (see the module docstring).
-RECONSTRUCT = ("rtn", "adaquant")
 #: Held-out samples set aside from the calibration data when none are given.
 DEFAULT_HOLDOUT = 64
 
@@ -190,12 +188,13 @@ def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config:
             takes ``config``'s schedule (``config.adaquant_config()``) in parallel mode.
     """
     t0 = time.perf_counter()
+    config = config or QuantConfig()
     if reconstruct not in RECONSTRUCT:
         raise UserError(f"sensitivity reconstruct={reconstruct!r} is unknown: use {' or '.join(RECONSTRUCT)}")
-    optimiser = _adaquant_config(config or QuantConfig(), adaquant) if reconstruct == "adaquant" else None
+    optimiser = _adaquant_config(config, adaquant) if reconstruct == "adaquant" else None
     original = g.load_model(model) if isinstance(model, (str, Path)) else model
     widths = _widths(widths)
-    base_cfg = _base_config(config or QuantConfig(), widths)
+    base_cfg = _base_config(config, widths)
     inputs = model_inputs(original)
     calib_set = load_calibration(calib, inputs, recipe=recipe, batch_size=batch_size)
     fit_set, eval_set = _split(calib_set, holdout, inputs, recipe, batch_size)
