@@ -185,6 +185,7 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
                                          "weight_method": "mse"}, default=False),
     # The reference quantizers at every W4 setting (session 5 table): asymmetric MSE weight grid.
     OnnxqEntry("onnxq_w4a8_qdrop_asym", {**_W4A8A, "method": "qdrop"}, default=False),
+    OnnxqEntry("onnxq_w4a8_mrecg_brecq_asym", {**_W4A8A, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
     OnnxqEntry("onnxq_w4a4_rtn_asym", _W4A4A, default=False),
     OnnxqEntry("onnxq_w4a4_adaround_asym", {**_W4A4A, "method": "adaround"}, default=False),
     OnnxqEntry("onnxq_w4a4_brecq_asym", {**_W4A4A, "method": "brecq"}, default=False),
