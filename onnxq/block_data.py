@@ -9,8 +9,12 @@ For block k (BRECQ's asymmetric setting):
   * ``inputs_fp``: the same tensors from the float model (QDrop mixes both; BRECQ's activation
     phase uses them);
   * ``targets``: the block outputs of the float model.
-Tensors are stored as float16 (halving memory; batches are cast back to float32 when used) and
-spill to memory-mapped files in a temporary folder once the budget is exceeded.
+Float tensors are stored as float16 (halving memory; batches are cast back to float32 when used)
+unless a value passes float16's range (then float32), integer ones (token ids, masks) in their own
+type, and all spill to memory-mapped files in a temporary folder once the budget is exceeded.
+Every calibration sample of a tensor must have one shape (the cache is one array per tensor):
+calibration batches padded to different sequence lengths are refused with the fix, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ import onnx
 import torch
 
 from onnxq.capture import capture, prefix_model
+from onnxq.errors import UserError
 
 log = logging.getLogger(__name__)
+
+#: Largest finite float16; a float tensor with a larger magnitude is cached in float32.
+_F16_MAX = float(np.finfo(np.float16).max)
 
 
 class TensorStore:
@@ -57,24 +65,27 @@ class TensorStore:
             path.unlink(missing_ok=True)
         del self._files[mark[1]:]
 
-    def allocate(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A float16 array of ``shape``. A 4-D (N, C, H, W) one is stored channels-last (N, H, W, C in
-        memory, returned as its NCHW view): the torch engine trains on that layout
-        (:mod:`onnxq.recon.batching`), which then takes it as is instead of keeping a transposed copy."""
-        nbytes = int(np.prod(shape)) * 2
-        order = (0, 2, 3, 1) if len(shape) == 4 else tuple(range(len(shape)))
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type = np.float16) -> np.ndarray:
+        """An array of ``shape``: float16 for activations; an integer or bool tensor (token ids, masks)
+        keeps its own ``dtype``, which float16 would round (ids above 2048). A 4-D (N, C, H, W) float
+        one is stored channels-last (N, H, W, C in memory, returned as its NCHW view): the torch engine
+        trains on that layout (:mod:`onnxq.recon.batching`), which then takes it as is instead of
+        keeping a transposed copy."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        order = (0, 2, 3, 1) if len(shape) == 4 and dtype.kind == "f" else tuple(range(len(shape)))
         stored = tuple(shape[i] for i in order)
         if self.used + nbytes <= self.budget:
             self.used += nbytes
-            return _logical(np.empty(stored, dtype=np.float16), order)
+            return _logical(np.empty(stored, dtype=dtype), order)
         if self._dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="onnxq_cache_")
             self._dir = Path(self._tmp.name)
         self.spilled += nbytes
         safe = "".join(c if c.isalnum() else "_" for c in name)
-        path = self._dir / f"{safe}_{self.spilled}.f16"
+        path = self._dir / f"{safe}_{self.spilled}.{dtype.str[1:]}"
         self._files.append(path)
-        return _logical(np.memmap(path, dtype=np.float16, mode="w+", shape=stored), order)
+        return _logical(np.memmap(path, dtype=dtype, mode="w+", shape=stored), order)
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -145,7 +156,11 @@ class BlockData:
 def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
              num_samples: int, store: TensorStore, desc: str) -> dict[str, np.ndarray]:
     """Run ``feeds`` through the part of ``model`` that computes ``names`` (:func:`prefix_model`) and
-    stack the first ``num_samples`` rows of each tensor (float16 in ``store``)."""
+    stack the first ``num_samples`` rows of each tensor (float16 in ``store``; integer tensors keep
+    their type).
+
+    Raises UserError when a tensor's per-sample shape differs between batches (e.g. token batches
+    padded to their own longest sequence) or a tensor has no batch axis."""
     out: dict[str, np.ndarray] = {}
     filled = dict.fromkeys(names, 0)
 
@@ -154,13 +169,27 @@ def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mappin
         if start >= num_samples:
             return
         value = np.asarray(value)
+        if value.ndim == 0:
+            raise UserError(f"reconstruction block input {name!r} is a scalar, not a batch of samples: "
+                            "exclude the nodes that read it (--exclude) or use --method rtn")
         if name not in out:
-            out[name] = store.allocate(name, (num_samples, *value.shape[1:]))
+            kind = value.dtype.kind
+            out[name] = store.allocate(name, (num_samples, *value.shape[1:]),
+                                       value.dtype if kind in "iub" else np.float16)
         if value.shape[1:] != out[name].shape[1:]:
-            log.warning("%s: batch of shape %s differs from %s; skipped", name, value.shape, out[name].shape)
-            return
+            raise UserError(f"reconstruction caches every calibration sample of {name!r} in one array, but "
+                            f"its batches have shapes {tuple(out[name].shape[1:])} and "
+                            f"{tuple(value.shape[1:])} per sample: give calibration samples of one shape "
+                            "(pad token batches to one sequence length, resize images to one size)")
         rows = min(value.shape[0], num_samples - start)
-        out[name][start:start + rows] = value[:rows]
+        part = value[:rows]
+        if out[name].dtype == np.float16 and part.size and float(np.max(np.abs(part))) > _F16_MAX:
+            # float16 would turn it into inf (an additive attention mask of float32's lowest value):
+            # keep this tensor in float32, samples taken so far included
+            wide = store.allocate(name, out[name].shape, np.float32)
+            wide[:start] = out[name][:start]
+            out[name] = wide
+        out[name][start:start + rows] = part
         filled[name] = start + rows
 
     inputs = {i.name for i in model.graph.input}

@@ -33,9 +33,10 @@ are ``"layer"`` blocks when their region is plain.
 **Node ownership.** A block owns its compute nodes and every auxiliary node feeding them: weight
 and bias DQs, internal activation Q/DQ pairs and the Q/DQ pair of its inputs (a quantizer belongs
 to the block that reads its output); the Q/DQ of its output belongs to the next block. Static
-nodes and quantizers read by several blocks (a shared weight) are listed in each. Probe and side
-nodes go to the first block that reads them; tensors they read from elsewhere (the input of a
-``Shape``, a second graph input) are extra block inputs, so such a block is not single entry.
+nodes, probes and quantizers read by several blocks (a shared weight, a ``Shape``) are listed in
+each, so every block computes shapes from its own mini-batch. Side nodes go to the first block that
+reads them; tensors that probe and side nodes read from elsewhere (the input of a ``Shape``, a
+second graph input) are extra block inputs, so such a block is not single entry.
 
 ``is_supported`` is asked about every node of a region except activation Q/DQ pairs and constant
 DQs (reconstruction replaces those by its own quantizers); one refusal skips the region and breaks
@@ -287,7 +288,11 @@ def _regions(view: _View, main: str, order: list[int]) -> list[_Region]:
 
 
 def _home(view: _View, regions: list[_Region]) -> dict[int, set[int]]:
-    """Regions each auxiliary node serves (through its consumers); probe/side: the first only."""
+    """Regions each auxiliary node serves (through its consumers); side nodes: the first only.
+
+    A probe (``Shape``/``Size``), like a static node, is copied into every block that reads it, so each
+    block computes shapes from its own mini-batch: a shape passed between blocks as a tensor would be
+    the shape of the calibration batch it was captured on (its batch size), not a per-sample value."""
     home: dict[int, set[int]] = {}
     for r, region in enumerate(regions):
         for i in region.nodes:
@@ -300,7 +305,7 @@ def _home(view: _View, regions: list[_Region]) -> dict[int, set[int]]:
         for t in view.nodes[i].outputs:
             for j in view.consumers.get(t.name, []):
                 regs |= home.get(j, set())
-        if view.kind[i] in ("probe", "side") and regs:
+        if view.kind[i] == "side" and regs:
             regs = {min(regs)}
         home[i] = regs
     return home
@@ -415,7 +420,7 @@ def _make_block(view: _View, index: int, kind: str, nodes: list[int], compute: l
                 name = view.resolve(t.name)
                 if name not in inputs:
                     inputs.append(name)
-        if view.kind[i] in ("static", "quant"):  # copies of these live in every block that reads them
+        if view.kind[i] in ("static", "quant", "probe"):  # copies live in every block that reads them
             continue
         for t in view.nodes[i].outputs:
             leaves = any(j not in inside for j in view.consumers.get(t.name, [])) or t.name in outs

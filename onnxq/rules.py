@@ -225,8 +225,8 @@ class _Checker:
         if len(node.input) <= w_idx:
             return
         w_dq = self.dq_of(node.input[w_idx])
-        if w_dq is None:
-            return  # a float op
+        if w_dq is None or self.g.role(w_dq) != "weight":
+            return  # a float op (a MatMul of two activations, e.g. attention's, reads DQs but has no weight)
         x_dq = self.dq_of(node.input[0])
         if x_dq is None:
             self.flag("wrapped", node, "weight is dequantized but the activation input has no "

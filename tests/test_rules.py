@@ -187,3 +187,23 @@ def test_cli_check_exit_codes(ort_cpu_model, tmp_path, capsys):
     assert main(["check", str(path), "--target", "fpga"]) == 2
     assert main(["check", str(tmp_path / "missing.onnx"), "--target", "ort-cpu"]) == 2
     assert "onnxq: error:" in capsys.readouterr().err
+
+
+def test_matmul_of_two_dequantized_activations_is_a_float_op():
+    """Attention's ``softmax(QK) @ V`` reads two DQ'd activations and stays float: it has no weight, so
+    the ``wrapped`` rule (quantized weight, no output Q) does not apply."""
+    x_params = [_init("s", np.float32(0.05)), _init("z", np.asarray(0, np.int8))]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"], name="qa"),
+        helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["ad"], name="dqa"),
+        helper.make_node("QuantizeLinear", ["b", "s", "z"], ["bq"], name="qb"),
+        helper.make_node("DequantizeLinear", ["bq", "s", "z"], ["bd"], name="dqb"),
+        helper.make_node("MatMul", ["ad", "bd"], ["m"], name="mm"),
+        helper.make_node("Transpose", ["m"], ["y"], name="t", perm=[0, 2, 1]),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4, 4]) for n in ("a", "b")]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 4])]
+    graph = helper.make_graph(nodes, "attn", inputs, out, initializer=x_params)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert "wrapped" not in _rules(check_target(model, "ort-cpu"))
+

@@ -336,8 +336,9 @@ class _Runner:
         if source == "fp":
             return fp
         # "mix", QDrop's block input: float with probability drop_prob per element, else quantized-upstream
+        # (integer inputs, token ids or masks, carry no quantization error: taken as they are)
         p, gen = self.cfg.drop_prob, self.mask_gen
-        return [torch.lerp(q, f, bernoulli_like(f, p, generator=gen))
+        return [torch.lerp(q, f, bernoulli_like(f, p, generator=gen)) if f.is_floating_point() else q
                 for f, q in zip(fp, c.take(c.q, idx), strict=True)]
 
     def loop(self, iters: int, loss: ReconLoss, optimizers, schedulers, source: str) -> None:
