@@ -114,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--target", default="ort-cpu")
     i.add_argument("--weights", choices=WEIGHT_CHOICES, default="int8")
+    i.add_argument("--max-chain", type=int, default=3, help="longest chain of plain layers in one block")
     i.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     v = sub.add_parser("validate", help="compare a quantized model with its float original in onnxruntime")
@@ -341,7 +342,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from onnxq.inspection import inspect_model
 
     plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights],
-                                                 **_weight_grid(args)))
+                                                 max_chain=args.max_chain, **_weight_grid(args)))
     if args.json:
         sys.stdout.write(json.dumps(plan, indent=2) + "\n")
     else:

@@ -1,4 +1,11 @@
-"""``onnxq inspect``: what a model holds, what will be quantized, and why the rest will not."""
+"""``onnxq inspect``: what a model holds, what will be quantized, and why the rest will not, and the
+blocks that reconstruction (``--method brecq|qdrop|mrecg``) would learn one at a time.
+
+The blocks come from :func:`onnxq.blocks.partition` on the float-phase graph (BatchNorm folded,
+node names made unique as in the quantizer's own graph); activation Q/DQ pairs, which the quantized
+graph adds, are transparent to the partition, so the blocks are the ones a run reconstructs. Nodes
+without a torch implementation are listed: their regions stay at round to nearest.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,17 @@ from onnxq.api import prepare_float
 from onnxq.calib import model_inputs
 from onnxq.config import QuantConfig
 from onnxq.passes.assign_specs import AssignSpecsPass
+from onnxq.passes.cleanup import CleanupPass
+
+
+def reconstruction_blocks(graph: gs.Graph, max_chain: int) -> dict[str, Any]:
+    """The reconstruction blocks of ``graph`` (unique node names) and the nodes torch cannot run."""
+    from onnxq.blocks import describe_blocks, partition
+    from onnxq.torchify import supported
+
+    refused = {n.name: why for n in graph.nodes if (why := supported(n)) is not None}
+    blocks = partition(graph, max_chain=max_chain, is_supported=lambda n: n.name not in refused)
+    return {"max_chain": max_chain, "blocks": describe_blocks(blocks), "not_in_torch": refused}
 
 
 def inspect_model(path: str | Path, config: QuantConfig) -> dict[str, Any]:
@@ -20,6 +38,7 @@ def inspect_model(path: str | Path, config: QuantConfig) -> dict[str, Any]:
     reference, ctx = prepare_float(original, config)
     graph = g.to_graph(reference)
     AssignSpecsPass()(graph, ctx)
+    CleanupPass()(graph, ctx)
     consts = {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     reasons: dict[str, list[str]] = {}
     for node, why in ctx.float_ops.items():
@@ -35,6 +54,7 @@ def inspect_model(path: str | Path, config: QuantConfig) -> dict[str, Any]:
         "quantized_activations": len([n for n in ctx.specs if n not in consts]),
         "shared_scale_tensors": len(ctx.shared),
         "float_ops": {why: sorted(nodes) for why, nodes in sorted(reasons.items())},
+        "reconstruction": reconstruction_blocks(graph, config.max_chain),
     }
 
 
@@ -49,4 +69,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     for why, nodes in plan["float_ops"].items():
         shown = ", ".join(nodes[:6]) + (f", ... (+{len(nodes) - 6})" if len(nodes) > 6 else "")
         lines.append(f"  {len(nodes):4d}  {why}: {shown}")
+    rec = plan["reconstruction"]
+    lines.append(f"reconstruction blocks of --method brecq/qdrop/mrecg (--max-chain {rec['max_chain']}; "
+                 "adaround and adaquant take one weighted op at a time):")
+    lines += [f"  {line}" for line in rec["blocks"]] or ["  none: no weighted op reads a graph input"]
+    if rec["not_in_torch"]:
+        lines.append("not runnable in torch (their regions stay at round to nearest):")
+        for node, why in rec["not_in_torch"].items():
+            lines.append(f"  {node}: {why}")
     return "\n".join(lines)

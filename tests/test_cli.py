@@ -60,8 +60,13 @@ def test_quantize_writes_model_and_report(workdir, capsys):
 def test_inspect_and_validate_commands(workdir, capsys):
     code, out, _ = _run(capsys, "inspect", str(workdir / "m.onnx"))
     assert code == 0 and "quantized: 2 weights" in out
+    assert "reconstruction blocks" in out and "block00:layer(" in out
     code, out, _ = _run(capsys, "inspect", str(workdir / "m.onnx"), "--json")
-    assert json.loads(out)["ops"]["Conv"] == 1
+    plan = json.loads(out)
+    assert plan["ops"]["Conv"] == 1
+    assert [b.split(":")[0] for b in plan["reconstruction"]["blocks"]] == ["block00", "block01"]
+    code, out, _ = _run(capsys, "inspect", str(workdir / "m.onnx"), "--json", "--max-chain", "2")
+    assert json.loads(out)["reconstruction"]["max_chain"] == 2
     q = workdir / "q.onnx"
     assert _run(capsys, "quantize", str(workdir / "m.onnx"), "-o", str(q), "--calib", str(workdir / "calib.npz"),
                 "--no-validate")[0] == 0
