@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_efficientnet import machine_info, parse_overrides  # noqa: E402
 from export_minilm import (  # noqa: E402
     DEFAULT_OUT,
     INSTALL_HINT,
@@ -70,17 +71,27 @@ INT2_DISABLED_OPTIMIZERS = ("QDQSelectorActionTransformer",)
 
 @dataclass(frozen=True)
 class Row:
-    """One quantized row: ``QuantConfig`` keywords; whether ``--exclude`` applies; int2 weights."""
+    """One quantized row: ``QuantConfig`` keywords; whether ``--exclude`` applies; int2 weights;
+    calibration batches all padded to one sequence length (needed by reconstruction)."""
 
     params: dict[str, Any]
     uses_exclude: bool = True
     int2: bool = False
+    same_length: bool = False
 
 
 CONFIGS: dict[str, Row] = {
     "w8a8_plain": Row({"weight_bits": 8}, uses_exclude=False),
     "w8a8": Row({"weight_bits": 8}),
     "w4a8": Row({"weight_bits": 4}),
+    # Learned rounding on the transformer (fast schedule): layer-wise AdaRound, BRECQ's blocks (one
+    # attention or FFN sub-layer, closed at its residual Add + LayerNorm) and QDrop. Reconstruction
+    # needs calibration sentences of one length, so these rows and their RTN baseline pad every
+    # calibration batch to the longest calibration sentence.
+    "w4a8_same_length": Row({"weight_bits": 4}, same_length=True),
+    "w4a8_adaround": Row({"weight_bits": 4, "method": "adaround"}, same_length=True),
+    "w4a8_brecq": Row({"weight_bits": 4, "method": "brecq"}, same_length=True),
+    "w4a8_qdrop": Row({"weight_bits": 4, "method": "qdrop"}, same_length=True),
     **{f"ternary_{m}": Row({"weight_bits": 2, "ternary_method": m}) for m in TERNARY},
     # Same codes as ternary_twn, stored as INT2 (opset 25); onnxq's validation would refuse int2 on
     # this onnxruntime, so it is off and the row runs without the QDQ fusion.
@@ -219,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-batch", type=int, default=8)
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--limit", type=int, help="score only the first N evaluation sentences")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a QuantConfig field in every row (repeatable; VALUE is JSON, else a "
+                         "string), e.g. --set recon_iters=600")
     ap.add_argument("--json", type=Path, help="write all results to this JSON file")
     ap.add_argument("--markdown", nargs="?", const="-", metavar="PATH",
                     help="print, or write to PATH, the table")
@@ -241,9 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     calib_s, eval_s = split_sentences(load_sentences(args.sentences))
     eval_s = eval_s[:args.limit] if args.limit else eval_s
     calib = feeds(tokenizer, calib_s, args.calib_batch)
+    calib_same = feeds(tokenizer, calib_s, args.calib_batch, same_length=True)
     evaluation = feeds(tokenizer, eval_s, args.eval_batch)
     print(f"{len(calib_s)} calibration / {len(eval_s)} evaluation sentences; model {model}")
     exclude = tuple(x.strip() for x in args.exclude.split(",") if x.strip())
+    overrides = parse_overrides(args.overrides)
     op_of = {n.name: n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -260,13 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         spec = CONFIGS[name]
         params = {**spec.params, "calib_method": args.calib_method,
-                  "exclude": exclude if spec.uses_exclude else ()}
+                  "exclude": exclude if spec.uses_exclude else (), **overrides}
         off = INT2_DISABLED_OPTIMIZERS if spec.int2 else ()
         if args.first_last == "same":
             params["first_last_bits"] = None
         print(f"[{name}] quantizing {params}", flush=True)
         try:
-            row, qmodel = quantize_row(name, params, model, calib, evaluation[:2], args.out_dir)
+            row, qmodel = quantize_row(name, params, model, calib_same if spec.same_length else calib,
+                                       evaluation[:2], args.out_dir)
             row["metrics"] = similarity_metrics(embed(Path(row["path"]), evaluation, off), ref)
             if weights_only is not None:
                 row["weights_only"] = similarity_metrics(embed(weights_only(qmodel), evaluation, off), ref)
@@ -286,8 +303,6 @@ def main(argv: list[str] | None = None) -> None:
               f"weights-only cos {w.get('cos_mean', float('nan')):.4f} "
               f"| {row['quant_s']:.1f} s, {row['size_bytes'] / 1e6:.1f} MB", flush=True)
         rows.append(row)
-
-    from bench_efficientnet import machine_info
 
     total_s = time.perf_counter() - t_start
     shown = model.relative_to(REPO_ROOT) if model.is_relative_to(REPO_ROOT) else model
