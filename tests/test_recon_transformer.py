@@ -139,12 +139,11 @@ def test_inspect_lists_the_attention_blocks_and_what_torch_cannot_run(tmp_path):
     from onnxq.inspection import inspect_model
 
     model = _model()
-    norm = onnx.helper.make_node("ReduceL2", ["y"], ["norm"], keepdims=1)  # no torch implementation
-    model.graph.node.append(norm)
-    out = onnx.helper.make_tensor_value_info("norm", onnx.TensorProto.FLOAT, ["N", "S", 1])
+    model.graph.node.append(onnx.helper.make_node("Hardmax", ["y"], ["hm"]))  # no torch implementation
+    out = onnx.helper.make_tensor_value_info("hm", onnx.TensorProto.FLOAT, ["N", "S", 4])
     model.graph.output.append(out)
     onnx.save(model, tmp_path / "t.onnx")
     rec = inspect_model(tmp_path / "t.onnx", onnxq.QuantConfig(weight_bits=4))["reconstruction"]
     assert len(rec["blocks"]) >= 2
     assert any("mask" in b.split(" nodes, ")[1] for b in rec["blocks"][1:])
-    assert [why for why in rec["not_in_torch"].values()] == ["op ReduceL2 has no torch implementation"]
+    assert [why for why in rec["not_in_torch"].values()] == ["op Hardmax has no torch implementation"]

@@ -225,10 +225,11 @@ def _avg_pool(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
     return [total / count]
 
 
-@register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+@register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2")
 def _reduce(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
     """Axes from input 1 (ReduceSum opset >= 13, the others >= 18) or the ``axes`` attribute;
-    no axes reduces everything unless ``noop_with_empty_axes``."""
+    no axes reduces everything unless ``noop_with_empty_axes``. ReduceL2 = sqrt(sum(x^2)) (the
+    L2 normalisation of sentence-embedding heads)."""
     data = x[0]
     axes = x[1].reshape(-1).tolist() if len(x) > 1 and x[1] is not None else attrs.get("axes")
     keep = bool(attrs.get("keepdims", 1))
@@ -237,6 +238,8 @@ def _reduce(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
             return [data]
         axes = list(range(data.dim()))
     dims = tuple(int(a) % data.dim() for a in axes)
+    if attrs["_op"] == "ReduceL2":
+        return [torch.linalg.vector_norm(data, ord=2, dim=dims, keepdim=keep)]
     fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin}
     return [fn[attrs["_op"]](data, dim=dims, keepdim=keep)]
 

@@ -133,6 +133,8 @@ CASES: dict[str, Case] = {
     "reduce_sum_input_axes": Case("ReduceSum", ((2, 3, 4), _i64(1))),
     "reduce_max": Case("ReduceMax", ((2, 3, 4),), {"axes": [0, 2]}, exact=True),
     "reduce_min": Case("ReduceMin", ((2, 3, 4),), {"axes": [1], "keepdims": 0}, exact=True),
+    "reduce_l2": Case("ReduceL2", ((2, 3, 4),), {"axes": [-1]}),
+    "reduce_l2_input_axes_opset18": Case("ReduceL2", ((2, 3, 4), _i64(1)), {"keepdims": 0}, opset=18),
     # ---- normalisation, softmax
     "layernorm_last_axis": Case("LayerNormalization", ((2, 5, 8), _w(8), _w(8)), opset=17),
     "layernorm_axis1_no_bias": Case("LayerNormalization", ((2, 5, 8), _w(5, 8)), {"axis": 1, "epsilon": 1e-3},
