@@ -39,7 +39,8 @@ _F16_MAX = float(np.finfo(np.float16).max)
 
 
 class TensorStore:
-    """Float16 arrays in RAM up to ``budget_bytes`` in total, memory-mapped files beyond.
+    """Cache arrays (float16 activations; see :meth:`allocate`) in RAM up to ``budget_bytes`` in total,
+    memory-mapped files beyond.
 
     The budget counts what is allocated since the last :meth:`release`: a caller that is done with
     a block's tensors releases them back to a :meth:`mark`, which also deletes their spill files.
