@@ -92,6 +92,8 @@ CONFIGS: dict[str, Row] = {
     "w4a8_adaround": Row({"weight_bits": 4, "method": "adaround"}, same_length=True),
     "w4a8_brecq": Row({"weight_bits": 4, "method": "brecq"}, same_length=True),
     "w4a8_qdrop": Row({"weight_bits": 4, "method": "qdrop"}, same_length=True),
+    "w8a8_same_length": Row({"weight_bits": 8}, same_length=True),
+    "w8a8_qdrop": Row({"weight_bits": 8, "method": "qdrop"}, same_length=True),
     **{f"ternary_{m}": Row({"weight_bits": 2, "ternary_method": m}) for m in TERNARY},
     # Same codes as ternary_twn, stored as INT2 (opset 25); onnxq's validation would refuse int2 on
     # this onnxruntime, so it is off and the row runs without the QDQ fusion.
