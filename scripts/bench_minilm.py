@@ -72,12 +72,14 @@ INT2_DISABLED_OPTIMIZERS = ("QDQSelectorActionTransformer",)
 @dataclass(frozen=True)
 class Row:
     """One quantized row: ``QuantConfig`` keywords; whether ``--exclude`` applies; int2 weights;
-    calibration batches all padded to one sequence length (needed by reconstruction)."""
+    calibration batches all padded to one sequence length (needed by reconstruction); ``default``:
+    run without ``--only`` (the reconstruction rows take minutes each, so they need naming)."""
 
     params: dict[str, Any]
     uses_exclude: bool = True
     int2: bool = False
     same_length: bool = False
+    default: bool = True
 
 
 CONFIGS: dict[str, Row] = {
@@ -88,12 +90,12 @@ CONFIGS: dict[str, Row] = {
     # attention or FFN sub-layer, closed at its residual Add + LayerNorm) and QDrop. Reconstruction
     # needs calibration sentences of one length, so these rows and their RTN baseline pad every
     # calibration batch to the longest calibration sentence.
-    "w4a8_same_length": Row({"weight_bits": 4}, same_length=True),
-    "w4a8_adaround": Row({"weight_bits": 4, "method": "adaround"}, same_length=True),
-    "w4a8_brecq": Row({"weight_bits": 4, "method": "brecq"}, same_length=True),
-    "w4a8_qdrop": Row({"weight_bits": 4, "method": "qdrop"}, same_length=True),
-    "w8a8_same_length": Row({"weight_bits": 8}, same_length=True),
-    "w8a8_qdrop": Row({"weight_bits": 8, "method": "qdrop"}, same_length=True),
+    "w4a8_same_length": Row({"weight_bits": 4}, same_length=True, default=False),
+    "w4a8_adaround": Row({"weight_bits": 4, "method": "adaround"}, same_length=True, default=False),
+    "w4a8_brecq": Row({"weight_bits": 4, "method": "brecq"}, same_length=True, default=False),
+    "w4a8_qdrop": Row({"weight_bits": 4, "method": "qdrop"}, same_length=True, default=False),
+    "w8a8_same_length": Row({"weight_bits": 8}, same_length=True, default=False),
+    "w8a8_qdrop": Row({"weight_bits": 8, "method": "qdrop"}, same_length=True, default=False),
     **{f"ternary_{m}": Row({"weight_bits": 2, "ternary_method": m}) for m in TERNARY},
     # Same codes as ternary_twn, stored as INT2 (opset 25); onnxq's validation would refuse int2 on
     # this onnxruntime, so it is off and the row runs without the QDQ fusion.
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT, help="exported if missing")
     ap.add_argument("--sentences", type=Path, default=SENTENCES)
     ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "build" / "bench_minilm")
-    ap.add_argument("--only", help=f"comma-separated rows among {', '.join(CONFIGS)} (FP32 always runs)")
+    ap.add_argument("--only", help=f"comma-separated rows among {', '.join(CONFIGS)} (FP32 always runs; "
+                    "without it, every row except the reconstruction ones)")
     ap.add_argument("--exclude", default="Add,Softmax", help="op types / node names kept float ('' = none)")
     ap.add_argument("--calib-method", default="minmax", help="activation range method")
     ap.add_argument("--first-last", choices=("8", "same"), default="8",
@@ -243,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     require_packages()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    names = list(CONFIGS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+    else:
+        names = [n for n, row in CONFIGS.items() if row.default]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"error: unknown row(s) {unknown}: choose among {', '.join(CONFIGS)}")
