@@ -10,7 +10,11 @@ Rows: FP32; W8A8 with nothing excluded (onnxq's plain default, shows what breaks
 onnxq's "auto" container (INT4 on this onnxruntime), and ``ternary_twn_int2``: the same TWN codes stored
 as INT2 (opset 25), run with onnxruntime's QDQ fusion off (it has no int2 QLinearMatMul). First
 and last weighted layers stay 8-bit (``--first-last same`` makes them ternary too). Activations 8-bit
-(uint8, ``--calib-method``, default minmax).
+(uint8, ``--calib-method``, default minmax). Learned-rounding rows, run only when named in ``--only``:
+``w4a8_adaround``, ``w4a8_brecq``, ``w4a8_qdrop``, ``w8a8_qdrop`` (fast schedule; ``--set`` overrides any
+QuantConfig field) and their round-to-nearest baselines ``w4a8_same_length`` / ``w8a8_same_length``; their
+calibration batches are padded to the longest calibration sentence, since reconstruction caches every
+sample of a tensor in one array.
 
 Metrics against the FP32 ONNX model on the evaluation sentences, with e = embedding (unit length):
   * cos_i = <e_i, e_i^fp32>: mean, min and 5th percentile;
