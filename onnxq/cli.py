@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fisher", action="store_true", help="weight the block error by the diagonal Fisher")
     r.add_argument("--round-weight", type=float, default=None, metavar="LAMBDA",
                    help="AdaRound regulariser weight (default: 10 with the fast schedule, 0.01 with paper)")
+    r.add_argument("--round-lr", type=float, default=None, metavar="LR",
+                   help="Adam learning rate of the rounding variables (default: 5e-2 with the fast schedule, "
+                        "1e-3 with paper)")
     r.add_argument("--act-iters", type=int, default=None, metavar="N",
                    help="brecq: activation step-size iterations per block (default: 0 with 8-bit activations "
                         "on the fast schedule, else a quarter of --iters); 0 keeps the calibrated ranges")
@@ -170,7 +173,8 @@ def _quantize(args: argparse.Namespace) -> int:
         validate=not args.no_validate, seed=args.seed, activation_bits=args.activation_bits,
         method=args.method, schedule=args.schedule, recon_iters=args.iters,
         recon_batch_size=args.recon_batch_size, recon_samples=args.recon_samples, fisher=args.fisher,
-        recon_round_weight=args.round_weight, recon_act_iters=args.act_iters, recon_augment=args.augment,
+        recon_round_weight=args.round_weight, recon_round_lr=args.round_lr,
+        recon_act_iters=args.act_iters, recon_augment=args.augment,
         drop_prob=args.drop_prob, device=args.device,
         weight_phase_inputs=args.weight_phase_inputs.replace("-", "_") if args.weight_phase_inputs else None,
         recon_order=args.recon_order.replace("-", "_") if args.recon_order else None,

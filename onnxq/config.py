@@ -74,6 +74,8 @@ class QuantConfig:
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
         recon_round_weight: the AdaRound regulariser weight lambda (None: the schedule's; the papers'
             0.01 with ``schedule="paper"``, 10 with "fast", see ``onnxq.recon.ReconConfig.fast``).
+        recon_round_lr: Adam learning rate of the AdaRound rounding variables (None: the schedule's;
+            1e-3 with ``schedule="paper"`` as in the papers, 5e-2 with "fast").
         recon_act_iters: length of BRECQ's activation step-size phase per block; 0 keeps the calibrated
             activation ranges. None: 0 on the fast schedule with 8-bit activations (on EfficientNet-Lite0
             W4A8 the learned 8-bit steps gave 82.53 % top-1, without them 84.40 % and 82.67 % (seeds 0, 1):
@@ -149,6 +151,7 @@ class QuantConfig:
     recon_batch_size: int | None = None
     recon_samples: int | None = None
     recon_round_weight: float | None = None
+    recon_round_lr: float | None = None
     recon_act_iters: int | None = None
     recon_augment: int = 0
     fisher: bool = False
@@ -210,6 +213,10 @@ class QuantConfig:
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0
                                 or lam == float("inf")):
             raise UserError(f"recon_round_weight must be a finite number >= 0, got {lam!r}")
+        lr = self.recon_round_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                               or not 0 < lr < float("inf")):
+            raise UserError(f"recon_round_lr must be a finite number > 0, got {lr!r}")
         act = self.recon_act_iters
         if act is not None and not _is_count(act):
             raise UserError(f"recon_act_iters must be an integer >= 0 (0: no activation phase), got {act!r}")
@@ -260,6 +267,7 @@ class QuantConfig:
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
                                        ("num_samples", self.recon_samples),
                                        ("round_weight", self.recon_round_weight),
+                                       ("round_lr", self.recon_round_lr),
                                        ("act_iters", self.recon_act_iters)) if v is not None}
         method = self.mrecg_base if self.method == "mrecg" else self.method
         order = self.recon_order

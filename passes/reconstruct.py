@@ -147,6 +147,7 @@ class ReconstructPass(Pass):
         report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,
                   "num_samples": cfg.num_samples, "act_iters": cfg.act_iters if cfg.method == "brecq" else 0,
                   "augment": cfg.augment, "samples": self.n_samples,
+                  "round_lr": cfg.round_lr, "round_weight": cfg.round_weight,
                   "blocks": [], "resumed_blocks": len(ckpt.done)}
         start = time.perf_counter()
         quantize_acts = any(ctx.qparams[n].spec.bits <= 8 for n in ctx.qparams if n not in ctx.float_weights)

@@ -167,6 +167,13 @@ def test_round_weight_flag(workdir, capsys):
     _expect_bad_flags(workdir, capsys, "recon_round_weight", "--method", "brecq", "--round-weight", "-1")
 
 
+def test_round_lr_flag(workdir, capsys):
+    report = _recon_report(workdir, capsys, "rlr", "--method", "brecq", "--iters", "2", "--round-lr", "0.01")
+    assert report["config"]["recon_round_lr"] == 0.01
+    assert report["reconstruction"]["round_lr"] == 0.01
+    _expect_bad_flags(workdir, capsys, "recon_round_lr", "--method", "brecq", "--round-lr", "0")
+
+
 def test_act_iters_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "ai", "--method", "brecq", "--iters", "4", "--act-iters", "0")
     assert report["config"]["recon_act_iters"] == 0 and report["reconstruction"]["act_iters"] == 0

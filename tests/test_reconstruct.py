@@ -244,3 +244,14 @@ def test_learned_scales_keep_one_tensor_per_name(calib):
     names = [i.name for i in model.graph.initializer]
     assert len(names) == len(set(names))
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_round_lr_reaches_the_engine_and_bad_values_are_refused():
+    """``recon_round_lr`` overrides the schedule's Adam rate of V (fast 5e-2, paper 1e-3)."""
+    assert onnxq.QuantConfig(weight_bits=4, method="brecq").recon_config().round_lr == 5e-2
+    assert onnxq.QuantConfig(weight_bits=4, method="brecq", schedule="paper").recon_config().round_lr == 1e-3
+    got = onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_round_lr=0.01).recon_config()
+    assert got.round_lr == 0.01
+    for bad in (0, -1e-3, float("inf"), float("nan"), True, "0.01"):
+        with pytest.raises(onnxq.UserError, match="recon_round_lr"):
+            onnxq.QuantConfig(weight_bits=4, method="brecq", recon_round_lr=bad)
