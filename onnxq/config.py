@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from onnxq.errors import UserError
@@ -210,12 +211,10 @@ class QuantConfig:
             if value is not None and value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
         lam = self.recon_round_weight
-        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0
-                                or lam == float("inf")):
+        if lam is not None and not (_is_finite_number(lam) and lam >= 0):
             raise UserError(f"recon_round_weight must be a finite number >= 0, got {lam!r}")
         lr = self.recon_round_lr
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
-                               or not 0 < lr < float("inf")):
+        if lr is not None and not (_is_finite_number(lr) and lr > 0):
             raise UserError(f"recon_round_lr must be a finite number > 0, got {lr!r}")
         act = self.recon_act_iters
         if act is not None and not _is_count(act):
@@ -323,6 +322,11 @@ def _bit_plan(plan: object) -> tuple[tuple[str, int], ...]:
 def _is_count(value: object) -> bool:
     """An integer >= 0 (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite_number(value: object) -> bool:
+    """An int or float, neither nan nor infinite (a bool is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
