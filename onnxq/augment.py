@@ -23,11 +23,14 @@ on its first samples evaluates on real images.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from onnxq.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: Random-crop area fraction and aspect-ratio range of the views after the first (the flip).
 CROP_AREA = (0.35, 1.0)
@@ -97,14 +100,19 @@ def _view(feed: Feed, layouts: Mapping[str, str], index: int,
     return out
 
 
-def augment_feeds(feeds: Sequence[Feed], copies: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def augment_feeds(feeds: Sequence[Feed], copies: int, seed: int = 0,
+                  optional: bool = False) -> list[dict[str, np.ndarray]]:
     """The original batches, then ``copies`` augmented views of each (see the module docstring).
 
-    Raises UserError when no input of the model is an image."""
+    When no input of the model is an image: UserError, or with ``optional`` the original batches alone
+    (logged; a schedule's default views rather than a request)."""
     feeds = [dict(f) for f in feeds]
     if copies <= 0 or not feeds:
         return feeds
     layouts = {k: lay for k, v in feeds[0].items() if (lay := image_layout(k, v)) is not None}
+    if not layouts and optional:
+        log.info("no 4-D float image input: reconstruction runs without augmented views")
+        return feeds
     if not layouts:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds[0].items())
         raise UserError(f"calibration augmentation needs a 4-D float image input, the model takes {shapes}: "

@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxq.config import CALIB_METHODS, MP_RECONSTRUCT, RECON_METHODS, TERNARY_STORAGES, QuantConfig
+from onnxq.config import (
+    CALIB_METHODS,
+    MP_RECONSTRUCT,
+    RECON_METHODS,
+    SCHEDULES,
+    TERNARY_STORAGES,
+    QuantConfig,
+)
 from onnxq.errors import UserError
 from onnxq.ternary import ALIASES, METHODS, MQUANT_DEFAULT
 
@@ -77,24 +84,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--method", choices=RECON_METHODS, default="rtn",
                    help="rtn (round to nearest), adaround (layer-wise), brecq (block-wise), qdrop, adaquant "
                         "(layer-wise weights, bias and ranges), mrecg (brecq/qdrop on merged neighbour blocks)")
-    r.add_argument("--schedule", choices=("fast", "paper"), default="fast",
-                   help="fast: sized for a 2-core CPU; paper: 20k iterations, batch 32, 1024 samples")
+    r.add_argument("--schedule", choices=SCHEDULES, default="fast",
+                   help="fast: sized for a 2-core CPU (300 iterations a block); long: 1000 iterations on "
+                        "each calibration image and 3 views of it (W4A8 EfficientNet-Lite0: 25 min, 10.2 GB "
+                        "on 2 cores); paper: 20k iterations, batch 32, 1024 samples")
     r.add_argument("--iters", type=int, default=None, help="iterations per block (overrides the schedule)")
     r.add_argument("--recon-batch-size", type=int, default=None, help="mini-batch size (overrides the schedule)")
     r.add_argument("--recon-samples", type=int, default=None,
                    help="calibration samples cached per block (overrides the schedule)")
     r.add_argument("--fisher", action="store_true", help="weight the block error by the diagonal Fisher")
     r.add_argument("--round-weight", type=float, default=None, metavar="LAMBDA",
-                   help="AdaRound regulariser weight (default: 10 with the fast schedule, 0.01 with paper)")
+                   help="AdaRound regulariser weight (default: 10 with the fast and long schedules, "
+                        "0.01 with paper)")
     r.add_argument("--round-lr", type=float, default=None, metavar="LR",
-                   help="Adam learning rate of the rounding variables (default: 5e-2 with the fast schedule, "
+                   help="Adam learning rate of the rounding variables (default: 5e-2 with fast and long, "
                         "1e-3 with paper)")
     r.add_argument("--act-iters", type=int, default=None, metavar="N",
-                   help="brecq: activation step-size iterations per block (default: 0 with 8-bit activations "
-                        "on the fast schedule, else a quarter of --iters); 0 keeps the calibrated ranges")
-    r.add_argument("--augment", type=int, default=0, metavar="K",
+                   help="brecq: activation step-size iterations per block (default: 0 with 8-bit "
+                        "activations on the fast and long schedules, else a quarter of --iters); 0 keeps the "
+                        "calibrated ranges")
+    r.add_argument("--augment", type=int, default=None, metavar="K",
                    help="fit the rounding on K augmented views of every calibration image too (a flip, then "
-                        "random resized crops); image models only (default 0)")
+                        "random resized crops); image models only (default: 3 on the long schedule, "
+                        "else 0)")
     r.add_argument("--drop-prob", type=float, default=0.5, help="QDrop: probability of keeping an element float")
     r.add_argument("--weight-phase-inputs", choices=("quantized", "weights-only"), default=None,
                    help="block inputs of the adaround/brecq weight phase (default: weights-only, or "
@@ -243,8 +255,8 @@ def _add_adaquant_mrecg_args(r) -> None:
                         "data-free proxy (relative weight quantization noise per block)")
     r.add_argument("--mrecg-iters", default=None, metavar="{per_unit,per_block}",
                    help="--method mrecg: every unit runs --iters (per_unit, the paper) or a merged unit of n "
-                        "blocks runs n x --iters (per_block); default: per_block on the fast schedule, "
-                        "per_unit on the paper's")
+                        "blocks runs n x --iters (per_block); default: per_block on the fast and long "
+                        "schedules, per_unit on the paper's")
 
 
 def _mrecg_k_arg(text: str) -> int:

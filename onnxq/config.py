@@ -24,7 +24,7 @@ MRECG_CAPACITIES = ("data", "proxy")
 MRECG_ITERS = ("per_unit", "per_block")
 #: How a mixed-precision sensitivity table's weights at each width are made (onnxq.sensitivity).
 MP_RECONSTRUCT = ("rtn", "adaquant")
-SCHEDULES = ("fast", "paper")
+SCHEDULES = ("fast", "long", "paper")
 
 
 @dataclass(frozen=True)
@@ -71,18 +71,23 @@ class QuantConfig:
             then activation step sizes), qdrop (block-wise, joint with random activation drop),
             adaquant (layer-wise: weights, bias and quantizer ranges; :mod:`onnxq.passes.adaquant`),
             mrecg (``mrecg_base`` on blocks with merged neighbours; :mod:`onnxq.passes.mrecg`).
-        schedule: "fast" (sized for a 2-core CPU) or "paper" (20k iterations, batch 32, 1024 samples).
+        schedule: "fast" (sized for a 2-core CPU: 300 iterations a block), "long" (fast's rates with 1,000
+            iterations and 3 augmented views of each calibration image, images only: ``ReconConfig.long``;
+            met the W4A8 BRECQ bar on EfficientNet-Lite0 in 25 min on 2 threads, 10.2 GB peak) or "paper"
+            (20k iterations, batch 32, 1024 samples). Sets AdaQuant's schedule too ("long": fast's).
         recon_iters / recon_batch_size / recon_samples: override the schedule's values.
         recon_round_weight: the AdaRound regulariser weight lambda (None: the schedule's; the papers'
             0.01 with ``schedule="paper"``, 10 with "fast", see ``onnxq.recon.ReconConfig.fast``).
         recon_round_lr: Adam learning rate of the AdaRound rounding variables (None: the schedule's;
             1e-3 with ``schedule="paper"`` as in the papers, 5e-2 with "fast").
         recon_act_iters: length of BRECQ's activation step-size phase per block; 0 keeps the calibrated
-            activation ranges. None: 0 on the fast schedule with 8-bit activations (on EfficientNet-Lite0
-            W4A8 the learned 8-bit steps gave 82.53 % top-1, without them 84.40 % and 82.67 % (seeds 0, 1):
-            no gain, and the run is 300 s longer), else the schedule's (a quarter of the weight iterations).
+            activation ranges. None: 0 on the fast and long schedules with 8-bit activations (on
+            EfficientNet-Lite0 W4A8 the learned 8-bit steps gave 82.53 % top-1, without them 84.40 % and
+            82.67 % (seeds 0, 1): no gain, and the run is 300 s longer), else the schedule's (a quarter
+            of the weight iterations).
         recon_augment: augmented views per calibration sample for adaround/brecq/qdrop/mrecg (a
             horizontal flip, then random resized crops; :mod:`onnxq.augment`); 0: none. Image models only.
+            None: the schedule's (3 on "long", where a model without an image input gets none; else 0).
         fisher: weight the block output error with the diagonal Fisher (|g| + 1)^2 (BRECQ).
         drop_prob: QDrop's probability of leaving an activation element in float.
         weight_phase_inputs: block inputs of the AdaRound/BRECQ weight phase, "quantized" or
@@ -121,8 +126,9 @@ class QuantConfig:
             (a data-free capacity of our own: the block's relative weight quantization noise).
         mrecg_iters: "per_unit" (every reconstruction unit, merged or not, runs ``recon_iters``: the
             paper) or "per_block" (a merged unit of n blocks runs n times them); None: per_block on
-            the fast schedule (at 300 iterations merged units are otherwise under-trained: W2A4 BRECQ
-            18.40 % per unit, 35.47 % per block, docs/benchmarks.md session 8), per_unit on the paper's.
+            the fast and long schedules (at 300 iterations merged units are otherwise under-trained:
+            W2A4 BRECQ 18.40 % per unit, 35.47 % per block, docs/benchmarks.md session 8), per_unit on
+            the paper's.
     """
 
     target: str = "ort-cpu"
@@ -154,7 +160,7 @@ class QuantConfig:
     recon_round_weight: float | None = None
     recon_round_lr: float | None = None
     recon_act_iters: int | None = None
-    recon_augment: int = 0
+    recon_augment: int | None = None
     fisher: bool = False
     drop_prob: float = 0.5
     weight_phase_inputs: str | None = None
@@ -220,7 +226,7 @@ class QuantConfig:
         if act is not None and not _is_count(act):
             raise UserError(f"recon_act_iters must be an integer >= 0 (0: no activation phase), got {act!r}")
         aug = self.recon_augment
-        if not _is_count(aug):
+        if aug is not None and not _is_count(aug):
             raise UserError(f"recon_augment must be a count of views per sample >= 0, got {aug!r}")
         if aug and self.method not in ("adaround", "brecq", "qdrop", "mrecg"):
             raise UserError(f"recon_augment applies to adaround, brecq, qdrop and mrecg, not method "
@@ -272,20 +278,21 @@ class QuantConfig:
         order = self.recon_order
         if order is None and method == "brecq" and self.activation_bits <= 4:
             order = "interleaved"  # two-pass at W4A4: 69.20 % against 76.13 % (docs/benchmarks.md)
-        if self.recon_act_iters is None and method == "brecq" and self.schedule == "fast" \
+        if self.recon_act_iters is None and method == "brecq" and self.schedule != "paper" \
                 and self.activation_bits >= 8:
             overrides["act_iters"] = 0  # no gain from 8-bit steps: docs/benchmarks.md, session 6
         overrides.update(fisher=self.fisher, drop_prob=self.drop_prob, device=self.device, seed=self.seed,
-                         augment=self.recon_augment,
                          weight_inputs=self.weight_phase_inputs, order=order)
-        factory = ReconConfig.fast if self.schedule == "fast" else ReconConfig.paper
-        return factory(method, **overrides)
+        if self.recon_augment is not None:  # asked for: a model without an image input is refused
+            overrides.update(augment=self.recon_augment, augment_optional=False)
+        factories = {"fast": ReconConfig.fast, "long": ReconConfig.long, "paper": ReconConfig.paper}
+        return factories[self.schedule](method, **overrides)
 
     def mrecg_iters_used(self) -> str:
         """``mrecg_iters``, or its schedule-dependent default (see the attribute)."""
         if self.mrecg_iters is not None:
             return self.mrecg_iters
-        return "per_block" if self.schedule == "fast" else "per_unit"
+        return "per_unit" if self.schedule == "paper" else "per_block"
 
     def adaquant_config(self):
         """AdaQuant's AdaQuantConfig for this run (imports torch); ``recon_*`` override the schedule."""
@@ -294,7 +301,7 @@ class QuantConfig:
         overrides = {k: v for k, v in (("iters", self.recon_iters), ("batch_size", self.recon_batch_size),
                                        ("num_samples", self.recon_samples)) if v is not None}
         overrides.update(device=self.device, seed=self.seed)
-        factory = AdaQuantConfig.fast if self.schedule == "fast" else AdaQuantConfig.paper
+        factory = AdaQuantConfig.paper if self.schedule == "paper" else AdaQuantConfig.fast
         return factory(self.adaquant_mode, **overrides)
 
     def to_dict(self) -> dict:

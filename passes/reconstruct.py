@@ -142,11 +142,12 @@ class ReconstructPass(Pass):
         # The calibration samples, re-batched once (every block runs them through both models).
         # With ``cfg.augment``, augmented views of those samples follow them (onnxq.augment).
         originals = list(rebatch(ctx.calib, 32 if self.dynamic_batch else 1, limit=cfg.num_samples))
-        self.feeds = augment_feeds(originals, cfg.augment, cfg.seed)
+        self.feeds = augment_feeds(originals, cfg.augment, cfg.seed, optional=cfg.augment_optional)
         self.n_samples = count_samples(self.feeds)
+        views = len(self.feeds) // len(originals) - 1 if originals else 0
         report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,
                   "num_samples": cfg.num_samples, "act_iters": cfg.act_iters if cfg.method == "brecq" else 0,
-                  "augment": cfg.augment, "samples": self.n_samples,
+                  "augment": views, "samples": self.n_samples,
                   "round_lr": cfg.round_lr, "round_weight": cfg.round_weight,
                   "blocks": [], "resumed_blocks": len(ckpt.done)}
         start = time.perf_counter()

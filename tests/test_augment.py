@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,14 @@ def test_no_image_input_is_a_user_error():
     assert augment_feeds([{"tokens": np.zeros((2, 7), np.int64)}], copies=0)[0]["tokens"].shape == (2, 7)
 
 
+def test_optional_views_skip_a_model_without_an_image_input():
+    tokens = [{"tokens": np.arange(14, dtype=np.int64).reshape(2, 7)}]
+    out = augment_feeds(tokens, copies=3, optional=True)
+    assert len(out) == 1 and np.array_equal(out[0]["tokens"], tokens[0]["tokens"])
+    images = augment_feeds([{"x": _images()}], copies=3, optional=True)  # optional or not, images get views
+    assert len(images) == 4
+
+
 def test_rebatch_cuts_the_feed_that_crosses_the_limit():
     feeds = [{"x": _images(4)}, {"x": _images(4)}]
     got = list(rebatch(feeds, 4, limit=6))
@@ -100,3 +109,44 @@ def test_reconstruction_fits_on_the_augmented_samples():
     assert first.validation.ok
     again = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, config)
     assert first.model.SerializeToString() == again.model.SerializeToString()
+
+
+def test_long_schedule_is_fast_with_1000_iterations_and_three_views():
+    def recon(**kw):
+        return onnxq.QuantConfig(weight_bits=4, method="brecq", **kw).recon_config()
+
+    long, fast = recon(schedule="long"), recon()
+    assert (long.iters, long.augment, long.augment_optional) == (1000, 3, True)
+    assert dataclasses.replace(long, iters=fast.iters, augment=0, augment_optional=False) == fast
+    assert long.act_iters == 0  # 8-bit activations: no step phase, as on fast
+    assert recon(schedule="long", activation_bits=4).act_iters == 250
+    # views the user asks for are required; 0 turns the schedule's off; other overrides keep them
+    asked = recon(schedule="long", recon_augment=1)
+    assert (asked.augment, asked.augment_optional) == (1, False)
+    assert recon(schedule="long", recon_augment=0).augment == 0
+    shorter = recon(schedule="long", recon_iters=500)
+    assert (shorter.iters, shorter.augment) == (500, 3)
+    assert recon(schedule="fast").augment == recon(schedule="paper").augment == 0
+    # AdaQuant and MRECG follow the fast schedule's rules on long
+    aq = onnxq.QuantConfig(weight_bits=4, method="adaquant", schedule="long")
+    assert aq.adaquant_config() == onnxq.QuantConfig(weight_bits=4, method="adaquant").adaquant_config()
+    assert onnxq.QuantConfig(weight_bits=4, method="mrecg", schedule="long").mrecg_iters_used() == "per_block"
+    with pytest.raises(UserError, match="schedule"):
+        onnxq.QuantConfig(weight_bits=4, method="brecq", schedule="longer")
+
+
+def test_long_schedule_fits_images_on_views_and_other_models_without():
+    x = np.load(MODELS / "tiny_cnn_calib.npz")["input"]
+    calib = [{"input": x[i:i + 4]} for i in range(0, 24, 4)]
+    config = onnxq.QuantConfig(weight_bits=4, method="brecq", schedule="long", recon_iters=3, recon_samples=8,
+                               recon_batch_size=8)
+    rec = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, config).report["reconstruction"]
+    assert (rec["iters"], rec["augment"], rec["samples"]) == (3, 3, 32)
+    vectors = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    mlp = [{"x": vectors[i:i + 4]} for i in range(0, 16, 4)]
+    result = onnxq.quantize(MODELS / "tiny_mlp.onnx", mlp, config)
+    rec = result.report["reconstruction"]
+    assert (rec["iters"], rec["augment"], rec["samples"]) == (3, 0, 8)
+    assert result.validation.ok
+    with pytest.raises(UserError, match="image input"):  # views the user asked for are not dropped
+        onnxq.quantize(MODELS / "tiny_mlp.onnx", mlp, dataclasses.replace(config, recon_augment=3))

@@ -160,6 +160,16 @@ def test_augment_flag(workdir, capsys):
     _expect_bad_flags(workdir, capsys, "recon_augment", "--method", "rtn", "--augment", "1")
 
 
+def test_long_schedule_flag(workdir, capsys):
+    report = _recon_report(workdir, capsys, "long", "--method", "brecq", "--schedule", "long", "--iters", "2")
+    assert report["config"]["schedule"] == "long" and report["config"]["recon_augment"] is None
+    assert (report["reconstruction"]["iters"], report["reconstruction"]["augment"]) == (2, 3)
+    plain = _recon_report(workdir, capsys, "long0", "--method", "brecq", "--schedule", "long", "--iters", "2",
+                          "--augment", "0")
+    assert plain["reconstruction"]["augment"] == 0
+    assert plain["reconstruction"]["samples"] * 4 == report["reconstruction"]["samples"]
+
+
 def test_round_weight_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "rw", "--method", "adaround", "--iters", "2",
                            "--round-weight", "0.5")
