@@ -126,7 +126,8 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     # benchmarks.md s10, measured as recon_iters=1000, recon_augment=3 before the schedule had a name).
     OnnxqEntry("onnxq_w4a8_brecq_asym_views", {**_W8A8, "weight_bits": 4, "method": "brecq",
                                                "weight_symmetric": False, "weight_method": "mse",
-                                               "schedule": "long"}, default=False),
+                                               "schedule": "long"}, default=False,
+               checkpoint="w4a8_brecq_asym_long"),
     OnnxqEntry("onnxq_w4a8_brecq_asym_st", {**_W8A8, "weight_bits": 4, "method": "brecq", "weight_symmetric": False,
                                             "weight_method": "mse", "stats_tuning": True},
                default=False, checkpoint="w4a8_brecq_asym"),
@@ -190,7 +191,7 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w4a4_qdrop_asym", {**_W4A4, "method": "qdrop", "weight_symmetric": False,
                                          "weight_method": "mse"}, default=False),
     OnnxqEntry("onnxq_w4a4_qdrop_asym_long", {**_W4A4A, "method": "qdrop", "schedule": "long"},
-               default=False),
+               default=False, checkpoint="w4a4_qdrop_asym_long"),
     # The reference quantizers at every W4 setting (session 5 table): asymmetric MSE weight grid.
     OnnxqEntry("onnxq_w4a8_qdrop_asym", {**_W4A8A, "method": "qdrop"}, default=False),
     OnnxqEntry("onnxq_w4a8_mrecg_brecq_asym", {**_W4A8A, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
@@ -220,7 +221,8 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w2a4u_rtn_bc", {**_W2A4U, "bias_correction": "data"}, default=False),
     OnnxqEntry("onnxq_w2a4u_adaround", {**_W2A4U, "method": "adaround"}, default=False),
     OnnxqEntry("onnxq_w2a4u_brecq", {**_W2A4U, "method": "brecq"}, default=False),
-    OnnxqEntry("onnxq_w2a4u_brecq_long", {**_W2A4U, "method": "brecq", "schedule": "long"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_brecq_long", {**_W2A4U, "method": "brecq", "schedule": "long"}, default=False,
+               checkpoint="w2a4u_brecq_long"),
     OnnxqEntry("onnxq_w2a4u_qdrop", {**_W2A4U, "method": "qdrop"}, default=False),
     OnnxqEntry("onnxq_w2a4u_mrecg_brecq", {**_W2A4U, "method": "mrecg", "mrecg_base": "brecq"}, default=False),
     OnnxqEntry("onnxq_w2a4u_mrecg_qdrop", {**_W2A4U, "method": "mrecg", "mrecg_base": "qdrop"}, default=False),
