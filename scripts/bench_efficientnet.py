@@ -220,6 +220,8 @@ ONNXQ_CONFIGS: list[OnnxqEntry] = [
     OnnxqEntry("onnxq_w2a4u_rtn", _W2A4U, default=False),
     OnnxqEntry("onnxq_w2a4u_rtn_bc", {**_W2A4U, "bias_correction": "data"}, default=False),
     OnnxqEntry("onnxq_w2a4u_adaround", {**_W2A4U, "method": "adaround"}, default=False),
+    OnnxqEntry("onnxq_w2a4u_adaround_long", {**_W2A4U, "method": "adaround", "schedule": "long"},
+               default=False, checkpoint="w2a4u_adaround_long"),
     OnnxqEntry("onnxq_w2a4u_brecq", {**_W2A4U, "method": "brecq"}, default=False),
     OnnxqEntry("onnxq_w2a4u_brecq_long", {**_W2A4U, "method": "brecq", "schedule": "long"}, default=False,
                checkpoint="w2a4u_brecq_long"),
