@@ -241,7 +241,8 @@ class ReconConfig:
         3,000 iterations 84.53, and views at 300 iterations 83.91 (three seeds). A likely reason, not
         tested: at 1,000 steps of 16 each of 250 images is seen 64 times, and views stop the rounding
         from fitting those images. It is not better everywhere: at W4A4, QDrop on this schedule scored
-        77.87 against 79.07 with 600 iterations and the same views (one seed each, session 11). At
+        77.87 (one seed, session 11) against 78.00 / 79.47 with 600 iterations and the same views
+        (seeds 0 / 1, session 12); W4A4 BRECQ gained 1.34 (77.47 against 76.13 fast, session 12). At
         W2A4 (4-level INT2) it lifted BRECQ from 26.93 to 44.00 and layer-wise AdaRound from 32.53 to
         33.60 (one seed each, session 11).
         A model without an image input gets no views (``augment_optional``).
