@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxq.config import QuantConfig
+from onnxq.config.legacy import QuantConfig
 from onnxq.errors import UserError
 
 __all__ = ["QuantConfig", "QuantResult", "UserError", "__version__", "quantize", "validate"]
@@ -24,7 +24,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "validate":
-        from onnxq.validate import validate
+        from onnxq.report.validate import validate
 
         return validate
     raise AttributeError(name)

@@ -3,7 +3,7 @@
 The pipeline is data: a float phase (canonicalize, fold BatchNorm) that preserves the function,
 then the quantization phase (assign specs, calibrate, align scales, insert QDQ, [reconstruct],
 [statistics tuning], [bias tuning], cleanup). The output
-is checked against its target's rules (:mod:`onnxq.rules`; a violation is an internal error) and
+is checked against its target's rules (:mod:`onnxq.targets.rules`; a violation is an internal error) and
 validated in onnxruntime against the user's original float model on held-out samples.
 """
 
@@ -20,27 +20,27 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxq import graph as g
-from onnxq.calib import CalibrationSet, ImageRecipe, load_calibration, model_inputs
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
+from onnxq.config.legacy import QuantConfig
+from onnxq.core import graph as g
+from onnxq.core.context import QuantContext
+from onnxq.core.pass_infra import PassManager
+from onnxq.data.loaders import CalibrationSet, ImageRecipe, load_calibration, model_inputs
 from onnxq.errors import UserError
-from onnxq.pass_infra import PassManager
-from onnxq.passes.absorb_bias import AbsorbBiasPass
-from onnxq.passes.align_scales import AlignScalesPass
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.canonicalize import CanonicalizePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.correct_bias import CorrectBiasPass
-from onnxq.passes.equalize_weights import EqualizeWeightsPass
-from onnxq.passes.fold_batchnorm import FoldBatchNormPass
-from onnxq.passes.insert_qdq import InsertQDQPass
-from onnxq.rules import check_target, format_violations
-from onnxq.targets import get_target, resolve_config
-from onnxq.ternary_check import check_ternary
-from onnxq.ternary_export import finish_two_bit_model
-from onnxq.validate import ValidationReport, validate, write_report
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.float.absorb_bias import AbsorbBiasPass
+from onnxq.passes.float.canonicalize import CanonicalizePass
+from onnxq.passes.float.equalize_weights import EqualizeWeightsPass
+from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
+from onnxq.passes.quant.align_scales import AlignScalesPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.correct_bias import CorrectBiasPass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
+from onnxq.report.validate import ValidationReport, validate, write_report
+from onnxq.targets.profiles import get_target, resolve_config
+from onnxq.targets.rules import check_target, format_violations
+from onnxq.ternary.check import check_ternary
+from onnxq.ternary.export import finish_two_bit_model
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,15 @@ class QuantResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically, ``<stem>.report.json`` next to it, and the target's extra
-        files (``<stem>.encodings`` for the qnn profiles, :mod:`onnxq.encodings`)."""
+        files (``<stem>.encodings`` for the qnn profiles, :mod:`onnxq.targets.encodings`)."""
         out = g.save_model(self.model, path, source=self.source)
         target = (self.report.get("config") or {}).get("target")
         if target and "aimet_encodings" in get_target(target).exporters:
-            from onnxq.encodings import write_encodings
+            from onnxq.targets.encodings import write_encodings
 
             write_encodings(self.model, out.with_suffix(".encodings"))
         if self.report.get("mrecg"):  # the loss-along-depth figure, <stem>.mrecg.png
-            from onnxq.mrecg_plot import plot_mrecg
+            from onnxq.report.mrecg_plot import plot_mrecg
 
             png = plot_mrecg(self.report["mrecg"], out.with_suffix(".mrecg.png"))
             self.report["mrecg"]["plot"] = str(png)
@@ -89,7 +89,7 @@ def prepare_float(model: onnx.ModelProto, config: QuantConfig, calib: Calibratio
                   ) -> tuple[onnx.ModelProto, QuantContext]:
     """Upgrade the opset, run the float phase; returns the float reference and a fresh context.
 
-    ``ctx.config`` is ``config`` made consistent with its target (:func:`onnxq.targets.resolve_config`).
+    ``ctx.config`` is ``config`` made consistent with its target (:func:`onnxq.targets.profiles.resolve_config`).
     """
     config = resolve_config(config)
     ctx = QuantContext(config=config, target=get_target(config.target), calib=calib)
@@ -150,15 +150,15 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Qu
         passes.append(_reconstruction_pass(config))
         passes.insert(-1, CleanupPass())  # unique node names: blocks refer to nodes by name
     if config.stats_tuning:
-        from onnxq.passes.tune_stats import TuneStatsPass
+        from onnxq.passes.tune.tune_stats import TuneStatsPass
 
         passes.append(TuneStatsPass())
     if config.bias_tuning:
-        from onnxq.passes.tune_bias import TuneBiasPass
+        from onnxq.passes.tune.tune_bias import TuneBiasPass
 
         passes.append(TuneBiasPass())
     if ctx.target.bias_grid:  # last: the passes above may move scales and biases
-        from onnxq.passes.grid_bias import GridBiasPass
+        from onnxq.passes.quant.grid_bias import GridBiasPass
 
         passes.append(GridBiasPass())
     PassManager([*passes, CleanupPass()])(graph, ctx)
@@ -197,15 +197,15 @@ def _reconstruction_pass(config: QuantConfig):
     common = dict(checkpoint_dir=config.checkpoint_dir, keep_checkpoint=config.keep_checkpoint,
                   cache_budget_bytes=config.cache_budget_mb << 20)
     if config.method == "adaquant":
-        from onnxq.passes.adaquant import AdaQuantPass
+        from onnxq.passes.rounding.adaquant import AdaQuantPass
 
         return AdaQuantPass(config.adaquant_config(), **common)
     if config.method == "mrecg":
-        from onnxq.passes.mrecg import MRECGPass
+        from onnxq.passes.rounding.mrecg import MRECGPass
 
         return MRECGPass(config.recon_config(), k=config.mrecg_k, capacity=config.mrecg_capacity,
                          iters=config.mrecg_iters_used(), max_chain=config.max_chain, **common)
-    from onnxq.passes.reconstruct import ReconstructPass
+    from onnxq.passes.rounding.reconstruct import ReconstructPass
 
     return ReconstructPass(config.recon_config(), max_chain=config.max_chain,
                            layerwise=config.method == "adaround", **common)
@@ -230,7 +230,7 @@ def _check_ternary(model: onnx.ModelProto, info: dict[str, Any], val: Validation
         result = check_ternary(model)
         checked = result.to_dict() if result is not None else {"ok": False, "violations": ["no ternary tensor"]}
     report["ternary"] = {"method": info["method"], "storage": info["storage"], **checked}
-    if info.get("int2_cast"):  # onnxq.int2_cast: int2 in the file, int8 kernels in onnxruntime
+    if info.get("int2_cast"):  # onnxq.core.int2_cast: int2 in the file, int8 kernels in onnxruntime
         report["ternary"]["int2_cast_to_int8"] = info["int2_cast"]
     if not checked["ok"]:
         raise RuntimeError("the quantized model failed the ternary check: " + "; ".join(checked["violations"]))

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxq.config import (
+from onnxq.config.legacy import (
     CALIB_METHODS,
     MP_RECONSTRUCT,
     RECON_METHODS,
@@ -22,7 +22,7 @@ from onnxq.config import (
     QuantConfig,
 )
 from onnxq.errors import UserError
-from onnxq.ternary import ALIASES, METHODS, MQUANT_DEFAULT
+from onnxq.ternary.operators import ALIASES, METHODS, MQUANT_DEFAULT
 
 log = logging.getLogger("onnxq")
 
@@ -157,7 +157,7 @@ def _add_calib_args(p: argparse.ArgumentParser, *, required: bool, flag: str = "
 def _recipe(text: str | None):
     if text is None:
         return None
-    from onnxq.calib import ImageRecipe
+    from onnxq.data.loaders import ImageRecipe
 
     return ImageRecipe.from_string(text)
 
@@ -272,7 +272,7 @@ def _bit_plan_arg(args: argparse.Namespace) -> tuple:
         return ()
     if args.mixed_precision:
         raise UserError("--bit-plan and --mixed-precision exclude each other: mixed precision writes its own plan")
-    from onnxq.mixed_precision import load_bit_plan
+    from onnxq.mixed.plan import load_bit_plan
 
     return load_bit_plan(args.bit_plan)
 
@@ -288,14 +288,14 @@ def _budget_arg(args: argparse.Namespace):
         return None
     if len(given) != 1:
         raise UserError("--mixed-precision needs exactly one of --size-budget R, --bops-budget R, --max-degradation D")
-    from onnxq.mixed_precision import Budget
+    from onnxq.mixed.plan import Budget
 
     kind, value = next(iter(given.items()))
     return Budget(kind, value)
 
 
 def _quantize_mixed(args: argparse.Namespace, config: QuantConfig, budget, out: Path):
-    from onnxq.mixed_precision import quantize_mixed
+    from onnxq.mixed.plan import quantize_mixed
 
     try:
         widths = tuple(int(w) for w in args.mp_widths.split(",") if w.strip())
@@ -313,7 +313,7 @@ def _quantize_mixed(args: argparse.Namespace, config: QuantConfig, budget, out: 
 
 def _explicit_target_options(args: argparse.Namespace) -> dict[str, str]:
     """The --activations/--scale values the user gave; one the target forbids is a UserError."""
-    from onnxq.targets import get_target
+    from onnxq.targets.profiles import get_target
 
     target = get_target(args.target)
     given = {"activation_dtype": (args.activations, target.activation_dtypes),
@@ -329,9 +329,9 @@ def _explicit_target_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from onnxq.graph import load_model
-    from onnxq.rules import check_target
-    from onnxq.targets import get_target
+    from onnxq.core.graph import load_model
+    from onnxq.targets.profiles import get_target
+    from onnxq.targets.rules import check_target
 
     target = get_target(args.target)
     violations = check_target(load_model(args.model), target)
@@ -355,23 +355,23 @@ def _weight_grid(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from onnxq.inspection import inspect_model
+    from onnxq.pipeline.inspect import inspect_model
 
     plan = inspect_model(args.model, QuantConfig(target=args.target, weight_bits=WEIGHT_BITS_OF[args.weights],
                                                  max_chain=args.max_chain, **_weight_grid(args)))
     if args.json:
         sys.stdout.write(json.dumps(plan, indent=2) + "\n")
     else:
-        from onnxq.inspection import format_plan
+        from onnxq.pipeline.inspect import format_plan
 
         sys.stdout.write(format_plan(plan) + "\n")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from onnxq.calib import load_calibration, model_inputs
-    from onnxq.graph import load_model
-    from onnxq.validate import validate, write_report
+    from onnxq.core.graph import load_model
+    from onnxq.data.loaders import load_calibration, model_inputs
+    from onnxq.report.validate import validate, write_report
 
     float_model = load_model(args.float_model)
     quant_model = load_model(args.quant_model)

@@ -22,9 +22,9 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -358,9 +358,9 @@ def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int
 
 
 def _op_counts(path: Path) -> dict[str, int]:
-    import onnx
-
     from collections import Counter
+
+    import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     return dict(Counter(n.op_type for n in model.graph.node).most_common())
@@ -407,8 +407,13 @@ class _Reader:
 def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) -> dict[str, Any]:
     """Run ORT's recommended flow for one entry; return timing and notes."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader_cls = type("Reader", (_Reader, CalibrationDataReader), {})
@@ -491,8 +496,8 @@ def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list, 
     """Sensitivity table (8/4/2 bits, output MSE on held-out calibration images; weights by
     ``table_weights``), the integer program at the weight size of uniform W4A8, then one quantization
     (``cfg``'s method) with that plan."""
-    from onnxq.mixed_precision import Budget, quantize_mixed, uniform_plan
-    from onnxq.sensitivity import measure_sensitivity
+    from onnxq.mixed.plan import Budget, quantize_mixed, uniform_plan
+    from onnxq.mixed.sensitivity import measure_sensitivity
 
     adaquant = None
     if table_weights == "adaquant":

@@ -22,7 +22,7 @@ Metrics against the FP32 ONNX model on the evaluation sentences, with e = embedd
     E_fp32 E_fp32^T (a retrieval proxy: are pairs ranked the same way?);
   * NN@1: fraction of sentences whose nearest other sentence is the same as under FP32;
   * the same mean cos / Spearman for the *weights-only* copy of each model (every activation
-    Q->DQ bypassed by ``onnxq.block_data.weights_only``), which isolates the weight error;
+    Q->DQ bypassed by ``onnxq.blocks.cache.weights_only``), which isolates the weight error;
   * quantization wall time, file size, and for ternary rows the ternary layers' sparsity and their
     weight bytes in the file vs FP32 (from the report's ``ternary`` section).
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = [{"name": "fp32", "metrics": similarity_metrics(ref, ref), "quant_s": None,
                                    "size_bytes": file_bytes(model)}]
     try:
-        from onnxq.block_data import weights_only
+        from onnxq.blocks.cache import weights_only
     except ImportError as exc:
         weights_only = None
         print(f"note: no weights-only columns ({exc})")

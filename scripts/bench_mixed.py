@@ -10,7 +10,7 @@ calibration images, of which the sensitivity table holds out 50 for its measurem
   weight size of uniform W4A8, quantized by ``onnxq.quantize`` with ``bit_plan`` (same table and
   plan for the bias-corrected row);
 * a size/accuracy curve: plans for several size budgets, and uniform W8/W4/W2 for reference,
-  quantized with one shared calibration (:class:`onnxq.calibrated.CalibratedModel`, the same
+  quantized with one shared calibration (:class:`onnxq.pipeline.calibrated.CalibratedModel`, the same
   activations and weights as ``onnxq.quantize``; checked against the ``milp_w4size`` model).
 
 Writes ``results.json``, ``bench_mixed.md``, ``size_accuracy.png``, the sensitivity table and the
@@ -102,14 +102,14 @@ def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]], plan_w4: dict[st
 
 def main(argv: list[str] | None = None) -> None:
     from onnxq import quantize
-    from onnxq.calib import load_calibration, model_inputs
-    from onnxq.calibrated import CalibratedModel
-    from onnxq.config import QuantConfig
+    from onnxq.config.legacy import QuantConfig
+    from onnxq.core.graph import load_model, save_model
+    from onnxq.data.loaders import load_calibration, model_inputs
     from onnxq.errors import UserError
-    from onnxq.graph import load_model, save_model
-    from onnxq.mixed_precision import Budget, solve, uniform_plan
-    from onnxq.sensitivity import SensitivityTable, measure_sensitivity
-    from onnxq.targets import resolve_config
+    from onnxq.mixed.plan import Budget, solve, uniform_plan
+    from onnxq.mixed.sensitivity import SensitivityTable, measure_sensitivity
+    from onnxq.pipeline.calibrated import CalibratedModel
+    from onnxq.targets.profiles import resolve_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=Path("/work/scratch/s2/mixed/bench"))

@@ -10,7 +10,7 @@ one per target profile (``ort-cpu``, ``tensorrt``, ``openvino``, ``qnn``, ``qnn-
 (``bias_correction="data"``).
 
 Per model (FP32 and each quantized one), on the evaluation split: the count of
-``onnxq.rules.check_target`` violations against the entry's target, top-1 in onnxruntime (CPU) and
+``onnxq.targets.rules.check_target`` violations against the entry's target, top-1 in onnxruntime (CPU) and
 in OpenVINO (CPU plugin, f32 inference precision for the float parts), the absolute top-1 gap,
 and the ORT-vs-OpenVINO top-1 agreement (same predicted class).
 Results are rewritten after every model (``--json``, ``--markdown PATH``), so an interrupted run
@@ -113,8 +113,8 @@ def evaluate(path: Path, target: str | None, x: np.ndarray, y: np.ndarray) -> di
     """Rule check against ``target`` (None: skipped) and top-1 in onnxruntime and OpenVINO."""
     import onnx
 
-    from onnxq.openvino_check import run_openvino, run_ort
-    from onnxq.rules import check_target
+    from onnxq.targets.openvino_check import run_openvino, run_ort
+    from onnxq.targets.rules import check_target
 
     row: dict[str, Any] = {}
     if target is not None:
@@ -163,7 +163,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{CALIB_BATCH}), `QuantConfig(target=..., seed=0, <settings>)`; the validation report uses "
         f"the first {HOLDOUT} evaluation images (no influence on the model). pt = per-tensor "
         "weights, cle = `equalize=True`, bc = `bias_correction=\"data\"`.",
-        "- Rule violations: `len(onnxq.rules.check_target(model, target))`.",
+        "- Rule violations: `len(onnxq.targets.rules.check_target(model, target))`.",
         f"- Accuracy: top-1 in onnxruntime (CPUExecutionProvider) and OpenVINO (CPU, f32 inference "
         f"precision) with batches of {EVAL_BATCH}; gap = |ORT - OpenVINO|; agree = same top-1 class "
         f"in both. Preprocessing: {meta['preprocessing']}.",

@@ -30,9 +30,8 @@ import contextlib
 import io
 import time
 import warnings
-from pathlib import Path
-
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx

@@ -12,10 +12,10 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
-from onnxq.graph import to_graph, to_model
-from onnxq.pass_infra import Pass
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph, to_model
+from onnxq.core.pass_infra import Pass
 
 
 def make_model(text: str, seed: int = 0, **inits: np.ndarray) -> onnx.ModelProto:

@@ -12,17 +12,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from onnxq.passes.adaquant import AdaQuantPass
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
+from onnxq.passes.rounding.adaquant import AdaQuantPass
 
 import onnxq
-from onnxq import graph as g
 from onnxq.api import prepare_float
 from onnxq.cli import main
-from onnxq.pass_infra import PassManager
+from onnxq.core import graph as g
+from onnxq.core.pass_infra import PassManager
 from tests.helpers import one_torch_thread
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -100,7 +100,7 @@ def test_same_seed_gives_identical_bytes(calib, holdout, short):
 def test_interrupted_run_resumes_to_the_same_bytes(calib, holdout, short, tmp_path, monkeypatch):
     """Killed in its fourth layer, the run resumes there (trained float weights, learned zero-points and
     scales restored from the checkpoint) and ends with the bytes of an uninterrupted run."""
-    import onnxq.passes.adaquant as pa
+    import onnxq.passes.rounding.adaquant as pa
 
     cfg, reference = short
     real = pa.optimize_layer

@@ -11,8 +11,8 @@ from onnx import numpy_helper
 
 import onnxq
 from onnxq.errors import UserError
-from onnxq.rules import check_target
-from onnxq.targets import resolve_config
+from onnxq.targets.profiles import resolve_config
+from onnxq.targets.rules import check_target
 from tests.helpers import run_ort
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

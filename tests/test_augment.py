@@ -1,4 +1,4 @@
-"""Calibration augmentation (onnxq.augment) and its use by ReconstructPass."""
+"""Calibration augmentation (onnxq.data.augment) and its use by ReconstructPass."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import onnxq
-from onnxq.augment import augment_feeds, image_layout
+from onnxq.data.augment import augment_feeds, image_layout
+from onnxq.data.batches import count_samples, rebatch
 from onnxq.errors import UserError
-from onnxq.passes.reconstruct import count_samples, rebatch
 from onnxq.recon import ReconConfig
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

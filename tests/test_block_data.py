@@ -1,4 +1,4 @@
-"""onnxq.block_data: the weights-only copy of a QDQ model used by the adaround/brecq weight phase."""
+"""onnxq.blocks.cache: the weights-only copy of a QDQ model used by the adaround/brecq weight phase."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onnxq.block_data import BlockData, TensorStore, weights_only
+from onnxq.blocks.cache import BlockData, TensorStore, weights_only
 from onnxq.recon.batching import cache_layout
 from tests.helpers import make_model, run_ort
 

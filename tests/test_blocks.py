@@ -12,7 +12,7 @@ import pytest
 
 import onnxq
 from onnxq.api import prepare_float
-from onnxq.blocks import Block, describe_blocks, partition
+from onnxq.blocks.partition import Block, describe_blocks, partition
 from onnxq.errors import UserError
 from tests.helpers import make_model, random_feeds
 

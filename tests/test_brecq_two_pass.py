@@ -42,7 +42,7 @@ def _activation_quantizers(model: onnx.ModelProto) -> int:
 @pytest.fixture(scope="module")
 def spied(calib):
     """One two-pass run with every engine call and every capture recorded."""
-    import onnxq.passes.reconstruct as rp
+    import onnxq.passes.rounding.reconstruct as rp
 
     calls, captures = [], []
     real_block, real_capture = rp.reconstruct_block, rp.capture_block_data
@@ -124,7 +124,7 @@ def test_report_nests_the_weight_pass_in_each_block(spied):
 def test_interrupted_in_the_activation_pass_resumes_to_the_same_bytes(calib, spied, tmp_path, monkeypatch):
     """Killed in the second block of the activation pass, the run resumes there (the whole weight
     pass and one act block come from the checkpoint) and ends with the bytes of an uninterrupted run."""
-    import onnxq.passes.reconstruct as rp
+    import onnxq.passes.rounding.reconstruct as rp
 
     real = rp.reconstruct_block
     acts = []
@@ -204,7 +204,7 @@ def _activation_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def test_no_activation_phase_keeps_the_calibrated_ranges(calib):
     """``recon_act_iters=0``: one weight pass, no step-size learning, so every activation scale is
     the calibrated one (as round-to-nearest writes it) while the weight codes are learned."""
-    import onnxq.passes.reconstruct as rp
+    import onnxq.passes.rounding.reconstruct as rp
 
     assert _config(recon_act_iters=0).recon_config().act_iters == 0
     assert _config(recon_act_iters=7).recon_config().act_iters == 7

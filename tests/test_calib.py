@@ -1,4 +1,4 @@
-"""Tests for onnxq.calib: loaders, CalibrationSet, feed validation and image recipes."""
+"""Tests for onnxq.data.loaders: loaders, CalibrationSet, feed validation and image recipes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from onnxq import calib
-from onnxq.calib import (
+from onnxq.data import loaders as calib
+from onnxq.data.loaders import (
     PRESETS,
     CalibrationSet,
     ImageRecipe,
@@ -91,7 +91,7 @@ def test_npz_roundtrip_batches_and_reiterates(tmp_path):
 def test_npz_compressed_and_single_array_any_key(tmp_path, caplog):
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     np.savez_compressed(tmp_path / "c.npz", whatever=x)
-    with caplog.at_level(logging.INFO, logger="onnxq.calib"):
+    with caplog.at_level(logging.INFO, logger="onnxq.data.loaders"):
         cs = from_npz(tmp_path / "c.npz", VEC, batch_size=4)
     assert "whatever" in caplog.text
     np.testing.assert_array_equal(np.concatenate(list(f["x"] for f in cs)), x)
@@ -400,7 +400,7 @@ def test_paddle_style_dynamic_dims_are_anonymous():
     """Paddle writes the batch as dim_value -1 and unknown dims as dim_param '?'."""
     import onnx.helper as oh
 
-    from onnxq.calib import model_inputs as inputs_of
+    from onnxq.data.loaders import model_inputs as inputs_of
 
     x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, "?", "?"])
     y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)

@@ -17,11 +17,11 @@ from onnx import TensorProto, numpy_helper
 
 import onnxq
 from onnxq.cli import main
+from onnxq.core.spec import QuantSpec
 from onnxq.errors import UserError
-from onnxq.rules import check_target
-from onnxq.spec import QuantSpec
-from onnxq.targets import resolve_config
-from onnxq.ternary_check import INT2_METADATA_KEY, METADATA_KEY, check_ternary
+from onnxq.targets.profiles import resolve_config
+from onnxq.targets.rules import check_target
+from onnxq.ternary.check import INT2_METADATA_KEY, METADATA_KEY, check_ternary
 from tests.helpers import run_ort
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

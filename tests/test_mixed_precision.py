@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from onnxq.cli import main
-from onnxq.config import QuantConfig
+from onnxq.config.legacy import QuantConfig
 from onnxq.errors import UserError
-from onnxq.mixed_precision import Budget, evaluate_plan, load_bit_plan, solve, uniform_plan
-from onnxq.sensitivity import LayerInfo, SensitivityTable
+from onnxq.mixed.plan import Budget, evaluate_plan, load_bit_plan, solve, uniform_plan
+from onnxq.mixed.sensitivity import LayerInfo, SensitivityTable
 from tests.helpers import one_torch_thread
 
 torch_one_thread = pytest.fixture(one_torch_thread)
@@ -135,7 +135,7 @@ def test_bit_plan_overrides_layer_widths_in_the_quantized_model():
     def codes(layer: str) -> onnx.TensorProto:
         node = next(n for n in m.graph.node if n.name == layer)
         src = producers[node.input[1]].input[0]
-        while src not in inits:  # int2 codes are read through a Cast to int8 (onnxq.int2_cast)
+        while src not in inits:  # int2 codes are read through a Cast to int8 (onnxq.core.int2_cast)
             src = producers[src].input[0]
         return inits[src]
 

@@ -11,19 +11,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 import onnxq
-from onnxq import graph as g
 from onnxq.api import prepare_float
-from onnxq.block_build import build_block
-from onnxq.blocks import Block, partition
-from onnxq.capture import capture
-from onnxq.errors import UserError
-from onnxq.mrecg import (
+from onnxq.blocks.build import build_block
+from onnxq.blocks.mrecg_plan import (
     differentials,
     eligible_boundaries,
     merge_blocks,
@@ -32,7 +28,11 @@ from onnxq.mrecg import (
     proxy_capacity,
     select_boundaries,
 )
-from onnxq.pass_infra import PassManager
+from onnxq.blocks.partition import Block, partition
+from onnxq.core import graph as g
+from onnxq.core.pass_infra import PassManager
+from onnxq.data.capture import capture
+from onnxq.errors import UserError
 from tests.helpers import make_model, one_torch_thread
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -1,4 +1,4 @@
-"""Tests of onnxq.observers and onnxq.histogram (numpy only, seeded, fast)."""
+"""Tests of onnxq.core.observers and onnxq.core.histogram (numpy only, seeded, fast)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnxq.errors import UserError
-from onnxq.histogram import StreamingHistogram, kl_divergences, lp_errors, slice_kl_divergences
-from onnxq.observers import (
+from onnxq.core.histogram import StreamingHistogram, kl_divergences, lp_errors, slice_kl_divergences
+from onnxq.core.observers import (
     EntropyObserver,
     MinMaxObserver,
     MSEObserver,
@@ -21,7 +20,7 @@ from onnxq.observers import (
     make_observer,
     weight_qparams,
 )
-from onnxq.spec import (
+from onnxq.core.spec import (
     INT4_WEIGHT_PC,
     INT8_ACT,
     INT8_WEIGHT_PC,
@@ -33,6 +32,7 @@ from onnxq.spec import (
     is_power_of_two,
     qparams_from_range,
 )
+from onnxq.errors import UserError
 
 METHODS = ["minmax", "percentile", "mse", "entropy"]
 INT4 = QuantSpec(bits=4)

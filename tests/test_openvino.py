@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq.config import QuantConfig
+from onnxq.config.legacy import QuantConfig
 from onnxq.errors import UserError
-from onnxq.rules import check_target
-from onnxq.targets import TARGETS
+from onnxq.targets.profiles import TARGETS
+from onnxq.targets.rules import check_target
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -44,7 +44,7 @@ def quantized(tmp_path_factory) -> dict[str, Path]:
 @needs_openvino
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_each_profile_runs_in_openvino_and_agrees_with_onnxruntime(target, quantized, eval_feeds):
-    from onnxq.openvino_check import compare_with_ort
+    from onnxq.targets.openvino_check import compare_with_ort
 
     report = compare_with_ort(quantized[target], eval_feeds)
     out = report["outputs"]["logits"]
@@ -61,7 +61,7 @@ def test_each_profile_runs_in_openvino_and_agrees_with_onnxruntime(target, quant
 
 @needs_openvino
 def test_tensorrt_output_zero_points_and_both_runtimes(quantized, eval_feeds):
-    from onnxq.openvino_check import run_openvino, run_ort
+    from onnxq.targets.openvino_check import run_openvino, run_ort
 
     model = onnx.load(quantized["tensorrt"])
     assert check_target(model, "tensorrt") == []
@@ -77,7 +77,7 @@ def test_tensorrt_output_zero_points_and_both_runtimes(quantized, eval_feeds):
 
 @needs_openvino
 def test_openvino_accepts_a_model_proto_and_a_single_feed():
-    from onnxq.openvino_check import run_openvino
+    from onnxq.targets.openvino_check import run_openvino
 
     model = onnx.load(MODELS / "tiny_cnn.onnx")
     x = np.load(MODELS / "tiny_cnn_calib.npz")["input"][:4]
@@ -88,8 +88,7 @@ def test_openvino_accepts_a_model_proto_and_a_single_feed():
 
 
 def test_missing_openvino_is_a_user_error(monkeypatch):
-    from onnxq import openvino_check
-
+    from onnxq.targets import openvino_check
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
     with pytest.raises(UserError, match=r"pip install 'onnxq\[openvino\]'"):
         openvino_check.run_openvino(MODELS / "tiny_cnn.onnx", {"input": np.zeros((1, 3, 32, 32), np.float32)})

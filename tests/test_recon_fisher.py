@@ -1,4 +1,4 @@
-"""onnxq.recon_fisher: the quantized tail in torch and BRECQ's Fisher gradients."""
+"""onnxq.blocks.fisher: the quantized tail in torch and BRECQ's Fisher gradients."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import onnxq
-from onnxq import graph as g
-from onnxq.blocks import partition
-from onnxq.capture import capture
-from onnxq.recon_fisher import build_tail, fisher_gradients
+from onnxq.blocks.fisher import build_tail, fisher_gradients
+from onnxq.blocks.partition import partition
+from onnxq.core import graph as g
+from onnxq.data.capture import capture
 from tests.test_reconstruct import _config, _rtn_graph
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

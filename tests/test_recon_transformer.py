@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import onnxq
-from onnxq import graph as g
-from onnxq.block_data import TensorStore, collect
-from onnxq.blocks import partition
+from onnxq.blocks.cache import TensorStore, collect
+from onnxq.blocks.partition import partition
+from onnxq.core import graph as g
 from onnxq.errors import UserError
 from tests.helpers import make_model
 
@@ -136,7 +136,7 @@ def test_cache_keeps_token_ids_exact_and_huge_floats_finite():
 def test_inspect_lists_the_attention_blocks_and_what_torch_cannot_run(tmp_path):
     import onnx
 
-    from onnxq.inspection import inspect_model
+    from onnxq.pipeline.inspect import inspect_model
 
     model = _model()
     model.graph.node.append(onnx.helper.make_node("Hardmax", ["y"], ["hm"]))  # no torch implementation

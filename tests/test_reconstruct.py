@@ -8,18 +8,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 import onnxq
-from onnxq import graph as g
 from onnxq.api import prepare_float
-from onnxq.block_build import build_block
-from onnxq.blocks import partition
-from onnxq.capture import capture
-from onnxq.pass_infra import PassManager
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.blocks.build import build_block
+from onnxq.blocks.partition import partition
+from onnxq.core import graph as g
+from onnxq.core.pass_infra import PassManager
+from onnxq.data.capture import capture
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -107,8 +107,9 @@ def test_weight_phase_inputs(calib, monkeypatch, method, weight_inputs, captured
     ones. (BRECQ's default two-pass order captures its weight pass from the weights-only model itself.)"""
     import dataclasses
 
+    import onnxq.passes.rounding.reconstruct as rp
+
     import onnxq.api
-    import onnxq.passes.reconstruct as rp
 
     seen = []
     real = rp.capture_block_data
@@ -139,7 +140,7 @@ def test_qdrop_same_seed_gives_identical_bytes(calib):
 def test_interrupted_run_resumes_from_last_finished_block(calib, brecq, tmp_path, monkeypatch):
     """Killed in its second block, the run resumes there and ends with the same bytes as an
     uninterrupted run (which also shows that a fixed seed gives the same model twice)."""
-    import onnxq.passes.reconstruct as rp
+    import onnxq.passes.rounding.reconstruct as rp
 
     reference, _ = brecq
     real = rp.reconstruct_block
@@ -165,7 +166,7 @@ def test_interrupted_run_resumes_from_last_finished_block(calib, brecq, tmp_path
 def test_kept_checkpoint_lets_a_rerun_add_tuning_without_reconstructing(calib, brecq, tmp_path, monkeypatch):
     """keep_checkpoint leaves a finished run's blocks on disk; a re-run with statistics tuning on top
     reconstructs nothing and gives the same bytes as a direct run with tuning."""
-    import onnxq.passes.reconstruct as rp
+    import onnxq.passes.rounding.reconstruct as rp
 
     reference, _ = brecq
     ckpt = tmp_path / "kept"
@@ -191,7 +192,7 @@ def test_kept_checkpoint_lets_a_rerun_add_tuning_without_reconstructing(calib, b
 def test_checkpoint_of_other_code_is_not_reused(calib, brecq, tmp_path, monkeypatch):
     """Blocks written by another onnxq (another version, or a working tree edited since) are
     reconstructed again: mixing them with new blocks gave a silently worse model."""
-    import onnxq.recon_checkpoint as rc
+    import onnxq.blocks.checkpoint as rc
 
     reference, _ = brecq
     ckpt = tmp_path / "kept"
@@ -205,7 +206,7 @@ def test_checkpoint_of_other_code_is_not_reused(calib, brecq, tmp_path, monkeypa
 
 
 def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
-    import onnxq.recon_checkpoint as rc
+    import onnxq.blocks.checkpoint as rc
 
     first = rc.code_fingerprint()
     assert first == rc.code_fingerprint() and len(first) == 64
@@ -232,7 +233,7 @@ def test_keep_checkpoint_needs_a_folder():
 
 def test_learned_scales_keep_one_tensor_per_name(calib):
     """A learned activation scale is written once and shared by its Q and DQ (unique names)."""
-    from onnxq.block_build import set_activation_scale
+    from onnxq.blocks.build import set_activation_scale
 
     graph, ctx = _rtn_graph(calib, _config())
     t = next(n.inputs[0].name for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name in ctx.qparams)

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.cli import main
-from onnxq.config import QuantConfig
-from onnxq.rules import Violation, check_target, format_violations
+from onnxq.config.legacy import QuantConfig
+from onnxq.targets.rules import Violation, check_target, format_violations
 from tests.helpers import make_model, random_feeds
 
 CNN = """

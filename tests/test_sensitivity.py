@@ -7,11 +7,11 @@ import onnx
 import pytest
 
 from onnxq.api import quantize
-from onnxq.config import QuantConfig
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.observers import weight_qparams
+from onnxq.core.spec import Granularity, QuantSpec, fake_quantize
 from onnxq.errors import UserError
-from onnxq.observers import weight_qparams
-from onnxq.sensitivity import measure_sensitivity
-from onnxq.spec import Granularity, QuantSpec, fake_quantize
+from onnxq.mixed.sensitivity import measure_sensitivity
 from tests.helpers import make_model, one_torch_thread, run_ort
 
 MODEL = "models/tiny_cnn.onnx"
@@ -87,7 +87,7 @@ def test_fisher_matches_the_analytic_diagonal_fisher(monkeypatch):
         }""", w=w, b=b)
     calib = [{"x": rng.standard_normal((64, 6)).astype(np.float32)}]
     holdout = [{"x": rng.standard_normal((1000, 6)).astype(np.float32)} for _ in range(3)]
-    monkeypatch.setattr("onnxq.sensitivity_fisher.CHUNK", 1000)
+    monkeypatch.setattr("onnxq.mixed.fisher.CHUNK", 1000)
     t = measure_sensitivity(model, calib, QuantConfig(validate=False, first_last_bits=None), widths=(8, 4),
                             holdout=holdout, fisher=True)
     spec = QuantSpec(bits=4, signed=True, symmetric=True, granularity=Granularity.CHANNEL, axis=0)
@@ -105,9 +105,9 @@ def test_fisher_matches_the_analytic_diagonal_fisher(monkeypatch):
 
 def test_calibrated_model_matches_quantize():
     """One calibration, many plans: the same constants as onnxq.quantize with that plan."""
-    from onnxq.calib import load_calibration, model_inputs
-    from onnxq.calibrated import CalibratedModel
-    from onnxq.targets import resolve_config
+    from onnxq.data.loaders import load_calibration, model_inputs
+    from onnxq.pipeline.calibrated import CalibratedModel
+    from onnxq.targets.profiles import resolve_config
 
     plan = (("/features/features.3/body/body.0/Conv", 4), ("/features/features.5/Conv", 2))
     config = resolve_config(QuantConfig(bit_plan=plan, validate=False))

@@ -8,16 +8,16 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
 
 import onnxq
 from onnxq.cli import main
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph
+from onnxq.core.spec import INT32_BIAS
 from onnxq.errors import UserError
-from onnxq.graph import to_graph
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.spec import INT32_BIAS
-from onnxq.targets import TARGETS, get_target, resolve_config
+from onnxq.targets.profiles import TARGETS, get_target, resolve_config
 from tests.helpers import initializer, make_model, random_feeds, run_ort
 
 # Conv -> Relu -> Conv -> residual Add -> GAP -> Gemm, plus a Concat of two branches.
@@ -187,7 +187,7 @@ def test_cli_target_conflicts_are_user_errors(tmp_path, capsys):
 
 
 def test_encodings_name_a_quantized_graph_output_by_its_visible_name_and_read_qcdq_grids():
-    from onnxq.encodings import encodings_dict
+    from onnxq.targets.encodings import encodings_dict
 
     text = """
     <ir_version: 10, opset_import: ["" : 21]>

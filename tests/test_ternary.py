@@ -1,4 +1,4 @@
-"""Tests of onnxq.ternary (numpy only, seeded or hypothesis-driven, fast)."""
+"""Tests of onnxq.ternary.operators (numpy only, seeded or hypothesis-driven, fast)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from onnxq.core.spec import Granularity, QParams, quantize
 from onnxq.errors import UserError
-from onnxq.spec import Granularity, QParams, quantize
-from onnxq.ternary import (
+from onnxq.ternary.operators import (
     METHODS,
     TernaryResult,
     max_error,

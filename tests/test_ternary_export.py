@@ -11,15 +11,15 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import onnxq
-from onnxq import ternary_export
-from onnxq.capture import with_outputs
 from onnxq.cli import main
+from onnxq.data.capture import with_outputs
 from onnxq.errors import UserError
-from onnxq.rules import check_target
-from onnxq.targets import resolve_config
-from onnxq.ternary import METHODS, MQUANT_DEFAULT, ternarize
-from onnxq.ternary_check import METADATA_KEY, check_ternary, mark_two_bit_codes
-from onnxq.validate import validate
+from onnxq.report.validate import validate
+from onnxq.targets.profiles import resolve_config
+from onnxq.targets.rules import check_target
+from onnxq.ternary import export as ternary_export
+from onnxq.ternary.check import METADATA_KEY, check_ternary, mark_two_bit_codes
+from onnxq.ternary.operators import METHODS, MQUANT_DEFAULT, ternarize
 from tests.helpers import make_model, run_ort
 
 # Conv (axis 0), Conv with bias, Gemm transB=0 (axis 1), MatMul (last axis); Gemm and MatMul are the tail.
@@ -154,7 +154,7 @@ def test_int2_container_validates_and_runs_at_every_level(model, calib):
 
 
 def test_widen_int2_weights_is_exact_and_idempotent_on_other_models(model, calib):
-    from onnxq.int2_cast import widen_int2_weights
+    from onnxq.core.int2_cast import widen_int2_weights
 
     res = onnxq.quantize(model, calib, _config(ternary_storage="int2", validate=False))
     plain = onnx.ModelProto()

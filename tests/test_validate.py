@@ -1,4 +1,4 @@
-"""Tests for onnxq.validate and onnxq.metrics on tiny hand-built float / QDQ models."""
+"""Tests for onnxq.report.validate and onnxq.report.metrics on tiny hand-built float / QDQ models."""
 
 from __future__ import annotations
 
@@ -14,10 +14,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import validate as V
 from onnxq.errors import UserError
-from onnxq.metrics import check_qdq_constants, cosine, is_power_of_two, max_abs_err, sqnr_db, top1_agreement
-from onnxq.validate import ValidationReport, optimized_op_counts, validate, write_report
+from onnxq.report import validate as V
+from onnxq.report.metrics import (
+    check_qdq_constants,
+    cosine,
+    is_power_of_two,
+    max_abs_err,
+    sqnr_db,
+    top1_agreement,
+)
+from onnxq.report.validate import ValidationReport, optimized_op_counts, validate, write_report
 
 OPSET = 13
 IR = 8  # onnx 1.23 writes IR 14 by default, which ORT 1.31 refuses (max 13)

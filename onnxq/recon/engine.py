@@ -92,7 +92,7 @@ class ReconConfig:
         eval_samples: the evaluation subset (the first samples, also trained on) unless ``holdout``.
         holdout: > 0: the last ``holdout`` samples are never trained on and are the evaluation subset.
         log_every: record the training error in the history every this many iterations.
-        augment: augmented views per calibration sample (:mod:`onnxq.augment`: a horizontal flip, then
+        augment: augmented views per calibration sample (:mod:`onnxq.data.augment`: a horizontal flip, then
             random resized crops), appended after the ``num_samples`` originals, so a block is fitted
             on ``num_samples * (1 + augment)`` samples. 0: none (the papers'). Image inputs only; not
             with ``holdout`` (a view of a training image would be scored as held out).

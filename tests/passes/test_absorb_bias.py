@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.float.absorb_bias import AbsorbBiasPass
+from onnxq.passes.float.equalize_weights import EqualizeWeightsPass
+from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
 
-from onnxq.capture import session, with_outputs
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph, to_model
+from onnxq.core.pass_infra import Pass
+from onnxq.data.capture import session, with_outputs
 from onnxq.errors import PassError, UserError
-from onnxq.graph import to_graph, to_model
-from onnxq.pass_infra import Pass
-from onnxq.passes.absorb_bias import AbsorbBiasPass
-from onnxq.passes.equalize_weights import EqualizeWeightsPass
-from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from tests.helpers import initializer, make_model, random_feeds, run_ort
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'

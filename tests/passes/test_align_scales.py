@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.quant.align_scales import AlignScalesPass, union_qparams
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
-from onnxq.graph import to_graph, to_model
-from onnxq.pass_infra import PassManager
-from onnxq.passes.align_scales import AlignScalesPass, union_qparams
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.insert_qdq import InsertQDQPass
-from onnxq.rules import check_target
-from onnxq.spec import INT8_ACT, UINT8_ACT, QuantSpec, ScaleKind, is_power_of_two, qparams_from_range
-from onnxq.targets import get_target, resolve_config
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph, to_model
+from onnxq.core.pass_infra import PassManager
+from onnxq.core.spec import INT8_ACT, UINT8_ACT, QuantSpec, ScaleKind, is_power_of_two, qparams_from_range
+from onnxq.targets.profiles import get_target, resolve_config
+from onnxq.targets.rules import check_target
 from tests.helpers import make_model, random_feeds, run_ort
 
 # Two branches of very different ranges (w2 is scaled by 10) meet in a Concat (followed by a MaxPool,

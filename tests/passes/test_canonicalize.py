@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxq.passes.float.canonicalize import CanonicalizePass
+from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
 
-from onnxq.passes.canonicalize import CanonicalizePass
-from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from tests.helpers import (
     assert_close,
     initializer,
@@ -234,9 +234,9 @@ def test_report_accumulates_and_second_run_is_noop():
             a = Identity (x)
             y = Relu (a)
         }}""")
-    from onnxq.config import QuantConfig
-    from onnxq.context import QuantContext
-    from onnxq.graph import to_graph
+    from onnxq.config.legacy import QuantConfig
+    from onnxq.core.context import QuantContext
+    from onnxq.core.graph import to_graph
 
     graph, ctx = to_graph(model), QuantContext(QuantConfig())
     assert CanonicalizePass()(graph, ctx).modified

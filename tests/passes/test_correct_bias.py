@@ -5,20 +5,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.correct_bias import CorrectBiasPass, clipped_normal_mean
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import infer_shapes, to_graph, to_model
+from onnxq.core.pass_infra import Pass
+from onnxq.core.spec import INT32_BIAS
 from onnxq.errors import PassError, UserError
-from onnxq.graph import infer_shapes, to_graph, to_model
-from onnxq.pass_infra import Pass
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.correct_bias import CorrectBiasPass, clipped_normal_mean
-from onnxq.passes.fold_batchnorm import FoldBatchNormPass
-from onnxq.passes.insert_qdq import InsertQDQPass
-from onnxq.spec import INT32_BIAS
-from onnxq.targets import get_target
+from onnxq.targets.profiles import get_target
 from tests.helpers import make_model, run_ort
 
 HEAD = '<ir_version: 10, opset_import: ["" : 21]>'

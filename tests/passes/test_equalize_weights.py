@@ -7,11 +7,11 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.float.equalize_weights import EqualizeWeightsPass, in_ranges, out_ranges
 
+from onnxq.core.graph import to_graph, to_model
+from onnxq.core.spec import QuantSpec, fake_quantize, qparams_from_range
 from onnxq.errors import UserError
-from onnxq.graph import to_graph, to_model
-from onnxq.passes.equalize_weights import EqualizeWeightsPass, in_ranges, out_ranges
-from onnxq.spec import QuantSpec, fake_quantize, qparams_from_range
 from tests.helpers import initializer, make_model, op_types, random_feeds, run_ort, run_pass
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
@@ -215,8 +215,8 @@ def test_relu6_replace_changes_graph_then_preserves_new_function(caplog):
 def test_bn_stats_follow_the_scales():
     model = make_model(CONV_PAIR, w1=_unbalanced((6, 3, 3, 3), 11))
     graph = to_graph(model)
-    from onnxq.config import QuantConfig
-    from onnxq.context import QuantContext
+    from onnxq.config.legacy import QuantConfig
+    from onnxq.core.context import QuantContext
 
     ctx = QuantContext(QuantConfig())
     beta, gamma = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)

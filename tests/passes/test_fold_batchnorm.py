@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
 
-from onnxq.config import QuantConfig
+from onnxq.config.legacy import QuantConfig
 from onnxq.errors import UserError
-from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from tests.helpers import (
     assert_close,
     initializer,

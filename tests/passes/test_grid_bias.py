@@ -9,15 +9,15 @@ import importlib.util
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.quant.grid_bias import GridBiasPass, grid_bias, grid_sites
 
 import onnxq
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
-from onnxq.graph import to_graph
-from onnxq.passes.grid_bias import GridBiasPass, grid_bias, grid_sites
-from onnxq.rules import check_target
-from onnxq.spec import is_power_of_two
-from onnxq.targets import TARGETS, get_target, resolve_config
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph
+from onnxq.core.spec import is_power_of_two
+from onnxq.targets.profiles import TARGETS, get_target, resolve_config
+from onnxq.targets.rules import check_target
 from tests.helpers import make_model, run_ort
 
 # Conv -> Relu -> depthwise Conv -> Clip: the first conv has a dead channel (weights ~1e-9, bias 0.75:
@@ -124,7 +124,7 @@ def test_pass_is_a_no_op_for_other_targets():
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 def test_openvino_and_onnxruntime_agree_on_the_grid_biases():
-    from onnxq.openvino_check import run_openvino
+    from onnxq.targets.openvino_check import run_openvino
 
     model = _quantize()
     feeds = _feeds(1, 7)[0]

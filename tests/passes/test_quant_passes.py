@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass, fit_bias
 
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
-from onnxq.graph import to_graph, to_model
-from onnxq.pass_infra import PassManager
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.insert_qdq import InsertQDQPass, fit_bias
-from onnxq.spec import INT8_WEIGHT_PC, QParams, is_power_of_two
-from onnxq.targets import get_target
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph, to_model
+from onnxq.core.pass_infra import PassManager
+from onnxq.core.spec import INT8_WEIGHT_PC, QParams, is_power_of_two
+from onnxq.targets.profiles import get_target
 from tests.helpers import initializer, make_model, op_types, random_feeds, run_ort
 
 CNN = """
@@ -41,7 +41,7 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, n: int = 6) -> tuple[
     feeds = [random_feeds(model, seed=i, batch=4) for i in range(n)]
     ctx = _ctx(config, feeds)
     graph = to_graph(onnx.shape_inference.infer_shapes(model))
-    from onnxq.graph import set_opset
+    from onnxq.core.graph import set_opset
 
     set_opset(graph, config.output_opset)
     PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
@@ -118,7 +118,7 @@ def test_qdq_model_equals_numpy_simulation_of_one_conv():
     }"""
     model = make_model(text)
     cfg = QuantConfig(calib_method="minmax")
-    from onnxq.targets import TARGETS, Target
+    from onnxq.targets.profiles import TARGETS, Target
 
     # Quantize the graph output too, so the whole Q/DQ chain is checked against numpy.
     t = TARGETS["ort-cpu"]
@@ -130,7 +130,7 @@ def test_qdq_model_equals_numpy_simulation_of_one_conv():
     PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
     q = to_model(graph, template=model)
     x = feeds[0]["x"]
-    from onnxq.spec import fake_quantize
+    from onnxq.core.spec import fake_quantize
 
     xq = fake_quantize(x, ctx.qparams["x"])
     wq = fake_quantize(initializer(model, "w"), ctx.qparams["w"])
@@ -201,7 +201,7 @@ def test_matmul_and_gemm_weight_axes(trans_b):
 
 
 def test_onnxruntime_fuses_the_emitted_qdq_into_integer_kernels():
-    from onnxq.validate import optimized_op_counts
+    from onnxq.report.validate import optimized_op_counts
 
     q, _ = _quantize(make_model(CNN), QuantConfig())
     counts = optimized_op_counts(q)
@@ -213,7 +213,7 @@ def test_onnxruntime_fuses_the_emitted_qdq_into_integer_kernels():
 
 
 def test_onnxruntime_fuses_matmul_with_per_column_weights():
-    from onnxq.validate import optimized_op_counts
+    from onnxq.report.validate import optimized_op_counts
 
     text = """
     <ir_version: 8, opset_import: ["" : 13]>
@@ -243,7 +243,7 @@ def test_4bit_activations_keep_network_input_and_classifier_input_at_8_bits():
 
 
 def test_int8_symmetric_activations_still_fuse_conv():
-    from onnxq.validate import optimized_op_counts
+    from onnxq.report.validate import optimized_op_counts
 
     q, ctx = _quantize(make_model(CNN), QuantConfig(activation_dtype="int8"))
     assert "c1" in ctx.specs  # the Relu stays outside the quantized conv output

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxq.passes.tune.tune_bias import TuneBiasPass
+from onnxq.passes.tune.tune_stats import ChannelStats, TuneStatsPass
 
 from onnxq.api import quantize
-from onnxq.capture import capture
-from onnxq.config import QuantConfig
-from onnxq.context import QuantContext
+from onnxq.config.legacy import QuantConfig
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_graph
+from onnxq.data.capture import capture
 from onnxq.errors import PassError
-from onnxq.graph import to_graph
-from onnxq.passes.tune_bias import TuneBiasPass
-from onnxq.passes.tune_stats import ChannelStats, TuneStatsPass
 from tests.helpers import make_model, run_ort
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
@@ -196,8 +196,8 @@ RESIDUAL = f"""{HEAD}
 @pytest.mark.parametrize("kind", ["stats_tuning", "bias_tuning"])
 @pytest.mark.parametrize("text", [TEXT, RESIDUAL], ids=["chain", "residual"])
 def test_segmented_forward_equals_one_run_per_layer(kind, text, monkeypatch):
-    """The cached-cut sweep (onnxq.forward_cache) writes the very bytes of the truncated-graph sweep."""
-    import onnxq.passes.tune_stats as ts
+    """The cached-cut sweep (onnxq.data.forward_cache) writes the very bytes of the truncated-graph sweep."""
+    import onnxq.passes.tune.tune_stats as ts
 
     model = make_model(text, seed=4)
     calls = []

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from onnxq.core.spec import Granularity, QParams, QuantSpec, quantize
 from onnxq.recon import AdaRoundWeight, RoundToNearestWeight, rectified_sigmoid
-from onnxq.spec import Granularity, QParams, QuantSpec, quantize
 
 
 def _int4_weight(seed: int = 0, shape=(6, 4, 3, 3)):

@@ -10,8 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxq.errors import UserError
-from onnxq.recon import (AdaRoundWeight, BetaSchedule, FakeQuant, ReconConfig, ReconLoss, output_error,
-                         reconstruct_block)
+from onnxq.recon import (
+    AdaRoundWeight,
+    BetaSchedule,
+    FakeQuant,
+    ReconConfig,
+    ReconLoss,
+    output_error,
+    reconstruct_block,
+)
 
 N = 96
 

@@ -7,21 +7,21 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.passes.quant.calibrate import CalibratePass
+from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 import onnxq
-from onnxq import graph as g
 from onnxq.api import prepare_float
-from onnxq.block_build import build_block
-from onnxq.blocks import partition
-from onnxq.pass_infra import PassManager
-from onnxq.passes.assign_specs import AssignSpecsPass
-from onnxq.passes.calibrate import CalibratePass
-from onnxq.passes.cleanup import CleanupPass
-from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.blocks.build import build_block
+from onnxq.blocks.partition import partition
+from onnxq.core import graph as g
+from onnxq.core.pass_infra import PassManager
 from onnxq.recon import AdaRoundWeight, RoundToNearestWeight
 from onnxq.recon.adaround import weight_optimizer
-from onnxq.rules import check_target
-from onnxq.ternary import ternarize
+from onnxq.targets.rules import check_target
+from onnxq.ternary.operators import ternarize
 from tests.helpers import make_model
 
 TEXT = """

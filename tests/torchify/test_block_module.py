@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
@@ -16,7 +15,7 @@ from onnx import TensorProto as TP
 from onnx import helper
 from torch import nn
 
-from onnxq.spec import INT8_WEIGHT_PC, UINT8_ACT, QParams, dequantize, qparams_from_range, quantize
+from onnxq.core.spec import INT8_WEIGHT_PC, UINT8_ACT, QParams, dequantize, qparams_from_range, quantize
 from onnxq.torchify import BlockModule, block_from_model, dequantize_linear, quantize_linear
 
 C = 4

@@ -1,0 +1,200 @@
+"""Between a QDQ graph block and the torch engine: build the trainable module, write results back.
+
+``build_block`` turns the block's nodes into a :class:`~onnxq.torchify.BlockModule` where each
+weight DequantizeLinear becomes an :class:`~onnxq.recon.AdaRoundWeight` initialised from the float
+weight and its QParams (or a fixed round-to-nearest quantizer when the method is ``rtn``), and
+each activation Q -> [Clip] -> DQ becomes a :class:`~onnxq.recon.FakeQuant` with the calibrated
+scale (``graph_codes``: fixed weights keep the codes already in the graph, for BRECQ's two-pass
+activation pass). ``write_back`` replaces the integer constants of the graph by the learned codes, and the
+activation scales by the learned step sizes; the INT32 biases that depend on a changed input
+scale are requantized (s_b = s_in * s_w).
+
+Ternary weights (2-bit specs): the AdaRound variables start from the codes already in the graph
+(the ternary operator's, which for twn and mquant-b are not round(W / s)) on the grid [-1, 1] with
+the operator's scale (``init_codes``); so does the fixed quantizer of the ``rtn`` method. With
+``ctx.config.learn_weight_scale`` every AdaRound weight (except power-of-two grids) also learns its
+scale; ``write_back`` then writes the new weight scale and requantizes the biases that use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.blocks.partition import Block
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import constant
+from onnxq.core.spec import QParams
+from onnxq.recon import AdaRoundWeight, FakeQuant, RoundToNearestWeight
+from onnxq.torchify import BlockModule
+
+log = logging.getLogger(__name__)
+
+_SUFFIX_Q = "_quantized"
+
+
+@dataclass
+class BuiltBlock:
+    module: BlockModule
+    weights: dict[str, AdaRoundWeight | RoundToNearestWeight]  # key: weight DQ output name
+    acts: dict[str, FakeQuant]                                  # key: quantized activation name
+    weight_names: dict[str, str] = field(default_factory=dict)  # DQ output -> float weight name
+
+
+def weight_name_of(dq: gs.Node) -> str | None:
+    """The float weight behind a weight DequantizeLinear (its constant is '<w>_quantized')."""
+    src = dq.inputs[0]
+    if dq.op != "DequantizeLinear" or not isinstance(src, gs.Constant) or not src.name.endswith(_SUFFIX_Q):
+        return None
+    return src.name[: -len(_SUFFIX_Q)]
+
+
+def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: bool,
+                learn_scales: bool, graph_codes: bool = False) -> BuiltBlock:
+    """The block's torch module with its weight and activation quantizers.
+
+    ``rounding``: AdaRound weights (else fixed ones). ``learn_scales``: activation step sizes may train.
+    ``graph_codes``: fixed weights hold the integer codes already in the graph (e.g. learned by an
+    earlier pass) instead of round-to-nearest of the float weight.
+    """
+    by_name = {n.name: n for n in graph.nodes}
+    nodes = [by_name[n] for n in block.nodes]
+    weights: dict[str, AdaRoundWeight | RoundToNearestWeight] = {}
+    names: dict[str, str] = {}
+    acts: dict[str, FakeQuant] = {}
+    for node in nodes:
+        w = weight_name_of(node)
+        if w is not None and w in ctx.float_weights and w in ctx.qparams and ctx.qparams[w].spec.bits <= 8:
+            qp = ctx.qparams[w]
+            args = (ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax,
+                    qp.spec.axis if qp.scale.ndim == 1 else None)
+            in_graph = qp.spec.ternary or (graph_codes and not rounding)
+            codes = np.asarray(node.inputs[0].values).astype(np.int64) if in_graph else None
+            if rounding:
+                learn = bool(getattr(ctx.config, "learn_weight_scale", False)) and not qp.spec.pow2
+                quantizer = AdaRoundWeight(*args, init_codes=codes, learn_scale=learn)
+            else:
+                quantizer = RoundToNearestWeight(*args, codes=codes)
+            weights[node.outputs[0].name] = quantizer
+            names[node.outputs[0].name] = w
+        elif node.op == "QuantizeLinear" and node.inputs[0].name in ctx.qparams:
+            t = node.inputs[0].name
+            qp = ctx.qparams[t]
+            fq = FakeQuant(qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax)
+            # Learned step sizes only where one scale serves one tensor and the grid is free.
+            fq.trainable = learn_scales and not qp.spec.pow2 and not _is_shared(t, ctx)
+            acts[t] = fq
+    module = BlockModule(nodes, block.inputs, block.outputs, weight_quantizers=weights, act_quantizers=acts)
+    return BuiltBlock(module, weights, acts, names)
+
+
+def _is_shared(t: str, ctx: QuantContext) -> bool:
+    return t in ctx.shared or t in ctx.shared.values()
+
+
+def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
+    node.inputs[index] = constant(name, values)
+
+
+def write_back(graph: gs.Graph, built: BuiltBlock, ctx: QuantContext) -> dict[str, np.ndarray]:
+    """Write codes and learned scales into the graph; returns the new constants (for checkpoints)."""
+    changed: dict[str, np.ndarray] = {}
+    dq_by_output = {n.outputs[0].name: n for n in graph.nodes if n.op == "DequantizeLinear"}
+    for key, quantizer in built.weights.items():
+        w = built.weight_names[key]
+        qp = ctx.qparams[w]
+        codes = quantizer.codes().detach().cpu().numpy().astype(np.int64)
+        codes = codes.astype(qp.spec.numpy_dtype)
+        _replace_input(dq_by_output[key], 0, codes, w + _SUFFIX_Q)
+        changed[w + _SUFFIX_Q] = codes
+        if getattr(quantizer, "learned_scale", None) is not None:
+            changed.update(set_weight_scale(graph, ctx, dq_by_output[key], w, quantizer.scale_values()))
+    for t, fq in built.acts.items():
+        if not getattr(fq, "trainable", False):
+            continue
+        new = fq.current_scale().cpu().numpy().astype(np.float32).reshape(ctx.qparams[t].scale.shape)
+        if np.array_equal(new, ctx.qparams[t].scale):
+            continue
+        changed.update(set_activation_scale(graph, ctx, t, new))
+    return changed
+
+
+def set_weight_scale(graph: gs.Graph, ctx: QuantContext, dq: gs.Node, w: str, scale: np.ndarray
+                     ) -> dict[str, np.ndarray]:
+    """New scale for weight ``w`` (its DQ ``dq``), and requantized INT32 biases of the ops using it."""
+    old = ctx.qparams[w]
+    scale = np.asarray(scale, dtype=np.float32).reshape(old.scale.shape)
+    if np.array_equal(scale, old.scale):
+        return {}
+    ctx.qparams[w] = QParams(scale, old.zero_point, old.spec)
+    dq.inputs[1] = constant(w + "_scale", scale)
+    changed = {w + "_scale": scale}
+    for node in list(dq.outputs[0].outputs):
+        t = node.inputs[0].name.removesuffix("_dequantized")
+        if t in ctx.qparams and node.inputs[0].name != t:
+            changed.update(requantize_biases(graph, ctx, t))
+    return changed
+
+
+def set_activation_scale(graph: gs.Graph, ctx: QuantContext, t: str, scale: np.ndarray) -> dict[str, np.ndarray]:
+    """New scale for activation ``t`` (Q and DQ), and requantized INT32 biases of its consumers."""
+    old = ctx.qparams[t]
+    ctx.qparams[t] = QParams(scale, old.zero_point, old.spec)
+    changed = {t + "_scale": scale}
+    shared = constant(t + "_scale", scale)  # one tensor for the Q and the DQ (names are unique)
+    for node in graph.nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear") and node.inputs[1].name == t + "_scale":
+            node.inputs[1] = shared
+    changed.update(requantize_biases(graph, ctx, t))
+    return changed
+
+
+def requantize_biases(graph: gs.Graph, ctx: QuantContext, t: str) -> dict[str, np.ndarray]:
+    """Recompute round(b / (s_in s_w)) for every biased op reading dequantized ``t``."""
+    changed: dict[str, np.ndarray] = {}
+    producers = {out.name: n for n in graph.nodes for out in n.outputs}
+    s_in = ctx.qparams[t].scale
+    for node in graph.nodes:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+            continue
+        if node.inputs[0].name != t + "_dequantized":
+            continue
+        b_dq = producers.get(node.inputs[2].name)
+        w_dq = producers.get(node.inputs[1].name)
+        if b_dq is None or w_dq is None or b_dq.op != "DequantizeLinear":
+            continue
+        b, w = weight_name_of(b_dq), weight_name_of(w_dq)
+        if b is None or w is None or b not in ctx.float_weights:
+            continue
+        s_b = (ctx.qparams[w].scale.astype(np.float64) * float(s_in)).astype(np.float32)
+        codes = np.clip(np.rint(ctx.float_weights[b].astype(np.float64) / s_b), -(2**31 - 1), 2**31 - 1)
+        codes = codes.astype(np.int32)
+        b_dq.inputs[0] = constant(b + _SUFFIX_Q, codes)
+        b_dq.inputs[1] = constant(b + "_scale", s_b)
+        ctx.qparams[b] = QParams(s_b, np.zeros(s_b.shape, np.int64), ctx.qparams[b].spec)
+        changed[b + _SUFFIX_Q], changed[b + "_scale"] = codes, s_b
+    return changed
+
+
+def apply_constants(graph: gs.Graph, ctx: QuantContext, values: dict[str, np.ndarray]) -> None:
+    """Replace constants by name and refresh the QParams of changed scales (resuming a run)."""
+    values = dict(values)
+    for name, value in values.items():
+        base = name[: -len(_SUFFIX_Q)] if name.endswith(_SUFFIX_Q) else None
+        if base is not None and base in ctx.qparams:  # checkpoints store int4 codes as int8
+            values[name] = value.astype(np.int64).astype(ctx.qparams[base].spec.numpy_dtype)
+    made: dict[str, gs.Constant] = {}
+    for node in graph.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.name in values:
+                if tensor.name not in made:
+                    made[tensor.name] = constant(tensor.name, values[tensor.name])
+                node.inputs[i] = made[tensor.name]
+    for name, value in values.items():
+        base = name[: -len("_scale")] if name.endswith("_scale") else None
+        if base is not None and base in ctx.qparams:
+            old = ctx.qparams[base]
+            ctx.qparams[base] = QParams(value, old.zero_point, old.spec)

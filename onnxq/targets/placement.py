@@ -1,0 +1,83 @@
+"""Where a target places Q/DQ around weighted ops and residual Adds, and which bit plans it can store.
+
+Read by AssignSpecsPass (the plan) and by the rule checker's tests; the placement modes are
+fields of :class:`onnxq.targets.profiles.Target`.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnxq.core.layers import is_excluded, node_key, weighted_reason
+from onnxq.errors import UserError
+from onnxq.targets.profiles import Target
+
+
+def check_bit_plan(plan: dict[str, int], layers: list[gs.Node], target: Target) -> None:
+    """A per-layer bit plan must name quantized weighted layers (by :func:`node_key`) and widths the
+    target stores (2-bit ternary weights are allowed by every target)."""
+    known = {node_key(n) for n in layers}
+    unknown = [name for name in plan if name not in known]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise UserError(f"the bit plan names {len(unknown)} node(s) that are not quantized weighted layers of "
+                        f"this model ({shown}): use node names from `onnxq inspect` or a plan written for this model")
+    bad = sorted({b for b in plan.values() if b != 2 and b not in target.weight_bits})
+    if bad:
+        raise UserError(f"the bit plan uses {bad}-bit weights, which target {target.name} does not store: use "
+                        f"{', '.join(map(str, target.weight_bits))}")
+
+
+def weighted_output(node: gs.Node, target: Target, signed: bool) -> gs.Tensor | None:
+    """The tensor whose Q/DQ closes a weighted op, or None (``target.weighted_output``).
+
+    "after_activation": after the single-consumer chain of fusable activations (the activation
+    nodes stay; the runtime fuses them into the op). "ort": that for unsigned activations, where
+    onnxruntime drops a Relu/Clip whose lower bound is the zero-point (qmin), and the raw output
+    for signed ones (a kept Relu between the op and its Q would block QLinearConv). "none":
+    not quantized here; the consumers' inputs decide (TensorRT).
+    """
+    mode = target.weighted_output
+    if mode == "none":
+        return None
+    if mode == "ort" and signed:
+        return node.outputs[0]
+    return effective_output(node, target)
+
+
+def residual_fused_input(node: gs.Node, target: Target, excluded: set[str]) -> gs.Tensor | None:
+    """With ``target.add_inputs == "residual"``: the input of Add ``node`` left float for fusion.
+
+    That is the first input produced (through fusable activations) by a quantizable weighted op
+    whose only consumer is this Add: TensorRT fuses ``Conv -> Add(residual)`` into the convolution
+    epilogue when the *other* (residual) input is quantized, and a Q/DQ on the convolution side
+    would split the fusion. None when every input gets Q/DQ.
+    """
+    if target.add_inputs != "residual":
+        return None
+    for t in node.inputs:
+        if len(t.outputs) != 1 or not t.inputs:
+            continue
+        producer = t.inputs[0]
+        while producer.op in target.fusable_activations and producer.inputs and producer.inputs[0].inputs:
+            src = producer.inputs[0]
+            if len(src.outputs) != 1:
+                break
+            producer = src.inputs[0]
+        if (producer.op in target.weight_ops and weighted_reason(producer) is None
+                and not is_excluded(producer, excluded)):
+            return t
+    return None
+
+
+def effective_output(node: gs.Node, target: Target) -> gs.Tensor:
+    """The output after a single-consumer chain of fusable activations (Relu, constant Clip)."""
+    out = node.outputs[0]
+    while len(out.outputs) == 1:
+        nxt = out.outputs[0]
+        if nxt.op not in target.fusable_activations or nxt.inputs[0] is not out:
+            break
+        if nxt.op == "Clip" and not all(isinstance(t, gs.Constant) for t in nxt.inputs[1:] if t.name):
+            break
+        out = nxt.outputs[0]
+    return out

@@ -1,0 +1,336 @@
+"""Target profiles as plain data: which ops get quantized, with which grids, and how QDQ is placed.
+
+A :class:`Target` is a frozen record; the passes read it (AssignSpecsPass: placement and grids,
+AlignScalesPass: shared scales, InsertQDQPass: bias) and :func:`onnxq.targets.rules.check_target` checks any
+QDQ file against it. Profiles:
+
+``ort-cpu``
+    onnxruntime's QDQ conventions, so that its graph optimizer fuses the result into integer
+    kernels (QLinearConv, QGemm, QLinearMatMul / MatMulIntegerToFloat, QLinearAdd, QLinearMul,
+    QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu,
+    QLinearSoftmax) and drops Q/DQ pairs around data-movement ops that run on integers directly
+    (MaxPool, Reshape, Transpose, Resize, ...). uint8 asymmetric activations (int8 allowed), int8
+    symmetric per-channel weights (int4, and int2 for ternary weights, allowed), INT32 biases;
+    ``com.microsoft`` ops accepted by the checker.
+``tensorrt``
+    int8 symmetric everywhere (every zero-point 0), float biases (TensorRT fuses them into the
+    convolution) put on their INT32 grid s_in * s_w (``bias_grid``), so that onnxruntime, which
+    quantizes a float bias itself, computes the same function as OpenVINO and TensorRT. Placement follows NVIDIA's recommendations for explicit quantization: Q/DQ on the
+    *inputs* of quantizable ops (weighted ops, pooling, Concat, Add), never on a weighted op's own
+    output (TensorRT fuses Conv + BN + Relu and the next input's Q into one kernel, so Relu/Clip
+    stay float nodes); a residual Add gets Q/DQ on its residual input while the input coming
+    straight from a convolution stays float, which lets TensorRT fuse the Add into that
+    convolution's epilogue. Concat inputs share one scale.
+``openvino``
+    the "mixed" preset of OpenVINO's NNCF: uint8 asymmetric activations (zero-point 0 after a
+    ReLU, since the range starts at 0), int8 symmetric per-channel weights; Q/DQ after the
+    activation that follows a weighted op, Concat inputs share one scale.
+``qnn`` / ``qnn-a16``
+    Qualcomm QNN HTP: uint8 (``qnn``) or uint16 (``qnn-a16``, opset 21) asymmetric activations,
+    int8 symmetric per-channel weights, INT32 biases; an AIMET-style ``.encodings`` JSON is written
+    next to the model (:mod:`onnxq.targets.encodings`). Graph outputs stay float (quantizing them is a
+    Target field, but the reconstruction engine does not support it yet).
+``npu-pow2``
+    Vitis AI / Ryzen AI / NXP style NPUs: int8 symmetric activations and weights, every scale an
+    exact power of two (so requantization is a shift), Concat inputs and element-wise Add inputs
+    share one scale.
+
+Ternary weights (``weight_bits=2``) are allowed by every target: their codes {-1, 0, 1} live in the
+narrowest container the target allows (int2, int4 or int8 in ``weight_bits``) and onnxruntime runs
+(:func:`onnxq.ternary.export.resolve_storage`), unless ``ternary_storage`` names one.
+
+Config vs target: :meth:`Target.resolve` makes the run's :class:`QuantConfig` agree with the
+target. A config value the target allows is kept; a disallowed value that is QuantConfig's own
+default (the ort-cpu choice, e.g. ``activation_dtype="uint8"`` under ``tensorrt``) is replaced by
+the target's choice and logged at INFO; any other disallowed value is a :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+
+from onnxq.config.legacy import ACTIVATION_BITS, QuantConfig
+from onnxq.core.layers import WEIGHT_INPUTS
+from onnxq.core.spec import Granularity, QuantSpec, ScaleKind
+from onnxq.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: Values of ``Target.weighted_output``.
+WEIGHTED_OUTPUT_MODES = ("ort", "after_activation", "none")
+#: Values of ``Target.add_inputs``.
+ADD_INPUT_MODES = ("all", "residual")
+
+_PASSTHROUGH = frozenset({
+    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice",
+    "Gather", "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
+})
+_ORT_ACTIVATION_OPS = frozenset({
+    "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax",
+})
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target's quantization rules (plain data).
+
+    Attributes:
+        name: profile name.
+        description: one line for ``onnxq inspect``.
+        weight_ops: ops whose constant weight is quantized (see WEIGHT_INPUTS).
+        activation_ops: ops with an integer kernel: all float inputs (and the output, see
+            ``activation_op_outputs``) get Q/DQ.
+        passthrough_ops: ops that move data without changing values' scale: when their input is
+            quantized their output reuses the input's scale and zero-point, so the runtime drops
+            the Q/DQ pair and runs them on integers.
+        fusable_activations: activations that may sit between a weighted op and its output Q
+            (Relu, Clip with constant bounds): the Q goes after them (see ``weighted_output``).
+        quantize_graph_outputs: whether graph outputs get Q/DQ (off: outputs stay float).
+        activation_dtypes: allowed ``QuantConfig.activation_dtype`` values, the target's choice
+            first. "uint8" means unsigned asymmetric, "int8" signed symmetric (zero-point 0); the
+            storage width comes from the activation bits.
+        activation_bits: allowed activation bit widths, the target's choice first (16: uint16
+            storage at opset 21; 4: QCDQ in 8-bit containers).
+        weight_bits: allowed weight storage widths (int8 narrow [-127, 127], native int4, native
+            int2 for ternary codes); ternary weights use the narrowest allowed container.
+        weight_granularity: allowed weight granularities ("channel", "tensor"), choice first.
+        scale_kinds: allowed scale kinds ("float", "pow2"), choice first.
+        activation_zero_points: the zero-points an activation Q/DQ may use (None: any).
+        weight_zero_points: the zero-points a weight DQ may use (None: any, which also allows
+            ``QuantConfig.weight_symmetric=False``).
+        weighted_output: where a weighted op's output is quantized: "after_activation" (after
+            the single-consumer chain of fusable activations, which stay nodes), "ort" (that for
+            unsigned activations, the raw output for signed ones, as onnxruntime fuses them) or
+            "none" (never: the consumers' inputs decide, as TensorRT fuses them).
+        activation_op_outputs: whether the outputs of activation ops are quantized (False:
+            only their inputs, TensorRT style).
+        add_inputs: "all" float inputs of an Add get Q/DQ, or "residual": the input that comes
+            straight from a weighted op (its only consumer being the Add) stays float so the
+            runtime fuses the Add into that op.
+        align_concat: Concat inputs and output share one scale and zero-point.
+        align_eltwise: the quantized inputs of an element-wise Add share one scale and zero-point.
+        quantize_bias: biases of quantized weighted ops become INT32 (s_b = s_in * s_w); off:
+            they stay float.
+        bias_grid: float biases of quantized weighted ops are rounded onto their INT32 grid
+            (weight scales raised where the code would overflow INT32), because onnxruntime
+            quantizes such a bias itself (:mod:`onnxq.passes.quant.grid_bias`).
+        allowed_domains: op domains a checked model may use ("" is the standard ONNX domain).
+        min_opset: lowest default-domain opset of the output.
+        exporters: extra files written next to the model ("aimet_encodings": ``<stem>.encodings``).
+    """
+
+    name: str
+    description: str
+    weight_ops: frozenset[str]
+    activation_ops: frozenset[str]
+    passthrough_ops: frozenset[str]
+    fusable_activations: frozenset[str]
+    quantize_graph_outputs: bool = False
+    activation_dtypes: tuple[str, ...] = ("uint8", "int8")
+    activation_bits: tuple[int, ...] = (8, 4)
+    weight_bits: tuple[int, ...] = (8, 4)
+    weight_granularity: tuple[str, ...] = ("channel", "tensor")
+    scale_kinds: tuple[str, ...] = ("float", "pow2")
+    activation_zero_points: frozenset[int] | None = None
+    weight_zero_points: frozenset[int] | None = frozenset({0})
+    weighted_output: str = "ort"
+    activation_op_outputs: bool = True
+    add_inputs: str = "all"
+    align_concat: bool = False
+    align_eltwise: bool = False
+    quantize_bias: bool = True
+    bias_grid: bool = False
+    allowed_domains: frozenset[str] = frozenset({"", "ai.onnx"})
+    min_opset: int = 13
+    exporters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weighted_output not in WEIGHTED_OUTPUT_MODES:
+            raise ValueError(f"weighted_output {self.weighted_output!r} not in {WEIGHTED_OUTPUT_MODES}")
+        if self.add_inputs not in ADD_INPUT_MODES:
+            raise ValueError(f"add_inputs {self.add_inputs!r} not in {ADD_INPUT_MODES}")
+
+    @property
+    def pow2(self) -> bool:
+        """Every scale must be an exact power of two."""
+        return self.scale_kinds == ("pow2",)
+
+    def act_bits(self, config: QuantConfig) -> int:
+        """The run's activation bit width: the config's when allowed, else the target's choice."""
+        bits = config.activation_bits
+        return bits if bits in self.activation_bits else self.activation_bits[0]
+
+    def weight_spec(self, config: QuantConfig, bits: int) -> QuantSpec:
+        """The weight grid; a 2-bit grid (ternary [-1, 1] or, with ``int2_grid="uniform"``, the 4-level
+        [-2, 1]) is stored in the config's resolved container."""
+        storage = None
+        if bits == 2:
+            from onnxq.ternary.export import STORAGE_BITS, resolve_storage
+
+            name = config.ternary_storage
+            if name == "auto":
+                name = resolve_storage(self.name, self.weight_bits, name)
+            storage = STORAGE_BITS[name]
+        ternary = bits == 2 and config.int2_grid == "ternary"
+        symmetric = config.weight_symmetric or ternary  # ternary codes are symmetric by definition
+        return QuantSpec(
+            bits=bits, signed=True, symmetric=symmetric,
+            granularity=Granularity.CHANNEL if config.per_channel else Granularity.TENSOR,
+            scale_kind=ScaleKind(config.scale_kind), narrow=(symmetric and bits == 8) or ternary,
+            storage_bits=storage,
+        )
+
+    def activation_spec(self, config: QuantConfig, bits: int | None = None) -> QuantSpec:
+        signed = config.activation_dtype == "int8"
+        return QuantSpec(bits=bits or self.act_bits(config), signed=signed, symmetric=signed,
+                         granularity=Granularity.TENSOR,
+                         scale_kind=ScaleKind(config.scale_kind))
+
+    def resolve(self, config: QuantConfig) -> QuantConfig:
+        """``config`` made consistent with this target (see the module docstring).
+
+        Raises:
+            UserError: an explicit (non-default) config value the target does not allow.
+        """
+        if config.target != self.name:
+            raise ValueError(f"config is for target {config.target!r}, not {self.name!r}")
+        defaults = {f.name: f.default for f in fields(QuantConfig)}
+        changes: dict[str, object] = {}
+        granularity = "channel" if config.per_channel else "tensor"
+        checks = (
+            ("activation_dtype", config.activation_dtype, self.activation_dtypes, None),
+            ("scale_kind", config.scale_kind, self.scale_kinds, None),
+            ("weight_bits", config.weight_bits, self.weight_bits, None),
+            ("activation_bits", config.activation_bits, self.activation_bits, None),
+            ("per_channel", granularity, self.weight_granularity, lambda g: g == "channel"),
+        )
+        for name, value, allowed, to_config in checks:
+            if value in allowed or (name == "weight_bits" and value == 2):  # ternary: see below
+                continue
+            current = getattr(config, name)
+            if current != defaults[name]:
+                raise UserError(f"target {self.name} does not allow {name}={current!r}: use "
+                                f"{' or '.join(map(repr, allowed))} (or leave it unset for the target's "
+                                "choice)")
+            choice = allowed[0] if to_config is None else to_config(allowed[0])
+            if name == "activation_bits" and choice not in ACTIVATION_BITS:
+                log.info("target %s: %d-bit activations", self.name, choice)
+                continue  # not a QuantConfig value: Target.act_bits supplies it
+            log.info("target %s sets %s=%r (config default was %r)", self.name, name, choice, current)
+            changes[name] = choice
+        if not config.weight_symmetric and self.weight_zero_points is not None:
+            fix = ("the 4-level INT2 grid has zero-points: use --weights ternary (int2_grid='ternary') or "
+                   "target ort-cpu" if config.int2_grid == "uniform" else "drop --weight-asymmetric")
+            raise UserError(f"target {self.name} needs symmetric weights (zero-points "
+                            f"{sorted(self.weight_zero_points)}): {fix}")
+        if config.first_last_bits is not None and config.first_last_bits not in self.weight_bits:
+            raise UserError(f"target {self.name} does not allow first_last_bits={config.first_last_bits}: "
+                            f"use {' or '.join(map(str, self.weight_bits))}")
+        if config.weight_bits == 2 or any(b == 2 for _, b in config.bit_plan):  # ternary layers
+            from onnxq.ternary.export import resolve_storage
+
+            storage = resolve_storage(self.name, self.weight_bits, config.ternary_storage)
+            if storage != config.ternary_storage:
+                changes["ternary_storage"] = storage
+                config = replace(config, ternary_storage=storage)
+        need = max(self.min_opset, 21 if self.act_bits(config) == 16 else 13)
+        if need > config.output_opset:
+            changes["opset"] = need
+        return replace(config, **changes) if changes else config
+
+
+ORT_CPU = Target(
+    name="ort-cpu",
+    description="onnxruntime CPU: uint8 asymmetric activations, int8 symmetric per-channel weights",
+    weight_ops=frozenset(WEIGHT_INPUTS),
+    # QLinearConv/QLinearMatMul take per-channel weight zero-points (measured, onnxruntime 1.31):
+    # asymmetric weights are allowed, on request.
+    weight_zero_points=None,
+    activation_ops=_ORT_ACTIVATION_OPS,
+    passthrough_ops=_PASSTHROUGH,
+    fusable_activations=frozenset({"Relu", "Clip"}),
+    weight_bits=(8, 4, 2),
+    allowed_domains=frozenset({"", "ai.onnx", "com.microsoft"}),
+)
+
+TENSORRT = Target(
+    name="tensorrt",
+    description="TensorRT explicit quantization: int8 symmetric (zero-point 0) everywhere, Q/DQ on op inputs",
+    weight_ops=frozenset(WEIGHT_INPUTS),
+    activation_ops=frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"}),
+    passthrough_ops=_PASSTHROUGH,
+    fusable_activations=frozenset({"Relu", "Clip"}),
+    activation_dtypes=("int8",),
+    activation_bits=(8,),
+    weight_bits=(8,),
+    activation_zero_points=frozenset({0}),
+    weighted_output="none",
+    activation_op_outputs=False,
+    add_inputs="residual",
+    align_concat=True,
+    quantize_bias=False,
+    bias_grid=True,
+)
+
+OPENVINO = Target(
+    name="openvino",
+    description="OpenVINO CPU (NNCF mixed preset): uint8 asymmetric activations, int8 symmetric "
+                "per-channel weights",
+    weight_ops=frozenset(WEIGHT_INPUTS),
+    activation_ops=_ORT_ACTIVATION_OPS - {"Softmax"},
+    passthrough_ops=_PASSTHROUGH,
+    fusable_activations=frozenset({"Relu", "Clip"}),
+    activation_bits=(8,),
+    weight_bits=(8,),
+    weighted_output="after_activation",
+    align_concat=True,
+)
+
+_QNN = dict(
+    weight_ops=frozenset(WEIGHT_INPUTS),
+    activation_ops=_ORT_ACTIVATION_OPS,
+    passthrough_ops=_PASSTHROUGH,
+    fusable_activations=frozenset({"Relu", "Clip"}),
+    activation_dtypes=("uint8",),
+    weight_bits=(8,),
+    weighted_output="after_activation",
+    exporters=("aimet_encodings",),
+)
+QNN = Target(name="qnn", description="Qualcomm QNN HTP A8W8: uint8 asymmetric activations, int8 symmetric "
+             "per-channel weights, AIMET-style encodings JSON", activation_bits=(8,), **_QNN)
+QNN_A16 = Target(name="qnn-a16", description="Qualcomm QNN HTP A16W8: uint16 asymmetric activations "
+                 "(opset 21), int8 symmetric per-channel weights, AIMET-style encodings JSON",
+                 activation_bits=(16,), min_opset=21, **_QNN)
+
+NPU_POW2 = Target(
+    name="npu-pow2",
+    description="NPU (Vitis AI / Ryzen AI / NXP style): int8 symmetric, power-of-two scales, "
+                "aligned Concat/Add",
+    weight_ops=frozenset(WEIGHT_INPUTS),
+    activation_ops=_ORT_ACTIVATION_OPS - {"Softmax"},
+    passthrough_ops=_PASSTHROUGH,
+    fusable_activations=frozenset({"Relu", "Clip"}),
+    activation_dtypes=("int8",),
+    activation_bits=(8,),
+    weight_bits=(8,),
+    scale_kinds=("pow2",),
+    activation_zero_points=frozenset({0}),
+    weighted_output="after_activation",
+    align_concat=True,
+    align_eltwise=True,
+)
+
+TARGETS: dict[str, Target] = {t.name: t for t in (ORT_CPU, TENSORRT, OPENVINO, QNN, QNN_A16, NPU_POW2)}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UserError(f"unknown target {name!r}: choose one of {', '.join(sorted(TARGETS))}") from None
+
+
+def resolve_config(config: QuantConfig) -> QuantConfig:
+    """The config made consistent with its target (:meth:`Target.resolve`)."""
+    return get_target(config.target).resolve(config)

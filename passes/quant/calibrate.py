@@ -1,0 +1,93 @@
+"""CalibratePass: run the float model on calibration data and turn activation ranges into QParams.
+
+Reads ``ctx.specs`` (activation tensors to calibrate), ``ctx.shared`` and ``ctx.calib``; writes
+``ctx.qparams`` for every planned activation and ``ctx.report["calibration"]``. Observers stream
+(one batch in memory at a time); the range -> (scale, zero-point) rule is in
+:func:`onnxq.core.spec.qparams_from_range` and the search methods in :mod:`onnxq.core.observers`.
+Passthrough outputs copy their source's parameters: s_out = s_in, z_out = z_in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_model
+from onnxq.core.observers import make_observer
+from onnxq.core.pass_infra import Pass, PassResult
+from onnxq.data.capture import capture
+from onnxq.errors import PassError, UserError
+
+log = logging.getLogger(__name__)
+
+
+def activation_names(graph: gs.Graph, ctx: QuantContext) -> list[str]:
+    """Planned tensors that are activations (not constants) and own their parameters."""
+    tensors = graph.tensors()
+    return [name for name in ctx.specs
+            if name in tensors and not isinstance(tensors[name], gs.Constant) and name not in ctx.shared]
+
+
+#: A calibrated |value| above this is a sentinel, not a signal: an additive attention mask of
+#: float32's lowest value (-3.4e38) or -inf-like fill. One 8-bit scale over it would put every real
+#: value into the zero bin, so such a tensor stays float.
+HUGE_RANGE = 1e30
+
+
+def _drop_huge_ranges(graph: gs.Graph, ctx: QuantContext, observers: dict) -> set[str]:
+    """Unplan the tensors whose calibrated range exceeds :data:`HUGE_RANGE` (and the passthrough
+    tensors sharing their parameters); their producers are recorded in ``ctx.float_ops``."""
+    huge = {n for n, obs in observers.items()
+            if obs.num_updates and max(np.abs(obs._min).max(), np.abs(obs._max).max()) > HUGE_RANGE}
+    huge |= {out for out, src in ctx.shared.items() if src in huge}
+    tensors = graph.tensors()
+    for name in sorted(huge):
+        ctx.specs.pop(name, None)
+        ctx.shared.pop(name, None)
+        producer = tensors[name].inputs[0].name if name in tensors and tensors[name].inputs else name
+        ctx.float_ops.setdefault(producer, f"output {name!r} reaches |x| > {HUGE_RANGE:.0e} (an additive mask?): "
+                                           "one 8-bit scale would flatten it, kept float")
+        log.warning("%s: calibrated range beyond %.0e (an additive mask?); kept float", name, HUGE_RANGE)
+    return huge
+
+
+class CalibratePass(Pass):
+    def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
+        if ctx.calib is None:
+            raise PassError("CalibratePass needs ctx.calib")
+
+    def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        cfg = ctx.config
+        names = activation_names(graph, ctx)
+        options = {"percentile": cfg.percentile} if cfg.calib_method == "percentile" else {}
+        observers = {n: make_observer(cfg.calib_method, ctx.specs[n], **options) for n in names}
+        feeds = ctx.calib
+        n_batches = len(feeds)
+        if cfg.calib_samples is not None:
+            per_batch = max(1, feeds.num_samples // max(1, n_batches)) if hasattr(feeds, "num_samples") else 1
+            n_batches = min(n_batches, -(-cfg.calib_samples // per_batch))
+            feeds = itertools.islice(feeds, n_batches)
+        start = time.perf_counter()
+        if names:
+            count = capture(to_model(graph), names, feeds, lambda n, v: observers[n].update(v), total=n_batches)
+            if count == 0:
+                raise UserError("the calibration data is empty: give at least one sample")
+        huge = _drop_huge_ranges(graph, ctx, observers)
+        for name, obs in observers.items():
+            if name not in huge:
+                ctx.qparams[name] = obs.qparams()
+        for out, src in ctx.shared.items():
+            if src in ctx.qparams:
+                ctx.qparams[out] = ctx.qparams[src]
+        ctx.report["calibration"] = {
+            "method": cfg.calib_method, "tensors": len(names) - len(huge), "kept_float": sorted(huge),
+            "batches": n_batches,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        log.info("calibrated %d tensors on %d batches (%s)", len(names), n_batches, cfg.calib_method)
+        return PassResult(graph, False)

@@ -1,0 +1,227 @@
+"""InsertQDQPass: write the plan into the graph as QuantizeLinear / DequantizeLinear nodes.
+
+Reads ``ctx.specs``, ``ctx.qparams`` (activations) and ``ctx.config.weight_method``; writes the
+weight and bias QParams into ``ctx.qparams`` and the float weights into ``ctx.float_weights``.
+
+  * weights: W -> integer constant q = clip(round(W / s_w), qmin, qmax) feeding a DequantizeLinear
+    (axis = output channel for per-channel specs); INT4 stored natively (opset 21). Ternary 2-bit
+    specs: codes and scale come from ``ctx.config.ternary_method``
+    (:func:`onnxq.ternary.export.ternary_weight`), exported as they are (for twn and mquant-b they
+    are not round(W / s)), in the spec's container (int2, int4 or int8); their constant names are
+    listed in ``ctx.report["ternary"]["codes"]`` (code constant -> weight) for the validator. The
+    4-level INT2 grid [-2, 1] rounds to nearest like any grid; its constants are listed in
+    ``ctx.report["int2"]["codes"]`` (the ternary check leaves them alone);
+  * biases: b -> INT32 constant round(b / s_b) with s_b = s_in * s_w (per channel) and zero-point
+    0. If |b / s_b| would exceed 2^31 - 1 the channel's weight scale is raised to
+    |b| / (s_in (2^31 - 1)) (rounded up to a power of two for POW2 specs) before the weight is
+    quantized, so the bias always fits (ternary codes are kept except in such a channel, which
+    rounds to nearest on its new, larger scale: its weights are negligible next to its bias);
+    s_w is the final weight scale;
+  * activations: t -> Q(t) -> DQ -> every former consumer of t (one pair per tensor).
+Constant DQs of symmetric signed tensors omit the zero-point input (0 by default), which saves
+a byte per weight channel and four per bias channel (Gemm weights keep it: onnxruntime's QGemm
+fusion needs it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import constant
+from onnxq.core.layers import WEIGHT_INPUTS
+from onnxq.core.observers import weight_qparams
+from onnxq.core.pass_infra import Pass, PassResult
+from onnxq.core.spec import INT32_BIAS, Granularity, QParams, QuantSpec, is_power_of_two, pow2_round, quantize
+from onnxq.errors import PassError
+from onnxq.ternary.export import ternary_weight
+
+log = logging.getLogger(__name__)
+
+_INT32_MAX = 2**31 - 1
+
+
+def _zp_constant(name: str, qp: QParams) -> gs.Constant:
+    return constant(name, qp.zero_point.astype(qp.spec.numpy_dtype).reshape(qp.scale.shape))
+
+
+def make_dq(graph: gs.Graph, codes: np.ndarray, qp: QParams, name: str, *, keep_zero_point: bool = False
+            ) -> gs.Variable:
+    """A DequantizeLinear of an integer constant; returns its float output tensor.
+
+    A zero zero-point is left out (it is optional and 0 by default) unless ``keep_zero_point``:
+    onnxruntime's QGemm fusion wants the weight zero-point present.
+    """
+    q = constant(name + "_quantized", codes.astype(qp.spec.numpy_dtype))
+    out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=list(codes.shape))
+    attrs = {"axis": qp.spec.axis} if qp.scale.ndim == 1 and qp.spec.axis is not None else {}
+    inputs = [q, constant(name + "_scale", qp.scale)]
+    if keep_zero_point or np.any(qp.zero_point != 0):
+        inputs.append(_zp_constant(name + "_zero_point", qp))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=name + "_DequantizeLinear", attrs=attrs,
+                               inputs=inputs, outputs=[out]))
+    return out
+
+
+def container_spec(spec: QuantSpec) -> QuantSpec:
+    """The 8-bit storage of a sub-8-bit activation grid (QCDQ)."""
+    return replace(spec, bits=8, narrow=False) if spec.bits < 8 else spec
+
+
+def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, qp: QParams) -> None:
+    """t -> QuantizeLinear -> DequantizeLinear -> consumers of t (graph outputs keep their name).
+
+    Sub-8-bit activations are stored as Q -> Clip(qmin, qmax) -> DQ in an 8-bit container
+    ("QCDQ"): onnxruntime's QDQ propagation moves Q/DQ through MaxPool/Reshape/... and cannot run
+    those ops on int4 tensors, while 8-bit containers run everywhere and still fuse into integer
+    kernels (values restricted to the 4-bit grid).
+    """
+    consumers = list(tensor.outputs)
+    name = tensor.name
+    store = container_spec(qp.spec)
+    q_out = gs.Variable(name + "_quantized", dtype=store.numpy_dtype, shape=tensor.shape)
+    dq_out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=tensor.shape)
+    scale = constant(name + "_scale", qp.scale)
+    zp = constant(name + "_zero_point", qp.zero_point.astype(store.numpy_dtype).reshape(qp.scale.shape))
+    q_node = gs.Node("QuantizeLinear", name=name + "_QuantizeLinear", inputs=[tensor, scale, zp], outputs=[q_out])
+    graph.nodes.append(q_node)
+    if store is not qp.spec:
+        clipped = gs.Variable(name + "_clipped", dtype=store.numpy_dtype, shape=tensor.shape)
+        lo = constant(name + "_qmin", np.array(qp.spec.qmin, dtype=store.numpy_dtype))
+        hi = constant(name + "_qmax", np.array(qp.spec.qmax, dtype=store.numpy_dtype))
+        graph.nodes.append(gs.Node("Clip", name=name + "_Clip", inputs=[q_out, lo, hi], outputs=[clipped]))
+        q_out = clipped
+    dq_node = gs.Node("DequantizeLinear", name=name + "_DequantizeLinear", inputs=[q_out, scale, zp],
+                      outputs=[dq_out])
+    graph.nodes.append(dq_node)
+    for node in consumers:
+        for i, t in enumerate(node.inputs):
+            if t is tensor:
+                node.inputs[i] = dq_out
+    for i, t in enumerate(graph.outputs):
+        if t is tensor:  # keep the user-visible name on the final (dequantized) tensor
+            tensor.name, dq_out.name = name + "_float", name
+            graph.outputs[i] = dq_out
+
+
+def fit_bias(w_qp: QParams, s_in: np.ndarray, bias: np.ndarray) -> QParams:
+    """Raise weight scales where round(b / (s_in s_w)) would overflow int32."""
+    need = np.abs(bias.astype(np.float64)) / (float(s_in) * _INT32_MAX) * (1 + 1e-6)
+    scale = w_qp.scale.astype(np.float64)
+    if scale.ndim == 0:
+        need = need.max(initial=0.0)
+    if np.all(scale >= need):
+        return w_qp
+    new = np.maximum(scale, need)
+    if w_qp.spec.pow2:
+        new = pow2_round(new, "ceil")
+    log.warning("raised %d weight scale(s) so the INT32 bias fits", int(np.sum(scale < need)))
+    return QParams(new.astype(np.float32), w_qp.zero_point, w_qp.spec)
+
+
+def _raised(old: QParams, new: QParams, ndim: int) -> np.ndarray:
+    """Mask (broadcastable to the weight) of the channels whose scale ``fit_bias`` raised."""
+    changed = np.asarray(new.scale != old.scale)
+    if changed.ndim == 0 or new.spec.axis is None:
+        return np.asarray(np.any(changed))
+    shape = [1] * ndim
+    shape[new.spec.axis] = -1
+    return changed.reshape(shape)
+
+
+class InsertQDQPass(Pass):
+    def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
+        need = max((s.min_opset for s in ctx.specs.values()), default=13)
+        if graph.opset < need:
+            raise PassError(f"graph opset {graph.opset} < {need} needed by the planned specs")
+
+    def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        modified = self._weights(graph, ctx)
+        tensors = graph.tensors()
+        for name, spec in list(ctx.specs.items()):
+            t = tensors.get(name)
+            if t is None or isinstance(t, gs.Constant) or spec is INT32_BIAS:
+                continue
+            if name not in ctx.qparams:
+                raise PassError(f"activation {name} is planned but was not calibrated")
+            insert_activation_qdq(graph, t, ctx.qparams[name])
+            modified = True
+        return PassResult(graph, modified)
+
+    def ensures(self, graph: gs.Graph, ctx: QuantContext) -> None:
+        if ctx.config.scale_kind != "pow2":
+            return
+        for node in graph.nodes:
+            if node.op in ("QuantizeLinear", "DequantizeLinear"):
+                s = np.asarray(node.inputs[1].values)
+                if not np.all(is_power_of_two(s)):
+                    raise PassError(f"{node.name}: scale is not an exact power of two")
+
+    def _weights(self, graph: gs.Graph, ctx: QuantContext) -> bool:
+        done: dict[str, gs.Variable] = {}
+        modified = False
+        for node in list(graph.nodes):
+            if node.op not in WEIGHT_INPUTS:
+                continue
+            w_idx, b_idx = WEIGHT_INPUTS[node.op]
+            if len(node.inputs) <= w_idx or node.inputs[w_idx].name not in ctx.specs:
+                continue
+            w = node.inputs[w_idx]
+            if not isinstance(w, gs.Constant):
+                continue
+            bias = node.inputs[b_idx] if b_idx is not None and len(node.inputs) > b_idx else None
+            quant_bias = (bias is not None and ctx.specs.get(bias.name) is INT32_BIAS
+                          and node.inputs[0].name in ctx.qparams)
+            if w.name in done and not quant_bias:
+                node.inputs[w_idx] = done[w.name]
+                continue
+            values = np.asarray(w.values, dtype=np.float32)
+            spec: QuantSpec = ctx.specs[w.name]
+            cfg = ctx.config
+            codes = None
+            if spec.ternary:  # the operator's scale (unless CorrectBiasPass set the same) and codes
+                t_qp, codes = ternary_weight(values, spec, cfg.ternary_method)
+                w_qp = ctx.qparams.get(w.name) or t_qp
+            else:
+                w_qp = ctx.qparams.get(w.name) or weight_qparams(values, spec, cfg.weight_method)
+            if quant_bias:
+                s_in = ctx.qparams[node.inputs[0].name].scale
+                fitted = fit_bias(w_qp, s_in, np.asarray(bias.values))
+                if spec.ternary and fitted is not w_qp:  # raised channels: nearest on the new scale
+                    codes = np.where(_raised(w_qp, fitted, values.ndim), quantize(values, fitted), codes)
+                w_qp = fitted
+            if not spec.ternary:
+                codes = quantize(values, w_qp)  # with the final (possibly raised) scale
+            ctx.qparams[w.name] = w_qp
+            ctx.float_weights.setdefault(w.name, values)
+            dq_name = w.name if w.name not in done else f"{w.name}_{node.name}"
+            done[w.name] = node.inputs[w_idx] = make_dq(graph, codes, w_qp, dq_name,
+                                                        keep_zero_point=node.op == "Gemm")
+            if spec.bits == 2:  # ternary, or the 4-level INT2 grid
+                key, first = ("ternary", {"method": cfg.ternary_method}) if spec.ternary else ("int2", {})
+                info = ctx.report.setdefault(key, {**first, "storage": f"int{spec.store_bits}", "codes": {}})
+                info["codes"][dq_name + "_quantized"] = w.name
+            if quant_bias:
+                self._bias(graph, ctx, node, b_idx, bias, w_qp)
+            modified = True
+        return modified
+
+    @staticmethod
+    def _bias(graph: gs.Graph, ctx: QuantContext, node: gs.Node, b_idx: int, bias: gs.Constant,
+              w_qp: QParams) -> None:
+        b = np.asarray(bias.values, dtype=np.float32)
+        s_in = ctx.qparams[node.inputs[0].name].scale
+        s_b = (w_qp.scale.astype(np.float64) * float(s_in)).astype(np.float32)
+        per_channel = s_b.ndim == 1
+        spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if per_channel else None,
+                         granularity=Granularity.CHANNEL if per_channel else Granularity.TENSOR,
+                         scale_kind=w_qp.spec.scale_kind)
+        qp = QParams(s_b, np.zeros(s_b.shape, dtype=np.int64), spec)
+        codes = np.clip(np.rint(b.astype(np.float64) / s_b.astype(np.float64)), -_INT32_MAX, _INT32_MAX)
+        ctx.qparams[bias.name] = qp
+        ctx.float_weights.setdefault(bias.name, b)
+        node.inputs[b_idx] = make_dq(graph, codes.astype(np.int64), qp, bias.name)

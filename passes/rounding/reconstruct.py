@@ -1,0 +1,240 @@
+"""ReconstructPass: learn the rounding (and activation step sizes) block by block, in torch.
+
+Reads ``ctx.reference`` (the float model after the float phase: block inputs/targets),
+``ctx.calib``, ``ctx.float_weights`` and ``ctx.qparams``; rewrites the integer weight constants
+(and activation scales, INT32 biases) of the round-to-nearest QDQ graph; writes
+``ctx.report["reconstruction"]``.
+
+For each block (:func:`onnxq.blocks.partition.partition`) in topological order, BRECQ's asymmetric setting:
+inputs x~ come from the QDQ model quantized so far (earlier blocks already written back; for the
+adaround/brecq weight phase with weights-only inputs, its activation quantizers bypassed, as BRECQ
+sets ``act_quant=False`` there), targets z = f_fp(x) from the float model, and the engine minimises
+
+    E || f_q(x~; W_hat(V)) - z ||^p + lambda * sum_ij (1 - |2 h(V_ij) - 1|^beta)
+
+over the rounding variables V (AdaRound / BRECQ weight phase), then learns activation step sizes
+(BRECQ's second phase) or does both jointly with random activation drop (QDrop). A block keeps its
+new codes only when its evaluation loss beats round-to-nearest. After every block the changed
+constants are checkpointed, so an interrupted run resumes from the last finished block. The first
+weighted layer is not reconstructed (8-bit round-to-nearest, as BRECQ).
+
+With ``ReconConfig.augment = k`` the blocks are fitted on the calibration samples followed by k
+augmented views of each (:mod:`onnxq.data.augment`); the keep-or-not evaluation reads the first samples,
+the originals.
+
+BRECQ's phase order (``ReconConfig.order``): "interleaved" runs a block's activation phase right
+after its weight phase; "two_pass" is the reference's order: a weight pass over every block
+(rounding only, weights-only inputs, activation quantizers off; checkpoint index k), then an
+activation pass over every block (step sizes only, the weights fixed at the codes the weight pass
+wrote, float-model inputs for training and the fully quantized model's for the keep-or-not
+evaluation; checkpoint index ACT_PASS_OFFSET + k). Its report has one entry per block with the
+activation pass's losses and the weight pass's under ``weight_phase``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import onnx_graphsurgeon as gs
+import torch
+from tqdm.auto import tqdm
+
+from onnxq.blocks.build import apply_constants, build_block, write_back
+from onnxq.blocks.cache import BlockData, TensorStore, capture_block_data, collect, weights_only
+from onnxq.blocks.checkpoint import Checkpoint, fingerprint
+from onnxq.blocks.fisher import build_tail, check_logit_outputs, fisher_gradients
+from onnxq.blocks.layer_units import layer_blocks
+from onnxq.blocks.partition import Block, partition
+from onnxq.core.context import QuantContext
+from onnxq.core.graph import to_model
+from onnxq.core.pass_infra import Pass, PassResult
+from onnxq.data.augment import augment_feeds
+from onnxq.data.batches import count_samples, rebatch
+from onnxq.errors import PassError
+from onnxq.recon import ReconConfig, reconstruct_block
+from onnxq.torchify import supported
+
+log = logging.getLogger(__name__)
+
+#: Checkpoint index of block k's activation pass in BRECQ's two-pass order (the weight pass uses k).
+ACT_PASS_OFFSET = 100_000
+
+
+class ReconstructPass(Pass):
+    def __init__(self, config: ReconConfig, *, max_chain: int = 3, checkpoint_dir: str | None = None,
+                 keep_checkpoint: bool = False, cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False,
+                 partitioner: Callable[[gs.Graph, Callable[[gs.Node], bool]], list[Block]] | None = None,
+                 iters_per_member: bool = False):
+        """``partitioner(graph, is_supported)`` replaces the default block partition (MRECG's merged
+        blocks use it); ``layerwise`` selects AdaRound's one-layer units; ``keep_checkpoint`` leaves a
+        finished run's checkpoint in place (a re-run with the same settings reuses every block).
+        ``iters_per_member``: a unit holding ``n`` base blocks (``Block.members``) runs ``n`` times the
+        iterations of each phase (and its beta schedule stretches with them), so every weight gets the
+        steps it would get in its own block; off, every unit runs ``config.iters`` (the papers)."""
+        self.config = config
+        self.partitioner = partitioner
+        self.iters_per_member = iters_per_member
+        self.max_chain = max_chain
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoint = keep_checkpoint
+        self.cache_budget = cache_budget_bytes
+        self.dynamic_batch = dynamic_batch
+        self.layerwise = layerwise
+
+    def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
+        if ctx.reference is None or ctx.calib is None:
+            raise PassError("ReconstructPass needs ctx.reference and ctx.calib")
+
+    def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        cfg = self.config
+        ok = lambda n: supported(n) is None  # noqa: E731
+        if self.partitioner is not None:
+            blocks = self.partitioner(graph, ok)
+        elif self.layerwise:
+            blocks = layer_blocks(graph, is_supported=ok)
+        else:
+            blocks = partition(graph, max_chain=self.max_chain, is_supported=ok)
+        first_weighted = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                               and n.inputs[1].name.endswith("_dequantized")), None)
+        todo = [b for b in blocks if not (b.kind == "layer" and first_weighted in b.weighted_ops)]
+        settings = {"recon": cfg.__dict__, "max_chain": self.max_chain, "blocks": [b.name for b in blocks]}
+        if self.iters_per_member:
+            settings["iters_per_member"] = True
+        if getattr(ctx.config, "learn_weight_scale", False):  # not in the graph: must key the checkpoint
+            settings["learn_weight_scale"] = True
+        ckpt = Checkpoint(self.checkpoint_dir, fingerprint(to_model(graph).SerializeToString(), settings))
+        for index in ckpt.done:
+            apply_constants(graph, ctx, ckpt.load(index))
+        store = TensorStore(self.cache_budget)
+        # The calibration samples, re-batched once (every block runs them through both models).
+        # With ``cfg.augment``, augmented views of those samples follow them (onnxq.data.augment).
+        originals = list(rebatch(ctx.calib, 32 if self.dynamic_batch else 1, limit=cfg.num_samples))
+        self.feeds = augment_feeds(originals, cfg.augment, cfg.seed, optional=cfg.augment_optional)
+        self.n_samples = count_samples(self.feeds)
+        views = len(self.feeds) // len(originals) - 1 if originals else 0
+        report = {"method": cfg.method, "iters": cfg.iters, "batch_size": cfg.batch_size,
+                  "num_samples": cfg.num_samples, "act_iters": cfg.act_iters if cfg.method == "brecq" else 0,
+                  "augment": views, "samples": self.n_samples,
+                  "round_lr": cfg.round_lr, "round_weight": cfg.round_weight,
+                  "blocks": [], "resumed_blocks": len(ckpt.done)}
+        start = time.perf_counter()
+        quantize_acts = any(ctx.qparams[n].spec.bits <= 8 for n in ctx.qparams if n not in ctx.float_weights)
+        self.logits = None
+        if cfg.fisher:  # the float model's outputs, once: the Fisher gradients of every block compare to them
+            check_logit_outputs(graph)
+            names = [t.name for t in graph.outputs]
+            got = collect(ctx.reference, names, self.feeds, self.n_samples, store, "capture logits")
+            self.logits = [got[n] for n in names]
+        # No activation phase (act_iters 0): one pass of weight steps, whatever the order.
+        two_pass = cfg.method == "brecq" and cfg.order == "two_pass" and quantize_acts and cfg.act_iters > 0
+        no_steps = cfg.method == "brecq" and cfg.act_iters == 0
+        report["order"] = "two_pass" if two_pass else "weights_only" if no_steps else "interleaved"
+        phases = [("weights", 0), ("acts", ACT_PASS_OFFSET)] if two_pass else [("both", 0)]
+        try:
+            for phase, offset in phases:
+                entries = self._run_phase(graph, ctx, todo, phase, offset, ckpt, store, quantize_acts)
+                if phase == "acts":  # one entry per block: the act pass's losses, the weight pass's nested
+                    for entry, w in zip(entries, report["blocks"], strict=True):
+                        entry["weight_phase"] = {k: v for k, v in w.items() if k not in ("block", "kind")}
+                report["blocks"] = entries
+        finally:
+            store.close()
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["improved_blocks"] = sum(1 for b in report["blocks"]
+                                        if b.get("kept") or b.get("weight_phase", {}).get("kept"))
+        report["skipped"] = [b.name for b in blocks if b not in todo]
+        ctx.report["reconstruction"] = report
+        if not self.keep_checkpoint:
+            ckpt.clear()
+        return PassResult(graph, report["improved_blocks"] > 0)
+
+    def _run_phase(self, graph: gs.Graph, ctx: QuantContext, todo: list[Block], phase: str, offset: int,
+                   ckpt: Checkpoint, store: TensorStore, quantize_acts: bool) -> list[dict]:
+        """One sweep over the blocks; block k is checkpointed under index ``offset + k``."""
+        entries: list[dict] = []
+        base = store.mark()
+        label = {"both": "blocks", "weights": "blocks, weight pass", "acts": "blocks, activation pass"}[phase]
+        for block in tqdm(todo, desc=f"{self.config.method} {label}", unit="block", disable=None):
+            index = offset + block.index
+            if index in ckpt.done:
+                entries.append({"block": block.name, **ckpt.results.get(str(index), {})})
+                continue
+            try:
+                entry = self._one_block(graph, ctx, block, store, quantize_acts, phase)
+            finally:
+                store.release(base)  # this block's cached tensors are done with
+            entries.append(entry)
+            ckpt.save(index, entry.pop("_constants"), entry)
+        return entries
+
+    def unit_config(self, block: Block) -> ReconConfig:
+        """The schedule of one unit: ``config``, or with ``iters_per_member`` its iterations times
+        ``block.members``."""
+        n = block.members if self.iters_per_member else 1
+        if n == 1:
+            return self.config
+        return dataclasses.replace(self.config, iters=self.config.iters * n, act_iters=self.config.act_iters * n)
+
+    def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,
+                   quantize_acts: bool, phase: str = "both") -> dict:
+        """Reconstruct one block. ``phase``: "both" (the method's loop(s)), or BRECQ's two-pass order:
+        "weights" (rounding only, every activation quantizer off) or "acts" (step sizes only, the
+        weights fixed at the codes the weight pass wrote)."""
+        cfg = self.unit_config(block)
+        model = to_model(graph)
+        if phase == "weights":  # the weight pass sees weights-only inputs, or the fully quantized model's
+            cfg = dataclasses.replace(cfg, act_iters=0)
+            if cfg.weight_inputs == "weights_only":
+                model = weights_only(model)
+        need_fp = cfg.method == "qdrop" or (cfg.method == "brecq" and phase != "weights")
+        need_w = (phase == "both" and cfg.method in ("adaround", "brecq") and quantize_acts
+                  and cfg.weight_inputs == "weights_only")
+        data: BlockData = capture_block_data(model, ctx.reference, block.inputs, block.outputs, self.feeds,
+                                             self.n_samples, store, need_fp_inputs=need_fp,
+                                             need_weight_inputs=need_w)
+        built = build_block(graph, block, ctx, rounding=cfg.method != "rtn" and phase != "acts",
+                            learn_scales=quantize_acts and phase != "weights", graph_codes=phase == "acts")
+        if phase == "weights":
+            for fq in built.acts.values():
+                fq.enabled = False
+        use_fisher = cfg.fisher and phase != "acts"
+        fisher = self._fisher(graph, ctx, block, built.module, data) if use_fisher else None
+        acts = {} if phase == "weights" else built.acts
+        result = reconstruct_block(
+            built.module, built.weights, acts, BlockData.as_torch(data.inputs_q),
+            BlockData.as_torch(data.inputs_fp) if need_fp else None, BlockData.as_torch(data.targets),
+            cfg if not cfg.fisher or fisher is not None else dataclasses.replace(cfg, fisher=False),
+            fisher=fisher,
+            quantize_activations=quantize_acts and phase != "weights",
+            desc=f"block {block.index} ({block.kind}{'' if phase == 'both' else ', ' + phase})",
+            inputs_w=BlockData.as_torch(data.inputs_w) if need_w else None)
+        kept = cfg.method != "rtn" and result.improved
+        constants = write_back(graph, built, ctx) if kept else {}
+        log.info("%s: loss %.4g -> %.4g (%s)", block.name, result.loss_rtn, result.loss_final,
+                 "kept" if kept else "round-to-nearest kept")
+        return {"block": block.name, "kind": block.kind, "loss_rtn": result.loss_rtn,
+                "loss_final": result.loss_final, "kept": kept, "iters": cfg.iters,
+                "seconds": round(result.seconds, 1),
+                "samples": data.num_samples, "history": [round(h, 6) for h in result.history],
+                "_constants": constants}
+
+    def _fisher(self, graph: gs.Graph, ctx: QuantContext, block: Block, module, data: BlockData):
+        """BRECQ's Fisher gradients at the block outputs (see :mod:`onnxq.blocks.fisher`), or None
+        (plain error for this block) when the rest of the network cannot run in torch."""
+        ok, tail = build_tail(graph, block, ctx)
+        if not ok:
+            log.warning("%s: the network after this block cannot run in torch; plain (unweighted) error", block.name)
+            return None
+        inputs = BlockData.as_torch(data.inputs_q)
+        z_q: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            module.eval()
+            for start in range(0, data.num_samples, 32):
+                out = module(*[x[start:start + 32].float() for x in inputs])
+                z_q.append(list(out) if isinstance(out, (tuple, list)) else [out])
+        z = [torch.cat([batch[k] for batch in z_q]) for k in range(len(z_q[0]))]
+        grads = fisher_gradients(tail, z, [lg[:data.num_samples] for lg in self.logits])
+        return [torch.from_numpy(g) for g in grads]
