@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,3 @@ def _version() -> str:
 
     return __version__
 
-
-def input_summary(model: onnx.ModelProto) -> Sequence[str]:
-    return [i.describe() for i in model_inputs(model)]

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.blocks.build import requantize_biases, set_activation_scale, weight_name_of
+from onnxq.blocks.build import requantize_biases, set_activation_scale
 from onnxq.blocks.partition import Block
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import constant
 from onnxq.core.layers import WEIGHT_INPUTS
+from onnxq.core.qdq import base_of, weight_of
 from onnxq.core.spec import QParams
 from onnxq.recon.adaquant import AdaQuantAct, AdaQuantBias, AdaQuantConfig, AdaQuantWeight
 from onnxq.torchify import BlockModule
@@ -119,7 +120,7 @@ def build_layer(graph: gs.Graph, unit: Block, ctx: QuantContext, config: AdaQuan
         trained[t] = learn_s or learn_z
 
     w_dq = op.inputs[w_idx].inputs[0]
-    w = weight_name_of(w_dq)
+    w = weight_of(w_dq)
     wq: AdaQuantWeight | None = None
     if w is not None and w in ctx.float_weights and w in ctx.qparams and ctx.qparams[w].spec.bits <= 8:
         qp = ctx.qparams[w]
@@ -136,7 +137,7 @@ def build_layer(graph: gs.Graph, unit: Block, ctx: QuantContext, config: AdaQuan
     if b_idx is not None and len(op.inputs) > b_idx and op.inputs[b_idx].inputs and wq is not None \
             and act is not None:
         b_dq = op.inputs[b_idx].inputs[0]
-        b = weight_name_of(b_dq)
+        b = weight_of(b_dq)
         if b is not None and b in ctx.float_weights and len(b_dq.outputs[0].outputs) == 1:
             unit_b = 1.0 if not config.relative or out_rms is None else out_rms
             bq = AdaQuantBias(ctx.float_weights[b], wq, act, unit_b)
@@ -216,7 +217,7 @@ def apply_layer_constants(graph: gs.Graph, ctx: QuantContext, values: dict[str, 
             ctx.float_weights[k[len(FLOAT_PREFIX):]] = np.asarray(v, dtype=np.float32)
     apply_constants(graph, ctx, plain)
     for name, value in plain.items():
-        base = name[: -len("_zero_point")] if name.endswith("_zero_point") else None
+        base = base_of(name, "zero_point")
         if base is not None and base in ctx.qparams:
             old = ctx.qparams[base]
             ctx.qparams[base] = QParams(old.scale, np.asarray(value).astype(np.int64), old.spec)

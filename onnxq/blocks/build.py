@@ -27,13 +27,21 @@ import onnx_graphsurgeon as gs
 from onnxq.blocks.partition import Block
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import constant
+from onnxq.core.qdq import (
+    QDQNames,
+    activation_qdq,
+    base_of,
+    bias_codes,
+    bias_scale,
+    dq_producing,
+    quantized_source,
+    weight_of,
+)
 from onnxq.core.spec import QParams
 from onnxq.recon import AdaRoundWeight, FakeQuant, RoundToNearestWeight
 from onnxq.torchify import BlockModule
 
 log = logging.getLogger(__name__)
-
-_SUFFIX_Q = "_quantized"
 
 
 @dataclass
@@ -42,14 +50,6 @@ class BuiltBlock:
     weights: dict[str, AdaRoundWeight | RoundToNearestWeight]  # key: weight DQ output name
     acts: dict[str, FakeQuant]                                  # key: quantized activation name
     weight_names: dict[str, str] = field(default_factory=dict)  # DQ output -> float weight name
-
-
-def weight_name_of(dq: gs.Node) -> str | None:
-    """The float weight behind a weight DequantizeLinear (its constant is '<w>_quantized')."""
-    src = dq.inputs[0]
-    if dq.op != "DequantizeLinear" or not isinstance(src, gs.Constant) or not src.name.endswith(_SUFFIX_Q):
-        return None
-    return src.name[: -len(_SUFFIX_Q)]
 
 
 def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: bool,
@@ -66,7 +66,7 @@ def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: b
     names: dict[str, str] = {}
     acts: dict[str, FakeQuant] = {}
     for node in nodes:
-        w = weight_name_of(node)
+        w = weight_of(node)
         if w is not None and w in ctx.float_weights and w in ctx.qparams and ctx.qparams[w].spec.bits <= 8:
             qp = ctx.qparams[w]
             args = (ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax,
@@ -108,8 +108,9 @@ def write_back(graph: gs.Graph, built: BuiltBlock, ctx: QuantContext) -> dict[st
         qp = ctx.qparams[w]
         codes = quantizer.codes().detach().cpu().numpy().astype(np.int64)
         codes = codes.astype(qp.spec.numpy_dtype)
-        _replace_input(dq_by_output[key], 0, codes, w + _SUFFIX_Q)
-        changed[w + _SUFFIX_Q] = codes
+        name = QDQNames(w).quantized
+        _replace_input(dq_by_output[key], 0, codes, name)
+        changed[name] = codes
         if getattr(quantizer, "learned_scale", None) is not None:
             changed.update(set_weight_scale(graph, ctx, dq_by_output[key], w, quantizer.scale_values()))
     for t, fq in built.acts.items():
@@ -130,12 +131,14 @@ def set_weight_scale(graph: gs.Graph, ctx: QuantContext, dq: gs.Node, w: str, sc
     if np.array_equal(scale, old.scale):
         return {}
     ctx.qparams[w] = QParams(scale, old.zero_point, old.spec)
-    dq.inputs[1] = constant(w + "_scale", scale)
-    changed = {w + "_scale": scale}
+    name = QDQNames(w).scale
+    dq.inputs[1] = constant(name, scale)
+    changed = {name: scale}
     for node in list(dq.outputs[0].outputs):
-        t = node.inputs[0].name.removesuffix("_dequantized")
-        if t in ctx.qparams and node.inputs[0].name != t:
-            changed.update(requantize_biases(graph, ctx, t))
+        x_dq = dq_producing(node.inputs[0])
+        t = quantized_source(x_dq) if x_dq is not None else None
+        if t is not None and t.name in ctx.qparams:
+            changed.update(requantize_biases(graph, ctx, t.name))
     return changed
 
 
@@ -143,11 +146,11 @@ def set_activation_scale(graph: gs.Graph, ctx: QuantContext, t: str, scale: np.n
     """New scale for activation ``t`` (Q and DQ), and requantized INT32 biases of its consumers."""
     old = ctx.qparams[t]
     ctx.qparams[t] = QParams(scale, old.zero_point, old.spec)
-    changed = {t + "_scale": scale}
-    shared = constant(t + "_scale", scale)  # one tensor for the Q and the DQ (names are unique)
-    for node in graph.nodes:
-        if node.op in ("QuantizeLinear", "DequantizeLinear") and node.inputs[1].name == t + "_scale":
-            node.inputs[1] = shared
+    name = QDQNames(t).scale
+    changed = {name: scale}
+    shared = constant(name, scale)  # one tensor for the Q and the DQ (names are unique)
+    for node in activation_qdq(graph.tensors()[t]):
+        node.inputs[1] = shared
     changed.update(requantize_biases(graph, ctx, t))
     return changed
 
@@ -155,27 +158,27 @@ def set_activation_scale(graph: gs.Graph, ctx: QuantContext, t: str, scale: np.n
 def requantize_biases(graph: gs.Graph, ctx: QuantContext, t: str) -> dict[str, np.ndarray]:
     """Recompute round(b / (s_in s_w)) for every biased op reading dequantized ``t``."""
     changed: dict[str, np.ndarray] = {}
-    producers = {out.name: n for n in graph.nodes for out in n.outputs}
     s_in = ctx.qparams[t].scale
     for node in graph.nodes:
         if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
             continue
-        if node.inputs[0].name != t + "_dequantized":
+        x_dq = dq_producing(node.inputs[0])
+        source = quantized_source(x_dq) if x_dq is not None else None
+        if source is None or source.name != t:
             continue
-        b_dq = producers.get(node.inputs[2].name)
-        w_dq = producers.get(node.inputs[1].name)
-        if b_dq is None or w_dq is None or b_dq.op != "DequantizeLinear":
+        b_dq, w_dq = dq_producing(node.inputs[2]), dq_producing(node.inputs[1])
+        if b_dq is None or w_dq is None:
             continue
-        b, w = weight_name_of(b_dq), weight_name_of(w_dq)
+        b, w = weight_of(b_dq), weight_of(w_dq)
         if b is None or w is None or b not in ctx.float_weights:
             continue
-        s_b = (ctx.qparams[w].scale.astype(np.float64) * float(s_in)).astype(np.float32)
-        codes = np.clip(np.rint(ctx.float_weights[b].astype(np.float64) / s_b), -(2**31 - 1), 2**31 - 1)
-        codes = codes.astype(np.int32)
-        b_dq.inputs[0] = constant(b + _SUFFIX_Q, codes)
-        b_dq.inputs[1] = constant(b + "_scale", s_b)
+        s_b = bias_scale(s_in, ctx.qparams[w].scale)
+        codes = bias_codes(ctx.float_weights[b], s_b).astype(np.int32)
+        names = QDQNames(b)
+        b_dq.inputs[0] = constant(names.quantized, codes)
+        b_dq.inputs[1] = constant(names.scale, s_b)
         ctx.qparams[b] = QParams(s_b, np.zeros(s_b.shape, np.int64), ctx.qparams[b].spec)
-        changed[b + _SUFFIX_Q], changed[b + "_scale"] = codes, s_b
+        changed[names.quantized], changed[names.scale] = codes, s_b
     return changed
 
 
@@ -183,7 +186,7 @@ def apply_constants(graph: gs.Graph, ctx: QuantContext, values: dict[str, np.nda
     """Replace constants by name and refresh the QParams of changed scales (resuming a run)."""
     values = dict(values)
     for name, value in values.items():
-        base = name[: -len(_SUFFIX_Q)] if name.endswith(_SUFFIX_Q) else None
+        base = base_of(name, "quantized")
         if base is not None and base in ctx.qparams:  # checkpoints store int4 codes as int8
             values[name] = value.astype(np.int64).astype(ctx.qparams[base].spec.numpy_dtype)
     made: dict[str, gs.Constant] = {}
@@ -194,7 +197,7 @@ def apply_constants(graph: gs.Graph, ctx: QuantContext, values: dict[str, np.nda
                     made[tensor.name] = constant(tensor.name, values[tensor.name])
                 node.inputs[i] = made[tensor.name]
     for name, value in values.items():
-        base = name[: -len("_scale")] if name.endswith("_scale") else None
+        base = base_of(name, "scale")
         if base is not None and base in ctx.qparams:
             old = ctx.qparams[base]
             ctx.qparams[base] = QParams(value, old.zero_point, old.spec)

@@ -35,9 +35,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.blocks.build import weight_name_of
 from onnxq.blocks.partition import Block, partition
 from onnxq.core.context import QuantContext
+from onnxq.core.qdq import weight_of
 from onnxq.errors import UserError
 
 __all__ = ["CAPACITIES", "MergePlan", "differentials", "eligible_boundaries", "merge_blocks",
@@ -166,7 +166,7 @@ def proxy_capacity(graph: gs.Graph, blocks: Sequence[Block], ctx: QuantContext) 
         total = 0.0
         for name in block.weights:
             dq = by_output.get(name)
-            w = weight_name_of(dq) if dq is not None else None
+            w = weight_of(dq) if dq is not None else None
             if w is None or w not in ctx.float_weights:
                 continue
             ref = np.asarray(ctx.float_weights[w], dtype=np.float64)

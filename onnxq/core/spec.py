@@ -34,12 +34,6 @@ class ScaleKind(enum.Enum):
     POW2 = "pow2"
 
 
-class TensorRole(enum.Enum):
-    WEIGHT = "weight"
-    ACTIVATION = "activation"
-    BIAS = "bias"
-
-
 # Minimum ONNX opset at which QuantizeLinear/DequantizeLinear accept each storage type.
 _MIN_OPSET = {8: 13, 4: 21, 2: 25, 16: 21, 32: 13}
 
@@ -246,13 +240,4 @@ INT8_ACT = QuantSpec(bits=8, signed=True, symmetric=True)
 TERNARY_WEIGHT = QuantSpec(bits=2, signed=True, symmetric=True, granularity=Granularity.CHANNEL, narrow=True)
 INT32_BIAS = QuantSpec(bits=32, signed=True, symmetric=True)
 
-
-def check_int32_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Integer bias codes round(b / s) (s = s_in * s_w), raising ValueError on int32 overflow."""
-    q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
-    limit = 2**31 - 1
-    if np.any(np.abs(q) > limit):
-        worst = float(np.max(np.abs(q)))
-        raise ValueError(f"bias overflows int32 (|q| up to {worst:.3g} > {limit}); weight scale too small")
-    return q.astype(np.int32)
 

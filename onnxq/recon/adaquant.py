@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from onnxq.core.qdq import INT32_MAX
 from onnxq.errors import UserError
 from onnxq.recon.batching import cache_layout, take_batch
 from onnxq.recon.engine import BlockResult
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 MODES = ("parallel", "sequential")
 #: The outcome of :func:`optimize_layer`: the engine's result record (losses before/after, history, time).
 LayerResult = BlockResult
-_INT32 = 2**31 - 1
+
 
 
 def _check(ok: bool, message: str) -> None:
@@ -325,7 +326,7 @@ class AdaQuantBias(nn.Module):
     def forward(self) -> torch.Tensor:
         s_b = self.step()
         b = self.bias()
-        return round_ste(b / s_b).clamp(-_INT32, _INT32) * s_b
+        return round_ste(b / s_b).clamp(-INT32_MAX, INT32_MAX) * s_b
 
 
 def _groups(weights, biases, acts, cfg: AdaQuantConfig) -> list[dict]:

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnxq.core.qdq import base_of
 from onnxq.targets.rules import QDQGraph
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def encoding(scale: float, zero_point: int, bits: int, signed: bool) -> dict[str
 
 
 def _strip(name: str) -> str:
-    return name[: -len("_quantized")] if name.endswith("_quantized") else name
+    """The quantized tensor's name for a Q output or a weight's codes (the name itself otherwise)."""
+    return base_of(name, "quantized") or name
 
 
 def encodings_dict(model: onnx.ModelProto) -> dict[str, Any]:

@@ -38,12 +38,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.core.int2_cast import folded_casts
 from onnxq.core.layers import WEIGHT_INPUTS
+from onnxq.core.qdq import INT32_MAX
 from onnxq.core.spec import is_power_of_two
 from onnxq.targets.profiles import Target, get_target
 
 log = logging.getLogger(__name__)
 
-_INT32_MAX = 2**31 - 1
 _BIAS_RTOL = 1e-6
 _MIN_OPSET = {TensorProto.INT4: 21, TensorProto.UINT4: 21, TensorProto.INT16: 21, TensorProto.UINT16: 21,
               TensorProto.INT2: 25, TensorProto.UINT2: 25}
@@ -266,7 +266,7 @@ class _Checker:
             self.flag("bias", node, f"bias stored as {_NAMES.get(dtype, dtype)}, not int32")
         if z_b is not None and np.any(np.asarray(z_b) != 0):
             self.flag("bias", node, "bias zero-point is not 0")
-        if codes.size and float(np.max(np.abs(codes.astype(np.int64)))) > _INT32_MAX:
+        if codes.size and float(np.max(np.abs(codes.astype(np.int64)))) > INT32_MAX:
             self.flag("bias", node, "bias codes outside [-(2^31 - 1), 2^31 - 1]")
         s_x = self.g.qparams(x_dq)[0] if x_dq is not None else None
         s_w = self.g.qparams(w_dq)[0]

@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxq.core.int2_cast import cast_source, constant_types, folded_casts
+from onnxq.core.qdq import base_of
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def ternary_tensors(model: onnx.ModelProto) -> dict[str, str]:
             continue
         src = cast_source(casts, node.input[0])
         if types.get(src) == TensorProto.INT2 and src not in uniform:
-            out.setdefault(src, src.removesuffix("_quantized"))
+            out.setdefault(src, base_of(src, "quantized") or src)
     return out
 
 

@@ -41,22 +41,12 @@ from onnxq.core.context import QuantContext
 from onnxq.core.graph import constant
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.pass_infra import Pass, PassResult
-from onnxq.core.spec import QParams, pow2_round
+from onnxq.core.qdq import fit_weight_scale, grid_bias, scaled_dq, weight_of
+from onnxq.core.spec import QParams
 
 log = logging.getLogger(__name__)
 
-_INT32_MAX = 2**31 - 1
 _OPS = ("Conv", "ConvTranspose", "Gemm")  # the ops onnxruntime quantizes float biases of
-
-
-def _dq(t: gs.Tensor) -> gs.Node | None:
-    """The DequantizeLinear producing ``t`` with a constant scale, or None."""
-    if isinstance(t, gs.Constant) or len(t.inputs) != 1:
-        return None
-    node = t.inputs[0]
-    if node.op != "DequantizeLinear" or not isinstance(node.inputs[1], gs.Constant):
-        return None
-    return node
 
 
 def grid_sites(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, gs.Node, int]]:
@@ -73,7 +63,7 @@ def grid_sites(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, gs.Node, int]]:
         if len(node.inputs) <= b_idx or not isinstance(node.inputs[b_idx], gs.Constant):
             continue
         bias = np.asarray(node.inputs[b_idx].values)
-        dq_x, dq_w = _dq(node.inputs[0]), _dq(node.inputs[1])
+        dq_x, dq_w = scaled_dq(node.inputs[0]), scaled_dq(node.inputs[1])
         if bias.ndim != 1 or bias.dtype != np.float32 or dq_x is None or dq_w is None:
             continue
         if not isinstance(dq_w.inputs[0], gs.Constant) or np.asarray(dq_x.inputs[1].values).size != 1:
@@ -83,12 +73,6 @@ def grid_sites(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, gs.Node, int]]:
             continue
         sites.append((node, dq_x, dq_w, b_idx))
     return sites
-
-
-def grid_bias(bias: np.ndarray, s_in: float | np.ndarray, s_w: np.ndarray) -> np.ndarray:
-    """``bias`` rounded onto its INT32 grid s_b = fl32(s_in * s_w): fl32(round(b / s_b) * s_b)."""
-    s_b = (np.float32(s_in) * np.asarray(s_w, dtype=np.float32)).astype(np.float64)
-    return (np.rint(bias.astype(np.float64) / s_b) * s_b).astype(np.float32)
 
 
 class GridBiasPass(Pass):
@@ -119,19 +103,11 @@ class GridBiasPass(Pass):
     def _fit(dq_x: gs.Node, dq_w: gs.Node, bias: gs.Constant, ctx: QuantContext) -> int:
         """Raise the weight scales whose bias code would overflow INT32; returns how many."""
         s_in = float(np.asarray(dq_x.inputs[1].values))
-        b = np.abs(np.asarray(bias.values, dtype=np.float64))
         scale_c = dq_w.inputs[1]
         s_w = np.asarray(scale_c.values, dtype=np.float32)
-        need = b / (s_in * _INT32_MAX) * (1 + 1e-6)
-        if s_w.ndim == 0:
-            need = need.max(initial=0.0)
-        low = s_w < need
+        new, low = fit_weight_scale(s_w, s_in, np.asarray(bias.values), pow2=ctx.config.scale_kind == "pow2")
         if not np.any(low):
             return 0
-        new = np.maximum(s_w.astype(np.float64), need)
-        if ctx.config.scale_kind == "pow2":
-            new = pow2_round(new, "ceil")
-        new = new.astype(np.float32)
         codes_c = dq_w.inputs[0]
         q = np.asarray(codes_c.values)
         ratio = s_w.astype(np.float64) / new
@@ -141,8 +117,8 @@ class GridBiasPass(Pass):
             ratio = ratio.reshape(shape)
         dq_w.inputs[0] = constant(codes_c.name, np.rint(q.astype(np.float64) * ratio).astype(q.dtype))
         dq_w.inputs[1] = constant(scale_c.name, new)
-        key = scale_c.name.removesuffix("_scale")
-        old = ctx.qparams.get(key)
+        key = weight_of(dq_w)
+        old = ctx.qparams.get(key) if key is not None else None
         if old is not None and old.scale.shape == new.shape:
             ctx.qparams[key] = QParams(new, old.zero_point, old.spec)
         return int(np.sum(low))

@@ -11,13 +11,13 @@ weight and bias QParams into ``ctx.qparams`` and the float weights into ``ctx.fl
     listed in ``ctx.report["ternary"]["codes"]`` (code constant -> weight) for the validator. The
     4-level INT2 grid [-2, 1] rounds to nearest like any grid; its constants are listed in
     ``ctx.report["int2"]["codes"]`` (the ternary check leaves them alone);
-  * biases: b -> INT32 constant round(b / s_b) with s_b = s_in * s_w (per channel) and zero-point
-    0. If |b / s_b| would exceed 2^31 - 1 the channel's weight scale is raised to
-    |b| / (s_in (2^31 - 1)) (rounded up to a power of two for POW2 specs) before the weight is
-    quantized, so the bias always fits (ternary codes are kept except in such a channel, which
-    rounds to nearest on its new, larger scale: its weights are negligible next to its bias);
-    s_w is the final weight scale;
+  * biases: b -> INT32 constant on the grid s_b = s_in * s_w (per channel), zero-point 0, as the
+    QDQ contract defines it (:mod:`onnxq.core.qdq`); a weight scale under which the bias code would
+    overflow INT32 is raised first (:func:`onnxq.core.qdq.fit_weight_scale`), so the bias always fits
+    (ternary codes are kept except in such a channel, which rounds to nearest on its new, larger
+    scale: its weights are negligible next to its bias); s_w is the final weight scale;
   * activations: t -> Q(t) -> DQ -> every former consumer of t (one pair per tensor).
+Tensor and node names follow :class:`onnxq.core.qdq.QDQNames`.
 Constant DQs of symmetric signed tensors omit the zero-point input (0 by default), which saves
 a byte per weight channel and four per bias channel (Gemm weights keep it: onnxruntime's QGemm
 fusion needs it).
@@ -36,14 +36,12 @@ from onnxq.core.graph import constant
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.observers import weight_qparams
 from onnxq.core.pass_infra import Pass, PassResult
-from onnxq.core.spec import INT32_BIAS, Granularity, QParams, QuantSpec, is_power_of_two, pow2_round, quantize
+from onnxq.core.qdq import QDQNames, bias_codes, bias_scale, bias_spec, fit_weight_scale
+from onnxq.core.spec import INT32_BIAS, QParams, QuantSpec, is_power_of_two, quantize
 from onnxq.errors import PassError
 from onnxq.ternary.export import ternary_weight
 
 log = logging.getLogger(__name__)
-
-_INT32_MAX = 2**31 - 1
-
 
 def _zp_constant(name: str, qp: QParams) -> gs.Constant:
     return constant(name, qp.zero_point.astype(qp.spec.numpy_dtype).reshape(qp.scale.shape))
@@ -56,13 +54,14 @@ def make_dq(graph: gs.Graph, codes: np.ndarray, qp: QParams, name: str, *, keep_
     A zero zero-point is left out (it is optional and 0 by default) unless ``keep_zero_point``:
     onnxruntime's QGemm fusion wants the weight zero-point present.
     """
-    q = constant(name + "_quantized", codes.astype(qp.spec.numpy_dtype))
-    out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=list(codes.shape))
+    names = QDQNames(name)
+    q = constant(names.quantized, codes.astype(qp.spec.numpy_dtype))
+    out = gs.Variable(names.dequantized, dtype=np.float32, shape=list(codes.shape))
     attrs = {"axis": qp.spec.axis} if qp.scale.ndim == 1 and qp.spec.axis is not None else {}
-    inputs = [q, constant(name + "_scale", qp.scale)]
+    inputs = [q, constant(names.scale, qp.scale)]
     if keep_zero_point or np.any(qp.zero_point != 0):
-        inputs.append(_zp_constant(name + "_zero_point", qp))
-    graph.nodes.append(gs.Node("DequantizeLinear", name=name + "_DequantizeLinear", attrs=attrs,
+        inputs.append(_zp_constant(names.zero_point, qp))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=names.node("DequantizeLinear"), attrs=attrs,
                                inputs=inputs, outputs=[out]))
     return out
 
@@ -82,20 +81,22 @@ def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, qp: QParams) -> 
     """
     consumers = list(tensor.outputs)
     name = tensor.name
+    names = QDQNames(name)
     store = container_spec(qp.spec)
-    q_out = gs.Variable(name + "_quantized", dtype=store.numpy_dtype, shape=tensor.shape)
-    dq_out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=tensor.shape)
-    scale = constant(name + "_scale", qp.scale)
-    zp = constant(name + "_zero_point", qp.zero_point.astype(store.numpy_dtype).reshape(qp.scale.shape))
-    q_node = gs.Node("QuantizeLinear", name=name + "_QuantizeLinear", inputs=[tensor, scale, zp], outputs=[q_out])
+    q_out = gs.Variable(names.quantized, dtype=store.numpy_dtype, shape=tensor.shape)
+    dq_out = gs.Variable(names.dequantized, dtype=np.float32, shape=tensor.shape)
+    scale = constant(names.scale, qp.scale)
+    zp = constant(names.zero_point, qp.zero_point.astype(store.numpy_dtype).reshape(qp.scale.shape))
+    q_node = gs.Node("QuantizeLinear", name=names.node("QuantizeLinear"), inputs=[tensor, scale, zp],
+                     outputs=[q_out])
     graph.nodes.append(q_node)
     if store is not qp.spec:
-        clipped = gs.Variable(name + "_clipped", dtype=store.numpy_dtype, shape=tensor.shape)
-        lo = constant(name + "_qmin", np.array(qp.spec.qmin, dtype=store.numpy_dtype))
-        hi = constant(name + "_qmax", np.array(qp.spec.qmax, dtype=store.numpy_dtype))
-        graph.nodes.append(gs.Node("Clip", name=name + "_Clip", inputs=[q_out, lo, hi], outputs=[clipped]))
+        clipped = gs.Variable(names.clipped, dtype=store.numpy_dtype, shape=tensor.shape)
+        lo = constant(names.qmin, np.array(qp.spec.qmin, dtype=store.numpy_dtype))
+        hi = constant(names.qmax, np.array(qp.spec.qmax, dtype=store.numpy_dtype))
+        graph.nodes.append(gs.Node("Clip", name=names.node("Clip"), inputs=[q_out, lo, hi], outputs=[clipped]))
         q_out = clipped
-    dq_node = gs.Node("DequantizeLinear", name=name + "_DequantizeLinear", inputs=[q_out, scale, zp],
+    dq_node = gs.Node("DequantizeLinear", name=names.node("DequantizeLinear"), inputs=[q_out, scale, zp],
                       outputs=[dq_out])
     graph.nodes.append(dq_node)
     for node in consumers:
@@ -104,23 +105,18 @@ def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, qp: QParams) -> 
                 node.inputs[i] = dq_out
     for i, t in enumerate(graph.outputs):
         if t is tensor:  # keep the user-visible name on the final (dequantized) tensor
-            tensor.name, dq_out.name = name + "_float", name
+            tensor.name, dq_out.name = names.float_output, name
             graph.outputs[i] = dq_out
 
 
 def fit_bias(w_qp: QParams, s_in: np.ndarray, bias: np.ndarray) -> QParams:
-    """Raise weight scales where round(b / (s_in s_w)) would overflow int32."""
-    need = np.abs(bias.astype(np.float64)) / (float(s_in) * _INT32_MAX) * (1 + 1e-6)
-    scale = w_qp.scale.astype(np.float64)
-    if scale.ndim == 0:
-        need = need.max(initial=0.0)
-    if np.all(scale >= need):
+    """``w_qp`` with its scale raised where the INT32 bias code would overflow
+    (:func:`onnxq.core.qdq.fit_weight_scale`); ``w_qp`` itself when nothing overflows."""
+    scale, raised = fit_weight_scale(w_qp.scale, s_in, bias, pow2=w_qp.spec.pow2)
+    if not np.any(raised):
         return w_qp
-    new = np.maximum(scale, need)
-    if w_qp.spec.pow2:
-        new = pow2_round(new, "ceil")
-    log.warning("raised %d weight scale(s) so the INT32 bias fits", int(np.sum(scale < need)))
-    return QParams(new.astype(np.float32), w_qp.zero_point, w_qp.spec)
+    log.warning("raised %d weight scale(s) so the INT32 bias fits", int(np.sum(raised)))
+    return QParams(scale, w_qp.zero_point, w_qp.spec)
 
 
 def _raised(old: QParams, new: QParams, ndim: int) -> np.ndarray:
@@ -204,7 +200,7 @@ class InsertQDQPass(Pass):
             if spec.bits == 2:  # ternary, or the 4-level INT2 grid
                 key, first = ("ternary", {"method": cfg.ternary_method}) if spec.ternary else ("int2", {})
                 info = ctx.report.setdefault(key, {**first, "storage": f"int{spec.store_bits}", "codes": {}})
-                info["codes"][dq_name + "_quantized"] = w.name
+                info["codes"][QDQNames(dq_name).quantized] = w.name
             if quant_bias:
                 self._bias(graph, ctx, node, b_idx, bias, w_qp)
             modified = True
@@ -215,13 +211,10 @@ class InsertQDQPass(Pass):
               w_qp: QParams) -> None:
         b = np.asarray(bias.values, dtype=np.float32)
         s_in = ctx.qparams[node.inputs[0].name].scale
-        s_b = (w_qp.scale.astype(np.float64) * float(s_in)).astype(np.float32)
+        s_b = bias_scale(s_in, w_qp.scale)
         per_channel = s_b.ndim == 1
-        spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if per_channel else None,
-                         granularity=Granularity.CHANNEL if per_channel else Granularity.TENSOR,
-                         scale_kind=w_qp.spec.scale_kind)
+        spec = bias_spec(per_channel, w_qp.spec.scale_kind)
         qp = QParams(s_b, np.zeros(s_b.shape, dtype=np.int64), spec)
-        codes = np.clip(np.rint(b.astype(np.float64) / s_b.astype(np.float64)), -_INT32_MAX, _INT32_MAX)
         ctx.qparams[bias.name] = qp
         ctx.float_weights.setdefault(bias.name, b)
-        node.inputs[b_idx] = make_dq(graph, codes.astype(np.int64), qp, bias.name)
+        node.inputs[b_idx] = make_dq(graph, bias_codes(b, s_b), qp, bias.name)

@@ -44,6 +44,7 @@ from onnxq.config.legacy import MRECG_ITERS as ITERS
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
 from onnxq.core.pass_infra import Pass, PassResult
+from onnxq.core.qdq import dq_producing
 from onnxq.errors import PassError, UserError
 from onnxq.recon import ReconConfig
 from onnxq.torchify import supported
@@ -110,7 +111,7 @@ class MRECGPass(Pass):
         blocks = partition(graph, max_chain=self.max_chain, is_supported=ok)
         weighted_ops = ("Conv", "ConvTranspose", "Gemm", "MatMul")
         first_weighted = next((n.name for n in graph.nodes if n.op in weighted_ops
-                               and n.inputs[1].name.endswith("_dequantized")), None)
+                               and dq_producing(n.inputs[1]) is not None), None)
         recon = [not (b.kind == "layer" and first_weighted in b.weighted_ops) for b in blocks]
         first: dict = {"iters": 0, "seconds": 0.0}
         t0 = time.perf_counter()

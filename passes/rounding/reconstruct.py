@@ -51,6 +51,7 @@ from onnxq.blocks.partition import Block, partition
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_model
 from onnxq.core.pass_infra import Pass, PassResult
+from onnxq.core.qdq import dq_producing
 from onnxq.data.augment import augment_feeds
 from onnxq.data.batches import count_samples, rebatch
 from onnxq.errors import PassError
@@ -98,7 +99,7 @@ class ReconstructPass(Pass):
         else:
             blocks = partition(graph, max_chain=self.max_chain, is_supported=ok)
         first_weighted = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-                               and n.inputs[1].name.endswith("_dequantized")), None)
+                               and dq_producing(n.inputs[1]) is not None), None)
         todo = [b for b in blocks if not (b.kind == "layer" and first_weighted in b.weighted_ops)]
         settings = {"recon": cfg.__dict__, "max_chain": self.max_chain, "blocks": [b.name for b in blocks]}
         if self.iters_per_member:

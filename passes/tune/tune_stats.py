@@ -47,7 +47,17 @@ from onnxq.core.context import QuantContext
 from onnxq.core.graph import FreshNames, constant, to_model
 from onnxq.core.layers import WEIGHT_INPUTS, node_key
 from onnxq.core.pass_infra import Pass, PassResult
-from onnxq.core.spec import Granularity, QParams, QuantSpec
+from onnxq.core.qdq import (
+    QDQNames,
+    bias_codes,
+    bias_overflows,
+    bias_scale,
+    bias_spec,
+    constant_dq,
+    input_scale,
+    quantized_name,
+)
+from onnxq.core.spec import QParams
 from onnxq.data.capture import capture
 from onnxq.data.forward_cache import ForwardCache
 from onnxq.data.forward_cache import supported as supports_segments
@@ -58,7 +68,6 @@ log = logging.getLogger(__name__)
 ALPHA_LIMIT = 4.0
 #: Calibration samples the tuning passes use at most (statistics converge well before).
 MAX_SAMPLES = 256
-_INT32_MAX = 2**31 - 1
 _TINY = 1e-12
 
 
@@ -169,7 +178,7 @@ class TuneStatsPass(Pass):
             if node.op not in WEIGHT_INPUTS:
                 continue
             w_idx, _ = WEIGHT_INPUTS[node.op]
-            if len(node.inputs) > w_idx and _const_dq(node.inputs[w_idx]) is not None:
+            if len(node.inputs) > w_idx and constant_dq(node.inputs[w_idx]) is not None:
                 layers.append(node)
         if layers:
             skipped.append({"node": node_key(layers[-1]), "reason": "last weighted layer (network output) not tuned"})
@@ -186,7 +195,7 @@ class TuneStatsPass(Pass):
     def _tune(self, graph: gs.Graph, ctx: QuantContext, node: gs.Node, fl: ChannelStats, q: ChannelStats,
               names: FreshNames) -> dict:
         w_idx, b_idx = WEIGHT_INPUTS[node.op]
-        w_dq = _const_dq(node.inputs[w_idx])
+        w_dq = constant_dq(node.inputs[w_idx])
         channels = int(np.asarray(fl.mean).size)
         old_b = self._current_bias(node, b_idx, channels)
         alpha = np.ones(channels)
@@ -199,11 +208,11 @@ class TuneStatsPass(Pass):
                 alpha = np.clip(alpha, 1.0 / ALPHA_LIMIT, ALPHA_LIMIT)
         new_b = fl.mean - alpha * (q.mean - old_b)
         kept = 0
-        s_in = _input_scale(node)
+        s_in = input_scale(node)
         if self.match_std and std_note is None and s_in is not None:
             # a channel whose new INT32 bias would overflow on the shrunk grid s_in * alpha * s_w keeps alpha = 1
             w_scale = np.asarray(w_dq.inputs[1].values, dtype=np.float64)
-            over = np.abs(new_b) > _INT32_MAX * s_in * w_scale * alpha
+            over = bias_overflows(new_b, s_in * w_scale * alpha)
             kept = int(np.sum(over))
             alpha = np.where(over, 1.0, alpha)
             new_b = fl.mean - alpha * (q.mean - old_b)
@@ -239,7 +248,7 @@ class TuneStatsPass(Pass):
         old = np.asarray(w_dq.inputs[1].values, dtype=np.float32)
         new = (old.astype(np.float64) * alpha).astype(np.float32)
         w_dq.inputs[1] = constant(names.fresh(w_dq.inputs[1].name), new)
-        key = _source_name(w_dq)
+        key = quantized_name(w_dq)
         qp = ctx.qparams.get(key)
         if qp is not None:
             ctx.qparams[key] = QParams(new, qp.zero_point, qp.spec)
@@ -251,7 +260,7 @@ class TuneStatsPass(Pass):
         t = node.inputs[b_idx]
         if isinstance(t, gs.Constant):
             return np.asarray(t.values, dtype=np.float64)
-        dq = _const_dq(t)
+        dq = constant_dq(t)
         if dq is None:
             raise PassError(f"{node_key(node)}: the bias is neither a constant nor a DequantizeLinear of one")
         codes = np.asarray(dq.inputs[0].values).astype(np.float32)
@@ -263,29 +272,28 @@ class TuneStatsPass(Pass):
         """Write ``bias``: INT32 on ``float32(s_in * s_w)`` when the layer has (or can have) an INT32
         bias, else float. Returns "int32" or "float"."""
         w_idx, _ = WEIGHT_INPUTS[node.op]
-        w_scale = np.asarray(_const_dq(node.inputs[w_idx]).inputs[1].values, dtype=np.float32)
+        w_scale = np.asarray(constant_dq(node.inputs[w_idx]).inputs[1].values, dtype=np.float32)
         has = b_idx is not None and len(node.inputs) > b_idx and node.inputs[b_idx].name
-        existing = _const_dq(node.inputs[b_idx]) if has else None
-        s_in = _input_scale(node)
+        existing = constant_dq(node.inputs[b_idx]) if has else None
+        s_in = input_scale(node)
         if b_idx is None:
             raise PassError(f"{node_key(node)}: {node.op} has no bias input; it cannot be tuned")
         if existing is not None or (not has and s_in is not None and ctx.target.quantize_bias):
-            s_b = (w_scale.astype(np.float64) * float(s_in)).astype(np.float32)
-            codes = np.rint(bias / s_b.astype(np.float64))
-            if np.any(np.abs(codes) > _INT32_MAX):
+            s_b = bias_scale(s_in, w_scale)
+            if np.any(bias_overflows(bias, s_b)):
                 log.warning("%s: tuned bias clipped to the int32 range", node_key(node))
-            codes = np.clip(codes, -_INT32_MAX, _INT32_MAX).astype(np.int32)
+            codes = bias_codes(bias, s_b).astype(np.int32)
             per_channel = s_b.ndim == 1
-            spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if per_channel else None,
-                             granularity=Granularity.CHANNEL if per_channel else Granularity.TENSOR)
+            spec = bias_spec(per_channel)
             base = existing.outputs[0].name if existing is not None else f"{node_key(node)}_bias"
             out = gs.Variable(names.fresh(base + "_tuned"), dtype=np.float32, shape=[int(codes.size)])
-            inputs = [constant(names.fresh(base + "_tuned_quantized"), codes),
-                      constant(names.fresh(base + "_tuned_scale"), s_b.reshape(-1) if per_channel else s_b)]
-            graph.nodes.append(gs.Node("DequantizeLinear", name=names.fresh(base + "_tuned_DequantizeLinear"),
+            tuned = QDQNames(base + "_tuned")
+            inputs = [constant(names.fresh(tuned.quantized), codes),
+                      constant(names.fresh(tuned.scale), s_b.reshape(-1) if per_channel else s_b)]
+            graph.nodes.append(gs.Node("DequantizeLinear", name=names.fresh(tuned.node("DequantizeLinear")),
                                        attrs={"axis": 0} if per_channel else {}, inputs=inputs, outputs=[out]))
             if existing is not None:
-                ctx.qparams[_source_name(existing)] = QParams(s_b, np.zeros(s_b.shape, dtype=np.int64), spec)
+                ctx.qparams[quantized_name(existing)] = QParams(s_b, np.zeros(s_b.shape, dtype=np.int64), spec)
             _set_input(node, b_idx, out)
             return "int32"
         _set_input(node, b_idx, constant(names.fresh(f"{node_key(node)}_bias_tuned"), bias.astype(np.float32)))
@@ -298,27 +306,3 @@ def _set_input(node: gs.Node, idx: int, tensor: gs.Tensor) -> None:
     node.inputs[idx] = tensor
 
 
-def _const_dq(t: gs.Tensor) -> gs.Node | None:
-    """The DequantizeLinear of constants producing ``t``, else None."""
-    node = t.inputs[0] if t.inputs else None
-    if node is None or node.op != "DequantizeLinear":
-        return None
-    if not all(isinstance(i, gs.Constant) for i in node.inputs if i.name):
-        return None
-    return node
-
-
-def _input_scale(node: gs.Node) -> float | None:
-    """The activation scale of the layer's input (its DequantizeLinear), or None if it is float."""
-    t = node.inputs[0]
-    dq = t.inputs[0] if t.inputs else None
-    if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[1], gs.Constant):
-        return None
-    s = np.asarray(dq.inputs[1].values)
-    return float(s) if s.size == 1 else None
-
-
-def _source_name(dq: gs.Node) -> str:
-    """The tensor name InsertQDQPass quantized into this DQ (its output minus ``_dequantized``)."""
-    name = dq.outputs[0].name
-    return name[: -len("_dequantized")] if name.endswith("_dequantized") else name

@@ -9,12 +9,13 @@ import importlib.util
 import numpy as np
 import onnx
 import pytest
-from onnxq.passes.quant.grid_bias import GridBiasPass, grid_bias, grid_sites
+from onnxq.passes.quant.grid_bias import GridBiasPass, grid_sites
 
 import onnxq
 from onnxq.config.legacy import QuantConfig
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_graph
+from onnxq.core.qdq import grid_bias
 from onnxq.core.spec import is_power_of_two
 from onnxq.targets.profiles import TARGETS, get_target, resolve_config
 from onnxq.targets.rules import check_target
