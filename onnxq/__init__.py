@@ -3,18 +3,40 @@
 Public API::
 
     import onnxq
-    result = onnxq.quantize("model.onnx", "calib.npz", onnxq.QuantConfig(weight_bits=8))
-    result.save("model.int8.onnx")
+    config = onnxq.Config.from_preset("w4a8")          # or onnxq.Config(weights=onnxq.Weights(bits=4), ...)
+    result = onnxq.quantize("model.onnx", "calib.npz", config)
+    result.save("model.w4a8.onnx")                     # also writes model.w4a8.report.json
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxq.config.legacy import QuantConfig
+from onnxq.config import (
+    BRECQ,
+    Activations,
+    AdaQuant,
+    AdaRound,
+    Calibration,
+    Config,
+    Engine,
+    FloatPhase,
+    MixedPrecision,
+    MRECGMerge,
+    QDrop,
+    QuantConfig,
+    RoundToNearest,
+    Tuning,
+    Validation,
+    Weights,
+)
 from onnxq.errors import UserError
 
-__all__ = ["QuantConfig", "QuantResult", "UserError", "__version__", "quantize", "validate"]
+__all__ = [
+    "BRECQ", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine", "FloatPhase", "MRECGMerge",
+    "MixedPrecision", "QDrop", "QuantConfig", "QuantResult", "RoundToNearest", "Tuning", "UserError", "Validation",
+    "Weights", "__version__", "quantize", "validate",
+]
 
 
 def __getattr__(name: str):

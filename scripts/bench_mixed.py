@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--measure", default="mse", choices=("mse", "cosine", "fisher"))
     ap.add_argument("--budgets", default="0.5,0.56,w4,0.75,0.88",
                     help="size ratios of the all-8-bit weights; 'w4' = uniform W4A8's size (EfficientNet-Lite0: "
-                         "0.639; all at 2 bits: 0.458, as the 8-bit first conv and classifier hold 28%% of the weights)")
+                         "0.639; all at 2 bits: 0.458, as the 8-bit first conv and classifier hold 28%% of the "
+                         "weights)")
     ap.add_argument("--table", type=Path, help="reuse a saved sensitivity table (JSON)")
     ap.add_argument("--bc-table", action="store_true",
                     help="also measure a table with bias correction and quantize its own plan (milp_bcplan row)")

@@ -183,7 +183,8 @@ def markdown(meta: dict[str, Any], fp32_row: dict[str, Any], rows: list[dict[str
         lines.append(
             f"| {r['operator']} | {r['storage']} | {r['top1']:.2f} | {r['agree']:.2f} "
             f"| {'-' if r['logit_cosine'] is None else format(r['logit_cosine'], '.3f')} "
-            f"| {'-' if r['weight_rel_mse'] is None else format(r['weight_rel_mse'], '.3f')} | {100 * r['sparsity']:.1f} "
+            f"| {'-' if r['weight_rel_mse'] is None else format(r['weight_rel_mse'], '.3f')} "
+            f"| {100 * r['sparsity']:.1f} "
             f"| {r['ternary_file_bytes'] / 1e6:.3f} MB / {r['ternary_fp32_bytes'] / 1e6:.3f} MB = "
             f"1/{1 / r['file_vs_fp32']:.1f} | 1/{1 / r['effective_vs_fp32']:.1f} | {r['size_bytes'] / 1e6:.2f} "
             f"| {r['quant_s']:.0f} | {r['ort_level']} |")

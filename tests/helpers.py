@@ -12,7 +12,7 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 
-from onnxq.config.legacy import QuantConfig
+from onnxq.config import Config, QuantConfig, as_config
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_graph, to_model
 from onnxq.core.pass_infra import Pass
@@ -119,11 +119,28 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2,
     return feeds
 
 
+def make_context(config: Config | QuantConfig | None = None, **fields) -> QuantContext:
+    """A QuantContext with ``config`` resolved against its target (and that target) as a run has it."""
+    from onnxq.targets.profiles import get_target, resolve_config
+
+    resolved = resolve_config(as_config(config))
+    fields.setdefault("target", get_target(resolved.target))
+    return QuantContext(config=resolved, **fields)
+
+
+def prepare_float(model: onnx.ModelProto, config: Config | QuantConfig | None = None, calib=None):
+    """The float reference and a fresh context, as a run makes them (:func:`onnxq.pipeline.build.prepare_float`)."""
+    from onnxq.pipeline.build import prepare_float as prepare
+    from onnxq.targets.profiles import resolve_config
+
+    return prepare(model, resolve_config(as_config(config)), calib)
+
+
 def run_pass(model: onnx.ModelProto, pass_: Pass,
-             config: QuantConfig | None = None) -> tuple[onnx.ModelProto, QuantContext]:
+             config: Config | QuantConfig | None = None) -> tuple[onnx.ModelProto, QuantContext]:
     """Import ``model`` to graphsurgeon, run ``pass_`` with a fresh QuantContext, export."""
     graph = to_graph(model)
-    ctx = QuantContext(config or QuantConfig())
+    ctx = make_context(config)
     pass_(graph, ctx)
     out = to_model(graph, template=model)
     onnx.checker.check_model(out)
@@ -158,3 +175,47 @@ def one_torch_thread():
     yield
     torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = onednn
+
+
+def recon_config(config: Config | QuantConfig):
+    """The engine record a run of ``config`` reconstructs with (its rounding method resolved)."""
+    from onnxq.blocks.engine_settings import recon_settings
+    from onnxq.targets.profiles import resolve_config
+
+    c = resolve_config(as_config(config))
+    return recon_settings(c.rounding, activation_bits=c.activations.bits, seed=c.seed, device=c.engine.device)
+
+
+def adaquant_config(config: Config | QuantConfig):
+    """The engine record of a run's AdaQuant."""
+    from onnxq.blocks.engine_settings import adaquant_settings
+    from onnxq.targets.profiles import resolve_config
+
+    c = resolve_config(as_config(config))
+    return adaquant_settings(c.rounding, seed=c.seed, device=c.engine.device)
+
+
+def mrecg_iters(config: Config | QuantConfig) -> str:
+    """A run's resolved MRECG iteration mode."""
+    from onnxq.targets.profiles import resolve_config
+
+    return resolve_config(as_config(config)).rounding.mrecg.iters
+
+
+def engine_config(method: str, schedule: str = "paper", *, seed: int = 0, device: str = "cpu", holdout: int = 0,
+                  activation_bits: int = 8, **fields):
+    """An engine record for ``method`` on ``schedule`` with ``fields`` overridden (fields a method does not
+    have, e.g. act_iters for qdrop, are left out), as :func:`onnxq.blocks.engine_settings.recon_settings`
+    builds it."""
+    import dataclasses
+
+    from onnxq.blocks.engine_settings import recon_settings
+    from onnxq.config.rounding import ROUNDING_TYPES, RoundToNearest
+
+    kind = ROUNDING_TYPES[method]
+    if kind is RoundToNearest:
+        return dataclasses.replace(recon_settings(RoundToNearest(), seed=seed, device=device, holdout=holdout),
+                                   **fields)
+    known = {f.name for f in dataclasses.fields(kind)}
+    rounding = kind.from_schedule(schedule, **{k: v for k, v in fields.items() if k in known})
+    return recon_settings(rounding, activation_bits=activation_bits, seed=seed, device=device, holdout=holdout)

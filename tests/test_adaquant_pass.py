@@ -19,11 +19,10 @@ from onnxq.passes.quant.insert_qdq import InsertQDQPass
 from onnxq.passes.rounding.adaquant import AdaQuantPass
 
 import onnxq
-from onnxq.api import prepare_float
 from onnxq.cli import main
 from onnxq.core import graph as g
 from onnxq.core.pass_infra import PassManager
-from tests.helpers import one_torch_thread
+from tests.helpers import adaquant_config, one_torch_thread, prepare_float
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -141,7 +140,7 @@ def test_weights_biases_and_scales_are_written_back_exactly(calib):
     graph, ctx = _rtn_graph(calib, cfg)
     before = {k: v.copy() for k, v in ctx.float_weights.items()}
     scales_before = {k: ctx.qparams[k].scale.copy() for k in ctx.qparams}
-    PassManager([AdaQuantPass(cfg.adaquant_config()), CleanupPass()])(graph, ctx)
+    PassManager([AdaQuantPass(adaquant_config(cfg)), CleanupPass()])(graph, ctx)
     consts = {t.name: np.asarray(t.values) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     biased = [n for n in graph.nodes if n.op in ("Conv", "Gemm") and len(n.inputs) > 2]
     assert biased
@@ -194,7 +193,7 @@ def test_cli_runs_adaquant_and_mrecg_flags(workdir, capsys):
                            "--iters", "3", "--recon-samples", "16", "--no-validate")
     assert code == 0, err
     rep = json.loads(out.with_suffix(".report.json").read_text())
-    assert rep["config"]["adaquant_mode"] == "parallel" and rep["reconstruction"]["mode"] == "parallel"
+    assert rep["config"]["rounding"]["mode"] == "parallel" and rep["reconstruction"]["mode"] == "parallel"
     assert not Path(str(out) + ".ckpt").exists()
     out2 = workdir / "m.onnx"
     code, _, err = _cli(capsys, "quantize", model, "-o", str(out2), "--calib", calib, "--batch-size", "8",
@@ -203,19 +202,20 @@ def test_cli_runs_adaquant_and_mrecg_flags(workdir, capsys):
                         "--recon-samples", "8", "--no-validate")
     assert code == 0, err
     rep = json.loads(out2.with_suffix(".report.json").read_text())
-    assert rep["config"]["mrecg_k"] == 1 and rep["mrecg"]["base"] == "qdrop"
-    assert rep["config"]["mrecg_iters"] == "per_block" and rep["mrecg"]["final_pass"]["per"] == "block"
+    assert rep["config"]["rounding"]["mrecg"]["k"] == 1 and rep["mrecg"]["base"] == "qdrop"
+    assert rep["config"]["rounding"]["mrecg"]["iters"] == "per_block" and rep["mrecg"]["final_pass"]["per"] == "block"
     assert len(rep["mrecg"]["merges"]) == 1
     assert out2.with_suffix(".mrecg.png").exists() and rep["mrecg"]["plot"].endswith("m.mrecg.png")
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--method", "adaquant", "--adaquant-mode", "both"], "adaquant_mode"),
+    (["--method", "adaquant", "--adaquant-mode", "both"], "--adaquant-mode"),
     (["--method", "mrecg", "--mrecg-k", "two"], "--mrecg-k"),
-    (["--method", "mrecg", "--mrecg-k", "-1"], "mrecg_k"),
-    (["--method", "mrecg", "--mrecg-base", "adaround"], "mrecg_base"),
-    (["--method", "mrecg", "--mrecg-capacity", "oracle"], "mrecg_capacity"),
-    (["--method", "mrecg", "--mrecg-iters", "per_layer"], "mrecg_iters"),
+    (["--method", "mrecg", "--mrecg-k", "-1"], "rounding.mrecg.k"),
+    (["--method", "mrecg", "--mrecg-base", "adaround"], "--mrecg-base"),
+    (["--method", "mrecg", "--mrecg-capacity", "oracle"], "--mrecg-capacity"),
+    (["--method", "mrecg", "--mrecg-iters", "per_layer"], "--mrecg-iters"),
+    (["--method", "brecq", "--mrecg-base", "qdrop"], "--mrecg-base applies to --method mrecg"),
 ])
 def test_cli_bad_values_are_one_line_errors(workdir, capsys, flags, fragment):
     out = workdir / "bad.onnx"

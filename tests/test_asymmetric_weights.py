@@ -59,7 +59,7 @@ def test_asymmetric_grid_uses_both_ends_and_validates(calib, bits):
 def test_targets_that_need_symmetric_weights_refuse_it():
     with pytest.raises(UserError, match="symmetric weights.*--weight-asymmetric"):
         resolve_config(onnxq.QuantConfig(target="tensorrt", weight_symmetric=False))
-    assert not resolve_config(onnxq.QuantConfig(weight_symmetric=False)).weight_symmetric
+    assert not resolve_config(onnxq.QuantConfig(weight_symmetric=False)).weights.symmetric
 
 
 def test_reconstruction_and_tuning_keep_the_zero_points(calib):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import onnxq
+from onnxq.config import BRECQ
 from onnxq.data.augment import augment_feeds, image_layout
 from onnxq.data.batches import count_samples, rebatch
 from onnxq.errors import UserError
-from onnxq.recon import ReconConfig
+from tests.helpers import adaquant_config, engine_config, mrecg_iters, recon_config
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -85,15 +86,15 @@ def test_rebatch_cuts_the_feed_that_crosses_the_limit():
 
 
 def test_config_checks():
-    assert ReconConfig.fast("brecq", augment=2).augment == 2
+    assert engine_config("brecq", "fast", augment=2).augment == 2
     with pytest.raises(UserError, match="augment"):
-        ReconConfig.fast("brecq", augment=-1)
+        BRECQ.fast(augment=-1)
     with pytest.raises(UserError, match="holdout"):
-        ReconConfig.fast("brecq", augment=1, holdout=8)
-    assert onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_augment=1).recon_config().augment == 1
+        engine_config("brecq", "fast", augment=1, holdout=8)
+    assert recon_config(onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_augment=1)).augment == 1
     with pytest.raises(UserError, match="recon_augment"):
         onnxq.QuantConfig(weight_bits=4, method="rtn", recon_augment=1)
-    with pytest.raises(UserError, match="recon_augment"):
+    with pytest.raises(UserError, match="augment"):
         onnxq.QuantConfig(weight_bits=4, method="brecq", recon_augment=-2)
 
 
@@ -113,7 +114,7 @@ def test_reconstruction_fits_on_the_augmented_samples():
 
 def test_long_schedule_is_fast_with_1000_iterations_and_three_views():
     def recon(**kw):
-        return onnxq.QuantConfig(weight_bits=4, method="brecq", **kw).recon_config()
+        return recon_config(onnxq.QuantConfig(weight_bits=4, method="brecq", **kw))
 
     long, fast = recon(schedule="long"), recon()
     assert (long.iters, long.augment, long.augment_optional) == (1000, 3, True)
@@ -129,8 +130,8 @@ def test_long_schedule_is_fast_with_1000_iterations_and_three_views():
     assert recon(schedule="fast").augment == recon(schedule="paper").augment == 0
     # AdaQuant and MRECG follow the fast schedule's rules on long
     aq = onnxq.QuantConfig(weight_bits=4, method="adaquant", schedule="long")
-    assert aq.adaquant_config() == onnxq.QuantConfig(weight_bits=4, method="adaquant").adaquant_config()
-    assert onnxq.QuantConfig(weight_bits=4, method="mrecg", schedule="long").mrecg_iters_used() == "per_block"
+    assert adaquant_config(aq) == adaquant_config(onnxq.QuantConfig(weight_bits=4, method="adaquant"))
+    assert mrecg_iters(onnxq.QuantConfig(weight_bits=4, method="mrecg", schedule="long")) == "per_block"
     with pytest.raises(UserError, match="schedule"):
         onnxq.QuantConfig(weight_bits=4, method="brecq", schedule="longer")
 

@@ -11,10 +11,9 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import onnxq
-from onnxq.api import prepare_float
 from onnxq.blocks.partition import Block, describe_blocks, partition
 from onnxq.errors import UserError
-from tests.helpers import make_model, random_feeds
+from tests.helpers import make_model, prepare_float, random_feeds
 
 CLIP = {"lo": np.float32(0.0), "hi": np.float32(6.0)}
 

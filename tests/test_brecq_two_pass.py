@@ -11,7 +11,9 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq.recon import AdaRoundWeight, ReconConfig, RoundToNearestWeight
+from onnxq.config import BRECQ, QDrop
+from onnxq.recon import AdaRoundWeight, RoundToNearestWeight
+from tests.helpers import engine_config, recon_config
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -157,25 +159,26 @@ def test_interrupted_in_the_activation_pass_resumes_to_the_same_bytes(calib, spi
 
 
 def test_order_defaults_and_errors():
-    assert ReconConfig.fast("brecq").order == "two_pass" and ReconConfig.paper("brecq").order == "two_pass"
-    assert ReconConfig.fast("brecq").weight_inputs == "weights_only"
-    assert ReconConfig.fast("brecq", order="interleaved").weight_inputs == "quantized"
-    assert ReconConfig.fast("adaround").order == "interleaved" and ReconConfig.fast("qdrop").order == "interleaved"
-    assert ReconConfig.fast("brecq", order="two_pass").weight_inputs == "weights_only"
-    assert ReconConfig.fast("brecq", order="two_pass", weight_inputs="quantized").weight_inputs == "quantized"
-    assert ReconConfig.fast("qdrop").weight_inputs == "quantized"
-    with pytest.raises(onnxq.UserError, match="brecq only"):
-        ReconConfig.fast("qdrop", order="two_pass")
-    with pytest.raises(onnxq.UserError, match="unknown"):
-        ReconConfig.fast("brecq", order="reverse")
+    assert engine_config("brecq", "fast").order == "two_pass" and engine_config("brecq").order == "two_pass"
+    assert engine_config("brecq", "fast").weight_inputs == "weights_only"
+    assert engine_config("brecq", "fast", order="interleaved").weight_inputs == "quantized"
+    assert engine_config("adaround", "fast").order == "interleaved"
+    assert engine_config("qdrop", "fast").order == "interleaved"
+    assert engine_config("brecq", "fast", order="two_pass").weight_inputs == "weights_only"
+    assert engine_config("brecq", "fast", order="two_pass", weight_inputs="quantized").weight_inputs == "quantized"
+    assert engine_config("qdrop", "fast").weight_inputs == "quantized"
+    with pytest.raises(onnxq.UserError, match="a setting of brecq"):
+        QDrop.fast(order="two_pass")
+    with pytest.raises(onnxq.UserError, match="order"):
+        BRECQ.fast(order="reverse")
     with pytest.raises(onnxq.UserError, match="needs method brecq"):
         _config(method="qdrop")
-    assert _config(method="mrecg", mrecg_base="brecq").recon_config().order == "two_pass"
-    assert replace(_config(), recon_order=None, activation_bits=8).recon_config().order == "two_pass"
-    assert replace(_config(), recon_order=None).recon_config().order == "interleaved"  # 4-bit activations
+    assert recon_config(_config(method="mrecg", mrecg_base="brecq")).order == "two_pass"
+    assert recon_config(replace(_config(), recon_order=None, activation_bits=8)).order == "two_pass"
+    assert recon_config(replace(_config(), recon_order=None)).order == "interleaved"  # 4-bit activations
     mrecg = replace(_config(method="mrecg", mrecg_base="brecq"), recon_order=None)
-    assert mrecg.recon_config().order == "interleaved"
-    assert replace(_config(), recon_order="interleaved").recon_config().order == "interleaved"
+    assert recon_config(mrecg).order == "interleaved"
+    assert recon_config(replace(_config(), recon_order="interleaved")).order == "interleaved"
 
 
 def test_cli_flag(tmp_path, capsys):
@@ -190,9 +193,9 @@ def test_cli_flag(tmp_path, capsys):
     capsys.readouterr()
     assert code == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["config"]["recon_order"] == "two_pass" and report["reconstruction"]["order"] == "two_pass"
+    assert report["config"]["rounding"]["order"] == "two_pass" and report["reconstruction"]["order"] == "two_pass"
     code = main([*args, "-o", str(tmp_path / "x.onnx"), "--method", "qdrop", "--recon-order", "two-pass"])
-    assert code != 0 and "needs method brecq" in capsys.readouterr().err
+    assert code != 0 and "no setting 'order' (a setting of brecq)" in capsys.readouterr().err
 
 
 def _activation_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -206,20 +209,20 @@ def test_no_activation_phase_keeps_the_calibrated_ranges(calib):
     the calibrated one (as round-to-nearest writes it) while the weight codes are learned."""
     import onnxq.passes.rounding.reconstruct as rp
 
-    assert _config(recon_act_iters=0).recon_config().act_iters == 0
-    assert _config(recon_act_iters=7).recon_config().act_iters == 7
-    assert _config().recon_config().act_iters == 2  # a quarter of the 8 weight iterations
+    assert recon_config(_config(recon_act_iters=0)).act_iters == 0
+    assert recon_config(_config(recon_act_iters=7)).act_iters == 7
+    assert recon_config(_config()).act_iters == 2  # a quarter of the 8 weight iterations
     # 8-bit activations on the fast schedule: no step phase by default (it overfits), paper keeps it
-    assert replace(_config(), activation_bits=8).recon_config().act_iters == 0
-    assert replace(_config(), activation_bits=8, recon_act_iters=3).recon_config().act_iters == 3
-    assert replace(_config(), activation_bits=8, schedule="paper").recon_config().act_iters == 2
-    assert replace(_config(), activation_bits=8, method="qdrop", recon_order=None).recon_config().act_iters == 2
-    with pytest.raises(onnxq.UserError, match="recon_act_iters"):
+    assert recon_config(replace(_config(), activation_bits=8)).act_iters == 0
+    assert recon_config(replace(_config(), activation_bits=8, recon_act_iters=3)).act_iters == 3
+    assert recon_config(replace(_config(), activation_bits=8, schedule="paper")).act_iters == 2
+    assert recon_config(replace(_config(), activation_bits=8, method="qdrop", recon_order=None)).act_iters == 0
+    with pytest.raises(onnxq.UserError, match="act_iters"):
         _config(recon_act_iters=-1)
     for method in ("qdrop", "adaround", "rtn"):  # no activation phase to size: an error, not ignored
         with pytest.raises(onnxq.UserError, match="has none"):
             _config(method=method, recon_order=None, recon_act_iters=3)
-    assert _config(method="mrecg", mrecg_base="brecq", recon_act_iters=3).recon_config().act_iters == 3
+    assert recon_config(_config(method="mrecg", mrecg_base="brecq", recon_act_iters=3)).act_iters == 3
     calls = []
     real = rp.reconstruct_block
     mp = pytest.MonkeyPatch()

@@ -134,7 +134,8 @@ def test_weight_phase_inputs_flag(tmp_path, capsys):
                  "--weights", "int4", "--method", "brecq", "--iters", "2", "--weight-phase-inputs", "weights-only"])
     capsys.readouterr()
     assert code == 0
-    assert json.loads(out.with_suffix(".report.json").read_text())["config"]["weight_phase_inputs"] == "weights_only"
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["config"]["rounding"]["weight_inputs"] == "weights_only"
 
 
 def _recon_report(workdir, capsys, name: str, *flags: str) -> dict:
@@ -154,15 +155,15 @@ def _expect_bad_flags(workdir, capsys, needle: str, *flags: str) -> None:
 
 def test_augment_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "aug", "--method", "qdrop", "--iters", "2", "--augment", "1")
-    assert report["config"]["recon_augment"] == 1
+    assert report["config"]["rounding"]["augment"] == 1
     samples = report["reconstruction"]["samples"]  # the originals (validation holds a few out), then flips
     assert samples % 2 == 0 and 12 < samples <= 24
-    _expect_bad_flags(workdir, capsys, "recon_augment", "--method", "rtn", "--augment", "1")
+    _expect_bad_flags(workdir, capsys, "augment", "--method", "rtn", "--augment", "1")
 
 
 def test_long_schedule_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "long", "--method", "brecq", "--schedule", "long", "--iters", "2")
-    assert report["config"]["schedule"] == "long" and report["config"]["recon_augment"] is None
+    assert report["config"]["rounding"]["schedule"] == "long" and report["config"]["rounding"]["augment"] == 3
     assert (report["reconstruction"]["iters"], report["reconstruction"]["augment"]) == (2, 3)
     plain = _recon_report(workdir, capsys, "long0", "--method", "brecq", "--schedule", "long", "--iters", "2",
                           "--augment", "0")
@@ -173,19 +174,20 @@ def test_long_schedule_flag(workdir, capsys):
 def test_round_weight_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "rw", "--method", "adaround", "--iters", "2",
                            "--round-weight", "0.5")
-    assert report["config"]["recon_round_weight"] == 0.5
-    _expect_bad_flags(workdir, capsys, "recon_round_weight", "--method", "brecq", "--round-weight", "-1")
+    assert report["config"]["rounding"]["round_weight"] == 0.5
+    _expect_bad_flags(workdir, capsys, "round_weight", "--method", "brecq", "--round-weight", "-1")
 
 
 def test_round_lr_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "rlr", "--method", "brecq", "--iters", "2", "--round-lr", "0.01")
-    assert report["config"]["recon_round_lr"] == 0.01
+    assert report["config"]["rounding"]["round_lr"] == 0.01
     assert report["reconstruction"]["round_lr"] == 0.01
-    _expect_bad_flags(workdir, capsys, "recon_round_lr", "--method", "brecq", "--round-lr", "0")
+    _expect_bad_flags(workdir, capsys, "round_lr", "--method", "brecq", "--round-lr", "0")
 
 
 def test_act_iters_flag(workdir, capsys):
     report = _recon_report(workdir, capsys, "ai", "--method", "brecq", "--iters", "4", "--act-iters", "0")
-    assert report["config"]["recon_act_iters"] == 0 and report["reconstruction"]["act_iters"] == 0
-    _expect_bad_flags(workdir, capsys, "recon_act_iters", "--method", "brecq", "--act-iters", "-2")
-    _expect_bad_flags(workdir, capsys, "drop --act-iters", "--method", "qdrop", "--act-iters", "3")
+    assert report["config"]["rounding"]["act_iters"] == 0 and report["reconstruction"]["act_iters"] == 0
+    _expect_bad_flags(workdir, capsys, "act_iters", "--method", "brecq", "--act-iters", "-2")
+    _expect_bad_flags(workdir, capsys, "no setting 'act_iters' (a setting of brecq)", "--method", "qdrop",
+                      "--act-iters", "3")

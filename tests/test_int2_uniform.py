@@ -111,7 +111,7 @@ def test_ternary_check_still_catches_unlisted_int2(calib):
 
 
 def test_bad_settings_are_one_line_errors():
-    with pytest.raises(UserError, match="weight_symmetric=False"):
+    with pytest.raises(UserError, match="weights.symmetric = false"):
         onnxq.QuantConfig(weight_bits=2, int2_grid="uniform")
     with pytest.raises(UserError, match="int2_grid"):
         onnxq.QuantConfig(weight_bits=2, int2_grid="four")
@@ -120,7 +120,7 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(UserError, match="ternary weights"):
         QuantSpec(bits=2, signed=True, symmetric=False, narrow=True)
     spec = resolve_config(_config())
-    assert spec.int2_grid == "uniform" and spec.ternary_storage == "int2"
+    assert spec.weights.int2_grid == "uniform" and spec.weights.storage == "int2"
     assert QuantSpec(bits=2, signed=True, symmetric=False).qmin == -2
     assert QuantSpec(bits=2, signed=True, symmetric=True, narrow=True).ternary
 
@@ -147,7 +147,7 @@ def test_cli_int2_weights(tmp_path: Path, capsys):
     capsys.readouterr()
     assert code == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["config"]["int2_grid"] == "uniform" and not report["config"]["weight_symmetric"]
+    assert report["config"]["weights"]["int2_grid"] == "uniform" and not report["config"]["weights"]["symmetric"]
     assert report["int2"]["layers"] == 4  # first and last layers stay 8-bit
     code = main(["quantize", str(TINY), "-o", str(tmp_path / "x.onnx"), "--calib", str(tmp_path / "calib.npz"),
                  "--weights", "int2", "--target", "tensorrt"])

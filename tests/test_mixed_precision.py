@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from onnxq.cli import main
+from onnxq.config.files import load_bit_plan
 from onnxq.config.legacy import QuantConfig
 from onnxq.errors import UserError
-from onnxq.mixed.plan import Budget, evaluate_plan, load_bit_plan, solve, uniform_plan
+from onnxq.mixed.plan import Budget, evaluate_plan, solve, uniform_plan
 from onnxq.mixed.sensitivity import LayerInfo, SensitivityTable
 from tests.helpers import one_torch_thread
 
@@ -170,7 +171,7 @@ def test_cli_bit_plan_and_mixed_precision(tmp_path, capsys):
     assert main(["quantize", MODEL, "-o", str(tmp_path / "q3.onnx"), "--calib", CALIB, "--bit-plan", str(bad)]) == 2
     assert "use one of 8, 4, 2" in capsys.readouterr().err
     assert main(["quantize", MODEL, "-o", str(tmp_path / "q4.onnx"), "--calib", CALIB, "--size-budget", "0.5"]) == 2
-    assert "needs --mixed-precision" in capsys.readouterr().err
+    assert "add --mixed-precision" in capsys.readouterr().err
     assert main(["quantize", MODEL, "-o", str(tmp_path / "q5.onnx"), "--calib", CALIB, "--mixed-precision",
                  "--size-budget", "0.01", "--mp-widths", "8,4", "--no-validate"]) == 2
     assert "below the smallest plan" in capsys.readouterr().err

@@ -17,7 +17,6 @@ from onnxq.passes.quant.calibrate import CalibratePass
 from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 import onnxq
-from onnxq.api import prepare_float
 from onnxq.blocks.build import build_block
 from onnxq.blocks.mrecg_plan import (
     differentials,
@@ -33,7 +32,7 @@ from onnxq.core import graph as g
 from onnxq.core.pass_infra import PassManager
 from onnxq.data.capture import capture
 from onnxq.errors import UserError
-from tests.helpers import make_model, one_torch_thread
+from tests.helpers import make_model, mrecg_iters, one_torch_thread, prepare_float
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -226,8 +225,8 @@ def test_mrecg_quantizes_tiny_cnn_end_to_end(tiny_calib, tmp_path, base, capacit
 def test_mrecg_iterations_per_block_by_default_on_the_fast_schedule():
     """None follows the schedule: per block at 300 iterations (merged units otherwise under-trained),
     the paper's per unit on its 20k; an explicit choice wins; a bad one is a UserError."""
-    assert _config().mrecg_iters_used() == "per_block"
-    assert _config(schedule="paper", recon_iters=None).mrecg_iters_used() == "per_unit"
-    assert _config(mrecg_iters="per_unit").mrecg_iters_used() == "per_unit"
-    with pytest.raises(UserError, match="mrecg_iters"):
+    assert mrecg_iters(_config()) == "per_block"
+    assert mrecg_iters(_config(schedule="paper", recon_iters=None)) == "per_unit"
+    assert mrecg_iters(_config(mrecg_iters="per_unit")) == "per_unit"
+    with pytest.raises(UserError, match="mrecg.iters"):
         _config(mrecg_iters="per_layer")

@@ -14,12 +14,12 @@ from onnxq.passes.quant.calibrate import CalibratePass
 from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 import onnxq
-from onnxq.api import prepare_float
 from onnxq.blocks.build import build_block
 from onnxq.blocks.partition import partition
 from onnxq.core import graph as g
 from onnxq.core.pass_infra import PassManager
 from onnxq.data.capture import capture
+from tests.helpers import prepare_float, recon_config
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -120,14 +120,13 @@ def test_weight_phase_inputs(calib, monkeypatch, method, weight_inputs, captured
 
     monkeypatch.setattr(rp, "capture_block_data", spy)
     cfg = _config(method=method, activation_bits=8, **({"recon_order": "interleaved"} if method == "brecq" else {}))
-    recon = dataclasses.replace(cfg.recon_config(), weight_inputs=weight_inputs)
-    monkeypatch.setattr(onnxq.QuantConfig, "recon_config", lambda self: recon)
-    result = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, cfg)
+    config = cfg.to_config()
+    if weight_inputs is not None:
+        config = config.replace(rounding=dataclasses.replace(config.rounding, weight_inputs=weight_inputs))
+    result = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, config)
     assert result.report["reconstruction"]["blocks"] and seen and set(seen) == {captured}
-    from onnxq.recon import ReconConfig
-
     with pytest.raises(onnxq.UserError, match="weight_inputs"):
-        ReconConfig.fast("brecq", weight_inputs="float")
+        onnxq.BRECQ.fast(weight_inputs="float")
 
 
 def test_qdrop_same_seed_gives_identical_bytes(calib):
@@ -249,10 +248,10 @@ def test_learned_scales_keep_one_tensor_per_name(calib):
 
 def test_round_lr_reaches_the_engine_and_bad_values_are_refused():
     """``recon_round_lr`` overrides the schedule's Adam rate of V (fast 5e-2, paper 1e-3)."""
-    assert onnxq.QuantConfig(weight_bits=4, method="brecq").recon_config().round_lr == 5e-2
-    assert onnxq.QuantConfig(weight_bits=4, method="brecq", schedule="paper").recon_config().round_lr == 1e-3
-    got = onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_round_lr=0.01).recon_config()
+    assert recon_config(onnxq.QuantConfig(weight_bits=4, method="brecq")).round_lr == 5e-2
+    assert recon_config(onnxq.QuantConfig(weight_bits=4, method="brecq", schedule="paper")).round_lr == 1e-3
+    got = recon_config(onnxq.QuantConfig(weight_bits=4, method="qdrop", recon_round_lr=0.01))
     assert got.round_lr == 0.01
     for bad in (0, -1e-3, float("inf"), float("nan"), True, "0.01"):
-        with pytest.raises(onnxq.UserError, match="recon_round_lr"):
+        with pytest.raises(onnxq.UserError, match="round_lr"):
             onnxq.QuantConfig(weight_bits=4, method="brecq", recon_round_lr=bad)

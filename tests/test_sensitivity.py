@@ -122,9 +122,9 @@ def test_calibrated_model_matches_quantize():
 
 
 def _adaquant(mode: str = "parallel"):
-    from onnxq.recon.adaquant import AdaQuantConfig  # imports torch: only these tests need it
+    from onnxq.config import AdaQuant
 
-    return AdaQuantConfig.fast(mode, iters=30, batch_size=16, num_samples=48, holdout=16, eval_samples=16)
+    return AdaQuant.fast(mode=mode, iters=30, batch_size=16, samples=48, holdout=16, eval_samples=16)
 
 
 def test_adaquant_table_prices_layers_after_reconstruction(table):

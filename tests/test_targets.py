@@ -18,7 +18,7 @@ from onnxq.core.graph import to_graph
 from onnxq.core.spec import INT32_BIAS
 from onnxq.errors import UserError
 from onnxq.targets.profiles import TARGETS, get_target, resolve_config
-from tests.helpers import initializer, make_model, random_feeds, run_ort
+from tests.helpers import initializer, make_context, make_model, random_feeds, run_ort
 
 # Conv -> Relu -> Conv -> residual Add -> GAP -> Gemm, plus a Concat of two branches.
 NET = """
@@ -42,7 +42,7 @@ g (float[N,3,8,8] x) => (float[N,5] y)
 def _plan(target: str, text: str = NET) -> QuantContext:
     model = onnx.shape_inference.infer_shapes(make_model(text))
     config = resolve_config(QuantConfig(target=target))
-    ctx = QuantContext(config=config, target=get_target(target))
+    ctx = make_context(config=config, target=get_target(target))
     AssignSpecsPass()(to_graph(model), ctx)
     return ctx
 
@@ -67,17 +67,18 @@ def test_profiles_are_frozen_plain_data():
 
 
 def test_resolve_keeps_ort_cpu_and_applies_target_choices_over_defaults():
-    cfg = QuantConfig()
-    assert resolve_config(cfg) is cfg  # backward compatible: ort-cpu untouched
-    assert resolve_config(QuantConfig(activation_dtype="int8")).activation_dtype == "int8"
+    cfg = resolve_config(QuantConfig())
+    assert resolve_config(cfg) == cfg  # resolving twice changes nothing
+    assert (cfg.activations.dtype, cfg.activations.bits, cfg.scale) == ("uint8", 8, "float")
+    assert resolve_config(QuantConfig(activation_dtype="int8")).activations.dtype == "int8"
     trt = resolve_config(QuantConfig(target="tensorrt"))
-    assert trt.activation_dtype == "int8" and trt.scale_kind == "float"
+    assert trt.activations.dtype == "int8" and trt.scale == "float"
     npu = resolve_config(QuantConfig(target="npu-pow2"))
-    assert npu.activation_dtype == "int8" and npu.scale_kind == "pow2"
+    assert npu.activations.dtype == "int8" and npu.scale == "pow2"
     a16 = resolve_config(QuantConfig(target="qnn-a16"))
-    assert a16.output_opset == 21 and get_target("qnn-a16").act_bits(a16) == 16
+    assert a16.output_opset == 21 and a16.activations.bits == 16
     # A value the target allows is kept (pow2 scales are fine for TensorRT).
-    assert resolve_config(QuantConfig(target="tensorrt", scale_kind="pow2")).scale_kind == "pow2"
+    assert resolve_config(QuantConfig(target="tensorrt", scale_kind="pow2")).scale == "pow2"
 
 
 @pytest.mark.parametrize("target, kwargs", [
@@ -115,7 +116,7 @@ def test_after_activation_profiles_put_q_after_relu_even_for_int8():
     assert all(s.pow2 for s in _plan("npu-pow2").specs.values() if s is not INT32_BIAS)
     # ort-cpu with int8 activations keeps onnxruntime's placement (Q on the raw conv output).
     model = onnx.shape_inference.infer_shapes(make_model(NET))
-    ctx = QuantContext(config=QuantConfig(activation_dtype="int8"), target=get_target("ort-cpu"))
+    ctx = make_context(config=QuantConfig(activation_dtype="int8"), target=get_target("ort-cpu"))
     AssignSpecsPass()(to_graph(model), ctx)
     assert "c1" in ctx.specs
 
@@ -125,7 +126,7 @@ def test_graph_outputs_stay_float_unless_the_target_says_otherwise():
     assert _plan("qnn-a16").specs["f"].bits == 16
     model = onnx.shape_inference.infer_shapes(make_model(NET))
     target = dataclasses.replace(get_target("qnn"), quantize_graph_outputs=True)
-    ctx = QuantContext(config=QuantConfig(target="qnn"), target=target)
+    ctx = make_context(config=QuantConfig(target="qnn"), target=target)
     AssignSpecsPass()(to_graph(model), ctx)
     assert "y" in ctx.specs
 
@@ -177,7 +178,7 @@ def test_cli_target_conflicts_are_user_errors(tmp_path, capsys):
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
     code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
                  str(tmp_path / "c.npz"), "--target", "tensorrt", "--activations", "uint8"])
-    assert code == 2 and "target tensorrt does not allow --activations uint8" in capsys.readouterr().err
+    assert code == 2 and "target tensorrt does not allow activations.dtype='uint8'" in capsys.readouterr().err
     code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
                  str(tmp_path / "c.npz"), "--target", "npu-pow2", "--batch-size", "2", "--no-validate"])
     assert code == 0

@@ -12,7 +12,7 @@ scale are requantized (s_b = s_in * s_w).
 Ternary weights (2-bit specs): the AdaRound variables start from the codes already in the graph
 (the ternary operator's, which for twn and mquant-b are not round(W / s)) on the grid [-1, 1] with
 the operator's scale (``init_codes``); so does the fixed quantizer of the ``rtn`` method. With
-``ctx.config.learn_weight_scale`` every AdaRound weight (except power-of-two grids) also learns its
+``ctx.config.rounding.learn_weight_scale`` every AdaRound weight (except power-of-two grids) also learns its
 scale; ``write_back`` then writes the new weight scale and requantizes the biases that use it.
 """
 
@@ -74,7 +74,7 @@ def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: b
             in_graph = qp.spec.ternary or (graph_codes and not rounding)
             codes = np.asarray(node.inputs[0].values).astype(np.int64) if in_graph else None
             if rounding:
-                learn = bool(getattr(ctx.config, "learn_weight_scale", False)) and not qp.spec.pow2
+                learn = bool(getattr(ctx.config.rounding, "learn_weight_scale", False)) and not qp.spec.pow2
                 quantizer = AdaRoundWeight(*args, init_codes=codes, learn_scale=learn)
             else:
                 quantizer = RoundToNearestWeight(*args, codes=codes)

@@ -170,7 +170,8 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, source: str | Path |
     """Write ``model`` to ``path`` atomically; refuses to overwrite ``source`` (the input model)."""
     out = Path(path)
     if source is not None and out.exists() and out.resolve() == Path(source).resolve():
-        raise UserError(f"output path {out} is the input model: choose another -o path (the input is never overwritten)")
+        raise UserError(f"output path {out} is the input model: choose another -o path "
+                        "(the input is never overwritten)")
     if out.is_dir():
         raise UserError(f"output path {out} is a folder: name the .onnx file to write")
     out.parent.mkdir(parents=True, exist_ok=True)

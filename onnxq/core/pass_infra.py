@@ -1,10 +1,13 @@
-"""Pass infrastructure: the contract every graph pass follows.
+"""Pass infrastructure: the contract every pass follows.
 
-A pass is an object with ``requires`` (checks what it needs in the context), ``call`` (does the
-work, returns a :class:`PassResult`) and ``ensures`` (checks what it promised). Passes mutate the
-onnx-graphsurgeon graph in place (GS is a mutation API) and say whether they changed anything.
-:class:`PassManager` runs a list of passes, optionally to a fixpoint, and in debug mode runs the
-ONNX checker after every pass so the pass that breaks a graph is named.
+A graph pass is an object with ``requires`` (checks what it needs in the context), ``call`` (does
+the work, returns a :class:`PassResult`) and ``ensures`` (checks what it promised). Graph passes
+mutate the onnx-graphsurgeon graph in place (GS is a mutation API) and say whether they changed
+anything. :class:`PassManager` runs a list of passes, optionally to a fixpoint, and in debug mode
+runs the ONNX checker after every pass so the pass that breaks a graph is named.
+
+A :class:`ModelPass` works on the exported ``ModelProto`` instead: the last steps of writing a file
+(metadata, containers onnxruntime reads through a Cast) that have no graphsurgeon form.
 """
 
 from __future__ import annotations
@@ -56,6 +59,24 @@ class Pass(abc.ABC):
         self.ensures(result.graph, ctx)
         ctx.log_pass(self.name, result.modified, time.perf_counter() - start)
         return result
+
+
+class ModelPass(abc.ABC):
+    """A pass over the exported model (in place), after the graph passes."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @abc.abstractmethod
+    def call(self, model: onnx.ModelProto, ctx: QuantContext) -> bool:
+        """Edit ``model`` in place; return whether it changed."""
+
+    def __call__(self, model: onnx.ModelProto, ctx: QuantContext) -> bool:
+        start = time.perf_counter()
+        modified = self.call(model, ctx)
+        ctx.log_pass(self.name, modified, time.perf_counter() - start)
+        return modified
 
 
 class PassManager:

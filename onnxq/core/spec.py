@@ -180,7 +180,8 @@ def qparams_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, *, pow2_
     """Scale and zero-point covering [lo, hi] (which is widened to contain 0).
 
     Symmetric: z = 0 for signed grids (the grid middle, e.g. 128, for unsigned ones) and
-    s = max(|lo|, |hi|) / (qmax - z), so +max maps exactly to qmax. Asymmetric: s = (hi - lo) / (qmax - qmin), z = round(qmin - lo / s),
+    s = max(|lo|, |hi|) / (qmax - z), so +max maps exactly to qmax.
+    Asymmetric: s = (hi - lo) / (qmax - qmin), z = round(qmin - lo / s),
     clipped to the grid. A zero range gets s = 1 (any scale represents it exactly).
     """
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onnxq.config.legacy import QuantConfig
+from onnxq.config import Config, QuantConfig, as_config
 from onnxq.errors import UserError
 from onnxq.mixed.sensitivity import SensitivityTable, measure_sensitivity
 
@@ -96,22 +96,6 @@ class BitPlan:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return out
-
-
-def load_bit_plan(path: str | Path) -> tuple[tuple[str, int], ...]:
-    """The ``layers`` of a bit-plan JSON file as ``QuantConfig.bit_plan`` pairs."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"bit plan {p} does not exist: give the path of a JSON plan") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"bit plan {p} is not readable JSON ({exc}): give a file like "
-                        '{"layers": {"node": 4, ...}}') from None
-    layers = data.get("layers") if isinstance(data, dict) else None
-    if not isinstance(layers, dict) or not layers:
-        raise UserError(f'bit plan {p} has no "layers" mapping: write {{"layers": {{"node name": bits, ...}}}}')
-    return tuple((str(k), v) for k, v in layers.items())
 
 
 # ---------------------------------------------------------------------------- the integer program
@@ -182,7 +166,8 @@ def solve(table: SensitivityTable, budget: Budget, measure: str = "mse", *, time
         smallest = float(sum(row[k * len(widths):(k + 1) * len(widths)].min() for k in range(len(cands))))
         if smallest > limit:
             least = (smallest + fixed_part) / max(total, 1.0)
-            raise UserError(f"{budget.kind} budget {budget.value:g}{'' if budget.absolute else ' (ratio)'} is below the "
+            kind = "" if budget.absolute else " (ratio)"
+            raise UserError(f"{budget.kind} budget {budget.value:g}{kind} is below the "
                             f"smallest plan (every layer at {min(widths)} bits: ratio {least:.4f} of the 8-bit "
                             f"model): raise the budget or add narrower widths")
         constraints.append(LinearConstraint(row[None, :], -np.inf, limit))
@@ -227,29 +212,41 @@ def report_section(table: SensitivityTable, plan: BitPlan) -> dict[str, Any]:
             "layers": rows}
 
 
-def quantize_mixed(model: Any, calib: Any, config: QuantConfig | None = None, *, budget: Budget,
-                   widths: Sequence[int] = (8, 4, 2), measure: str = "mse", holdout: Any = None,
-                   table: SensitivityTable | None = None, metric: Callable[[np.ndarray], float] | None = None,
-                   validation: Any = None, recipe: Any = None, batch_size: int = 1,
-                   reconstruct: str = "rtn") -> MixedPrecisionResult:
+def config_budget(config: Config) -> Budget:
+    """The budget of ``config.mixed_precision`` (the one of size, BOPs or degradation that is set)."""
+    kinds = {"size_budget": "size", "bops_budget": "bops", "max_degradation": "degradation"}
+    given = [(kinds[k], v) for k, v in config.mixed_precision.budgets().items() if v is not None]
+    if len(given) != 1:
+        raise UserError("mixed precision needs exactly one of --size-budget R, --bops-budget R, --max-degradation D")
+    return Budget(*given[0])
+
+
+def quantize_mixed(model: Any, calib: Any, config: Config | QuantConfig | None = None, *,
+                   budget: Budget | None = None, table: SensitivityTable | None = None,
+                   metric: Callable[[np.ndarray], float] | None = None, validation: Any = None,
+                   recipe: Any = None, batch_size: int = 1) -> MixedPrecisionResult:
     """Sensitivity table (unless given), integer program, then the final quantization with the plan.
 
-    The final run is :func:`onnxq.api.quantize` with ``config.bit_plan`` set to the plan (so the
+    ``config.mixed_precision`` gives the candidate widths, the measure, the held-out samples, the
+    table's weights ("rtn" or "adaquant", :mod:`onnxq.mixed.sensitivity`) and the budget (``budget``
+    overrides it). The final run quantizes with ``config.weights.bit_plan`` set to the plan (so the
     configured method, bias correction and tuning apply); its report gets a "mixed_precision"
-    section (:func:`report_section`). ``reconstruct``: the table's weights ("rtn" or "adaquant", see
-    :mod:`onnxq.mixed.sensitivity`).
+    section (:func:`report_section`).
     """
-    from onnxq.api import quantize
+    from onnxq.pipeline.run import run_quantize
 
-    config = config or QuantConfig()
-    if config.bit_plan:
+    config = as_config(config)
+    mp = config.mixed_precision
+    if config.weights.bit_plan:
         raise UserError("mixed precision chooses the bit plan itself: drop the given bit plan (or use it alone)")
+    budget = budget if budget is not None else config_budget(config)
     if table is None:
-        table = measure_sensitivity(model, calib, config, widths=widths, holdout=holdout, metric=metric,
-                                    fisher=measure == "fisher", recipe=recipe, batch_size=batch_size,
-                                    reconstruct=reconstruct)
-    plan = solve(table, budget, measure)
-    result = quantize(model, calib, replace(config, bit_plan=plan.layers), validation=validation, recipe=recipe,
-                      batch_size=batch_size)
+        table = measure_sensitivity(model, calib, config, widths=mp.widths, holdout=mp.holdout, metric=metric,
+                                    fisher=mp.measure == "fisher", recipe=recipe, batch_size=batch_size,
+                                    reconstruct=mp.reconstruct)
+    plan = solve(table, budget, mp.measure)
+    final = config.replace(weights=replace(config.weights, bit_plan=plan.layers))
+    result = run_quantize(model, calib, final, validation=validation, recipe=recipe, batch_size=batch_size)
     result.report["mixed_precision"] = report_section(table, plan)
+    result.bit_plan = plan
     return MixedPrecisionResult(result, plan, table)

@@ -50,8 +50,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.config.legacy import MP_RECONSTRUCT as RECONSTRUCT
-from onnxq.config.legacy import PLAN_BITS, QuantConfig
+from onnxq.blocks.engine_settings import adaquant_settings
+from onnxq.config import AdaQuant, Config, QuantConfig, RoundToNearest, as_config
+from onnxq.config.choices import MP_RECONSTRUCT as RECONSTRUCT
+from onnxq.config.choices import PLAN_BITS
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
 from onnxq.core.layers import WEIGHT_INPUTS, node_key, weighted_layers
@@ -166,17 +168,17 @@ class SensitivityTable:
 
 
 # ---------------------------------------------------------------------------- public entry point
-def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config: QuantConfig | None = None, *,
+def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config: Config | QuantConfig | None = None, *,
                         widths: Sequence[int] = (8, 4, 2), holdout: Any = None,
                         metric: Callable[[np.ndarray], float] | None = None, fisher: bool = False,
                         recipe: ImageRecipe | None = None, batch_size: int = 1, reconstruct: str = "rtn",
-                        adaquant: Any = None) -> SensitivityTable:
+                        adaquant: AdaQuant | None = None) -> SensitivityTable:
     """Measure the per-layer sensitivity table (see the module docstring).
 
     Args:
         model: path or ModelProto of the float model.
         calib: calibration data (anything :func:`onnxq.data.loaders.load_calibration` takes).
-        config: the run's config; its ``weight_bits``/``bit_plan`` are ignored (the base is 8-bit).
+        config: the run's config; its weight width and bit plan are ignored (the base is 8-bit).
         widths: candidate widths (8 is always added).
         holdout: held-out feeds for the measurement; None sets aside the last calibration batches
             (about a fifth, at most :data:`DEFAULT_HOLDOUT` samples); an int sets aside that many samples.
@@ -185,11 +187,11 @@ def measure_sensitivity(model: str | Path | onnx.ModelProto, calib: Any, config:
         fisher: also compute the Fisher measure (needs torch; :mod:`onnxq.mixed.fisher`).
         recipe / batch_size: for image folders and file sources.
         reconstruct: "rtn" or "adaquant" (parallel AdaQuant per width below 8; see the module docstring).
-        adaquant: the AdaQuantConfig for ``reconstruct="adaquant"`` (its mode must be parallel); None
-            takes ``config``'s schedule (``config.adaquant_config()``) in parallel mode.
+        adaquant: the :class:`~onnxq.config.AdaQuant` of ``reconstruct="adaquant"`` (its mode must be
+            parallel); None: the run's AdaQuant, else AdaQuant on the run's schedule, in parallel mode.
     """
     t0 = time.perf_counter()
-    config = config or QuantConfig()
+    config = as_config(config)
     if reconstruct not in RECONSTRUCT:
         raise UserError(f"sensitivity reconstruct={reconstruct!r} is unknown: use {' or '.join(RECONSTRUCT)}")
     optimiser = _adaquant_config(config, adaquant) if reconstruct == "adaquant" else None
@@ -248,21 +250,33 @@ def _widths(widths: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _base_config(config: QuantConfig, widths: tuple[int, ...]) -> QuantConfig:
+def _base_config(config: Config, widths: tuple[int, ...]) -> Config:
     """8-bit weights, no plan, no tuning, round to nearest, an opset every candidate width fits."""
-    probe = resolve_config(replace(config, weight_bits=8, bit_plan=tuple((f"#{b}", b) for b in widths),
-                                   validate=False))
-    return replace(probe, bit_plan=(), opset=probe.output_opset, bias_tuning=False, stats_tuning=False,
-                   method="rtn")
+    probe = resolve_config(config.replace(weights=replace(config.weights, bits=8,
+                                                          bit_plan=tuple((f"#{b}", b) for b in widths)),
+                                          validation=replace(config.validation, enabled=False)))
+    return probe.replace(weights=replace(probe.weights, bit_plan=()), opset=probe.output_opset,
+                         tuning=replace(probe.tuning, bias_tuning=False, stats_tuning=False),
+                         rounding=RoundToNearest())
 
 
-def _adaquant_config(config: QuantConfig, given: Any) -> Any:
-    """The parallel AdaQuantConfig of the table (``given``, or ``config``'s schedule in parallel mode)."""
-    optimiser = given if given is not None else replace(config, adaquant_mode="parallel").adaquant_config()
-    if optimiser.mode != "parallel":
+def _adaquant_config(config: Config, given: AdaQuant | None) -> Any:
+    """The engine record of the table's parallel AdaQuant: ``given``, else the run's AdaQuant in parallel
+    mode, else AdaQuant on the run's schedule (paper, or fast) in parallel mode."""
+    if given is None:
+        rounding = config.rounding
+        if isinstance(rounding, AdaQuant):
+            given = replace(rounding, mode="parallel")
+        else:
+            schedule = "paper" if getattr(rounding, "schedule", "fast") == "paper" else "fast"
+            given = AdaQuant.from_schedule(schedule, mode="parallel")
+        mp = config.mixed_precision
+        sizes = {k: v for k, v in (("iters", mp.table_iters), ("samples", mp.table_samples)) if v is not None}
+        given = replace(given, **sizes)
+    if given.mode != "parallel":
         raise UserError("a reconstruction-aware sensitivity table needs parallel AdaQuant (layers "
-                        f"independent, float-model inputs), got mode {optimiser.mode!r}")
-    return optimiser
+                        f"independent, float-model inputs), got mode {given.mode!r}")
+    return adaquant_settings(given, seed=config.seed, device=config.engine.device)
 
 
 def _split(calib_set: CalibrationSet, holdout: Any, inputs, recipe, batch_size
@@ -294,7 +308,8 @@ def _layers(graph: gs.Graph, ctx: QuantContext) -> list[LayerInfo]:
             continue
         w = np.asarray(node.inputs[WEIGHT_INPUTS[node.op][0]].values)
         spec_in = ctx.specs.get(node.inputs[0].name)
-        fixed = cfg.first_last_bits if (id(node) in ends and cfg.first_last_bits is not None) else None
+        first_last = cfg.weights.first_last_bits
+        fixed = first_last if (id(node) in ends and first_last is not None) else None
         out.append(LayerInfo(node_key(node), node.op, int(w.size), int(w.size) * _positions(node),
                              spec_in.bits if spec_in is not None else 32, fixed))
     return out

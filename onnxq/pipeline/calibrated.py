@@ -10,31 +10,26 @@ are not run here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.config.legacy import QuantConfig
+from onnxq.config import Config, QuantConfig, as_config
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
-from onnxq.core.pass_infra import PassManager
 from onnxq.data.calibset import CalibrationSet
-from onnxq.passes.quant.align_scales import AlignScalesPass
-from onnxq.passes.quant.assign_specs import AssignSpecsPass
-from onnxq.passes.quant.calibrate import CalibratePass
-from onnxq.passes.quant.correct_bias import CorrectBiasPass
-from onnxq.passes.quant.insert_qdq import InsertQDQPass
+from onnxq.pipeline.build import build_pipeline, prepare_float
+from onnxq.targets.profiles import resolve_config
 
 
 @dataclass
 class CalibratedModel:
     """A float model whose activations were calibrated once; quantize it with any bit plan.
 
-    ``build`` runs the float phase, spec assignment, calibration and scale alignment (the
-    expensive, data-dependent part of :func:`onnxq.api.quantize`); ``quantize_graph(plan)`` then
-    runs only the weight passes (bias correction when configured, QDQ insertion) on a fresh copy.
-    Round-to-nearest only: reconstruction and tuning are not run here.
+    ``build`` runs the float, plan and calibrate stages of the pipeline (the expensive,
+    data-dependent part of a run); ``quantize_graph(plan)`` then runs the plan and weights stages
+    on a fresh copy with the calibrated activations. Round-to-nearest only: the rounding and
+    tuning stages are not run here.
     """
 
     original: onnx.ModelProto
@@ -44,37 +39,33 @@ class CalibratedModel:
     calib: CalibrationSet
 
     @classmethod
-    def build(cls, original: onnx.ModelProto, config: QuantConfig, calib: CalibrationSet) -> CalibratedModel:
-        from onnxq.api import prepare_float
-
+    def build(cls, original: onnx.ModelProto, config: Config | QuantConfig, calib: CalibrationSet
+              ) -> CalibratedModel:
+        config = resolve_config(as_config(config))
         reference, ctx = prepare_float(original, config, calib)
         ctx.reference = reference
         graph = g.to_graph(reference)
-        PassManager([AssignSpecsPass(), CalibratePass(), AlignScalesPass()])(graph, ctx)
+        build_pipeline(config, first="plan", last="calibrate").run(graph, ctx)
         return cls(original, reference, ctx, graph, calib)
 
-    def quantize_graph(self, bit_plan: tuple[tuple[str, int], ...], **changes: Any) -> tuple[gs.Graph, QuantContext]:
-        """The reference with weights quantized by ``bit_plan`` (config ``changes`` such as
-        ``bias_correction`` allowed) and the calibrated activations."""
-        cfg = replace(self.ctx.config, bit_plan=bit_plan, **changes)
-        graph = g.to_graph(self.reference)
+    def _context(self, bit_plan: tuple[tuple[str, int], ...]) -> QuantContext:
+        cfg = self.ctx.config
+        cfg = cfg.replace(weights=replace(cfg.weights, bit_plan=bit_plan))
         ctx = QuantContext(config=cfg, target=self.ctx.target, calib=self.calib, reference=self.reference)
         ctx.bn_stats = dict(self.ctx.bn_stats)
-        AssignSpecsPass()(graph, ctx)
+        return ctx
+
+    def quantize_graph(self, bit_plan: tuple[tuple[str, int], ...]) -> tuple[gs.Graph, QuantContext]:
+        """The reference with weights quantized by ``bit_plan`` and the calibrated activations."""
+        graph = g.to_graph(self.reference)
+        ctx = self._context(bit_plan)
+        build_pipeline(ctx.config, first="plan", last="plan").run(graph, ctx)
         ctx.qparams.update(self.ctx.qparams)  # activations: calibrated (and aligned) once
         ctx.shared.update(self.ctx.shared)
-        passes = [CorrectBiasPass(source=cfg.bias_correction)] if cfg.bias_correction else []
-        PassManager([*passes, InsertQDQPass()])(graph, ctx)
+        build_pipeline(ctx.config, first="weights", last="weights").run(graph, ctx)
         return graph, ctx
 
-    def quantize(self, bit_plan: tuple[tuple[str, int], ...], **changes: Any) -> onnx.ModelProto:
-        """The exported QDQ model of ``bit_plan`` (cleaned up as :func:`onnxq.api.quantize` does;
-        no validation or report)."""
-        from onnxq.passes.export.cleanup import CleanupPass
-        from onnxq.ternary.export import finish_two_bit_model
-
-        graph, ctx = self.quantize_graph(bit_plan, **changes)
-        CleanupPass()(graph, ctx)
-        model = g.to_model(graph, template=self.original)
-        finish_two_bit_model(model, ctx.report)
-        return model
+    def quantize(self, bit_plan: tuple[tuple[str, int], ...]) -> onnx.ModelProto:
+        """The exported QDQ model of ``bit_plan`` (exported as a run does; no validation or report)."""
+        graph, ctx = self.quantize_graph(bit_plan)
+        return build_pipeline(ctx.config, first="export").export(graph, ctx, template=self.original)

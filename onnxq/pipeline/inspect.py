@@ -15,12 +15,12 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from onnxq.api import prepare_float
-from onnxq.config.legacy import QuantConfig
+from onnxq.config import Config, QuantConfig, as_config
 from onnxq.core import graph as g
 from onnxq.data.loaders import model_inputs
 from onnxq.passes.export.cleanup import CleanupPass
-from onnxq.passes.quant.assign_specs import AssignSpecsPass
+from onnxq.pipeline.build import build_pipeline, prepare_float
+from onnxq.targets.profiles import resolve_config
 
 
 def reconstruction_blocks(graph: gs.Graph, max_chain: int) -> dict[str, Any]:
@@ -33,11 +33,14 @@ def reconstruction_blocks(graph: gs.Graph, max_chain: int) -> dict[str, Any]:
     return {"max_chain": max_chain, "blocks": describe_blocks(blocks), "not_in_torch": refused}
 
 
-def inspect_model(path: str | Path, config: QuantConfig) -> dict[str, Any]:
+def inspect_model(path: str | Path, config: Config | QuantConfig, *, max_chain: int = 3) -> dict[str, Any]:
+    """What ``config`` would do to the model at ``path``: the float and plan stages of its pipeline.
+    ``max_chain``: the block granularity shown when the rounding method has none of its own."""
+    config = resolve_config(as_config(config))
     original = g.load_model(path)
     reference, ctx = prepare_float(original, config)
     graph = g.to_graph(reference)
-    AssignSpecsPass()(graph, ctx)
+    build_pipeline(config, first="plan", last="plan").run(graph, ctx)
     CleanupPass()(graph, ctx)
     consts = {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     reasons: dict[str, list[str]] = {}
@@ -54,7 +57,7 @@ def inspect_model(path: str | Path, config: QuantConfig) -> dict[str, Any]:
         "quantized_activations": len([n for n in ctx.specs if n not in consts]),
         "shared_scale_tensors": len(ctx.shared),
         "float_ops": {why: sorted(nodes) for why, nodes in sorted(reasons.items())},
-        "reconstruction": reconstruction_blocks(graph, config.max_chain),
+        "reconstruction": reconstruction_blocks(graph, getattr(config.rounding, "max_chain", max_chain)),
     }
 
 

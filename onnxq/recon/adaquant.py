@@ -36,7 +36,6 @@ Q->DQ pair is an :class:`AdaQuantAct`); only this file's modules have trainable 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,97 +63,50 @@ LayerResult = BlockResult
 
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
 @dataclass(frozen=True)
 class AdaQuantConfig:
-    """AdaQuant settings. :meth:`paper` = the authors' code; :meth:`fast` = our CPU budget.
+    """The resolved settings of one AdaQuant run (built and validated from the run's
+    :class:`onnxq.config.AdaQuant` by :func:`onnxq.blocks.engine_settings.adaquant_settings`).
 
     Attributes:
-        mode: "parallel" (float-model inputs, layers independent, so each layer can be pre-optimised at
-            several bit widths for a later bit allocation) or "sequential" (inputs from the model quantized
-            so far, in topological order; more accurate for one fixed bit configuration).
+        mode: "parallel" (float-model inputs, layers independent) or "sequential" (inputs from the
+            model quantized so far, in topological order).
         iters: optimisation steps per layer. batch_size: mini-batch size.
         num_samples: calibration samples cached per layer (the pass uses what it has).
-        holdout: > 0: the last ``holdout`` samples are never trained on and score the layer (paper: 100).
-            Ignored when it would leave nothing to train on; then the first ``eval_samples`` score it.
+        holdout: > 0: the last ``holdout`` samples are never trained on and score the layer. Ignored
+            when it would leave nothing to train on; then the first ``eval_samples`` score it.
         lr_weight, lr_bias, lr_weight_range, lr_input_range: Adam rates (absolute on float ranges, or
             relative to each parameter's unit when ``relative``; see the module docstring).
         relative: relative rates (True) or the paper's absolute ones (False).
         cosine: decay every rate to 0 along a cosine over ``iters`` (False: constant, as the paper).
         learn_zero_point: train the input zero-point of asymmetric activation grids.
         p: exponent of the output error (2 = MSE).
-        device: "cpu" or "cuda[:k]". seed: mini-batch generator.
+        device: torch device. seed: mini-batch generator.
         eval_samples: evaluation subset size when there is no holdout.
         log_every: record the training error every this many steps.
     """
 
-    mode: str = "sequential"
-    iters: int = 100
-    batch_size: int = 50
-    num_samples: int = 1024
-    holdout: int = 100
-    lr_weight: float = 1e-5
-    lr_bias: float = 1e-3
-    lr_weight_range: float = 1e-3
-    lr_input_range: float = 1e-1
-    relative: bool = False
-    cosine: bool = False
-    learn_zero_point: bool = True
-    p: float = 2.0
-    device: str = "cpu"
-    seed: int = 0
-    eval_samples: int = 256
-    log_every: int = 25
+    mode: str
+    iters: int
+    batch_size: int
+    num_samples: int
+    holdout: int
+    lr_weight: float
+    lr_bias: float
+    lr_weight_range: float
+    lr_input_range: float
+    relative: bool
+    cosine: bool
+    learn_zero_point: bool
+    p: float
+    device: str
+    seed: int
+    eval_samples: int
+    log_every: int
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, f"unknown AdaQuant mode {self.mode!r}: use parallel or sequential")
-        for name in ("iters", "batch_size", "num_samples", "holdout", "seed", "eval_samples", "log_every"):
-            v = getattr(self, name)
-            _check(isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-                   f"adaquant {name} must be an integer, got {v!r}")
-        for name in ("iters", "batch_size", "num_samples", "eval_samples", "log_every"):
-            _check(getattr(self, name) >= 1, f"adaquant {name} must be >= 1, got {getattr(self, name)}")
-        _check(self.holdout >= 0, f"adaquant holdout must be >= 0, got {self.holdout}")
-        for name in ("relative", "cosine", "learn_zero_point"):
-            _check(isinstance(getattr(self, name), bool), f"adaquant {name} must be true or false")
-        for name in ("lr_weight", "lr_bias", "lr_weight_range", "lr_input_range", "p"):
-            v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 and (v > 0 or name != "p"),
-                   f"adaquant {name} must be >= 0 (p > 0), got {v!r}")
-        dev = str(self.device)
-        _check(dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
-               f"adaquant device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
-
-    @classmethod
-    def paper(cls, mode: str = "sequential", **overrides) -> AdaQuantConfig:
-        """The authors' code: 100 iterations at batch 50, absolute Adam rates 1e-5 (weights), 1e-3 (bias),
-        1e-3 (weight range), 1e-1 (input range and zero-point), a 100-sample held-out score; ~1,000 images."""
-        return cls(mode=mode, **overrides)
-
-    @classmethod
-    def fast(cls, mode: str = "sequential", **overrides) -> AdaQuantConfig:
-        """Our CPU budget (not the paper's): 200 iterations at batch 16 on 256 samples (64 held out),
-        relative rates with cosine decay: weights 2e-3 of their step per iteration, weight steps 3e-3,
-        input step and zero-point 2e-2, bias 1e-3 of the layer's output RMS.
-
-        Measured on EfficientNet-Lite0 layers (held-out layer loss after / before, geometric mean over 4-5
-        layers of different depths; parallel inputs, 1 thread):
-
-        * the paper's absolute weight rate moves a 4-bit weight by at most ~1e-3 in 100 steps, a small
-          fraction of its step; relative weight rates of 5e-3 (constant) diverge after ~40 steps (the
-          loss rises back above round-to-nearest on some layers), 1e-3-2e-3 do not: W4A8 0.57 (weights
-          frozen, only bias and ranges) -> 0.47-0.48 (1e-3, 5e-4) -> 0.46 (2e-3 with cosine decay);
-        * batch 16 x 200 equals batch 32 x 200 (0.39 both, on 4 layers) at half the compute; 400
-          iterations give 0.37, as do 200 with the larger range rates chosen here (W4A4: 0.48 vs 0.50).
-        """
-        base = dict(iters=200, batch_size=16, num_samples=256, holdout=64, relative=True, cosine=True,
-                    lr_weight=2e-3, lr_bias=1e-3, lr_weight_range=3e-3, lr_input_range=2e-2, eval_samples=128)
-        base.update(overrides)
-        return cls(mode=mode, **base)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown AdaQuant mode {self.mode!r}: use parallel or sequential")
 
 
 def _channel_shape(ndim: int, axis: int | None, n: int) -> list[int]:

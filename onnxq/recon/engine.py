@@ -39,7 +39,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -57,199 +56,63 @@ logger = logging.getLogger(__name__)
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-WEIGHT_INPUTS = ("quantized", "weights_only")
-ORDERS = ("interleaved", "two_pass")
-
-
 @dataclass(frozen=True)
 class ReconConfig:
-    """Reconstruction settings. Defaults are the papers' (:meth:`paper`); :meth:`fast` is a CPU budget.
+    """The resolved settings of one reconstruction run (built and validated from the run's rounding
+    method by :func:`onnxq.blocks.engine_settings.recon_settings`; every field documented there).
 
     Attributes:
         method: "rtn", "adaround", "brecq" or "qdrop".
         iters: iterations per block (weight phase; qdrop's joint loop). batch_size: mini-batch size.
-        num_samples: samples the caller should cache per block (the engine uses what it is given).
-        round_lr: Adam rate of the rounding variables V.
-        act_lr: Adam rate of the activation step sizes; None = 4e-4 for brecq, 4e-5 otherwise.
-        act_lr_relative: multiply ``act_lr`` per quantizer by its initial step size (mean over channels),
-            so 8-bit and 4-bit steps move by the same fraction. The papers' rates are absolute (False).
+        num_samples: samples the caller caches per block (the engine uses what it is given).
+        round_lr / act_lr: Adam rates of the rounding variables and of the activation step sizes
+            (``act_lr_relative``: per quantizer, times its initial step size).
         round_weight: lambda. beta: (start, end) temperature. warmup: fraction of ``iters`` without
-            the regulariser.
-        p: exponent of the weight-phase error (and of the evaluation). act_p: the act-phase exponent.
-        act_iters: BRECQ's activation phase; None = iters // 4 (paper: 5,000 for 20,000).
-        fisher: weight the error with (|g| + 1)^2 (the caller passes the gradients g).
+            the regulariser. p / act_p: exponents of the weight-phase and activation-phase errors.
+        act_iters: length of BRECQ's activation phase. fisher: Fisher-weighted error.
         drop_prob: QDrop's per-element probability of leaving an activation in float.
-        device: "cpu" or "cuda[:k]" (must be available). seed: mini-batch and drop generators.
+        device: torch device (must be available). seed: mini-batch and drop generators.
         eval_samples: the evaluation subset (the first samples, also trained on) unless ``holdout``.
         holdout: > 0: the last ``holdout`` samples are never trained on and are the evaluation subset.
         log_every: record the training error in the history every this many iterations.
-        augment: augmented views per calibration sample (:mod:`onnxq.data.augment`: a horizontal flip, then
-            random resized crops), appended after the ``num_samples`` originals, so a block is fitted
-            on ``num_samples * (1 + augment)`` samples. 0: none (the papers'). Image inputs only; not
-            with ``holdout`` (a view of a training image would be scored as held out).
-        augment_optional: a model without an image input is fitted without views (logged) instead of
-            refused. Set by :meth:`long`, whose views are a default rather than the user's request.
-        order: BRECQ's phase order over the network (the caller, ReconstructPass, runs it):
-            "interleaved" (each block's activation phase right after its weight phase) or "two_pass"
-            (BRECQ's reference: every block's weight phase, then every block's activation phase).
-            None: "two_pass" for brecq (the reference's order; on EfficientNet-Lite0 W4A8 it gave 82.13 %
-            top-1 against 81.33 % interleaved), "interleaved" for the other methods, which have one
-            phase and accept only "interleaved". (``QuantConfig`` asks for "interleaved" with 4-bit
-            activations: at W4A4 two-pass gave 69.20 % against 76.13 % interleaved.)
-        weight_inputs: block inputs of the adaround/brecq weight phase: "quantized" (``inputs_q``, from
-            the model quantized so far) or "weights_only" (``inputs_w``, the same model with its
-            activation quantizers off, BRECQ's act_quant=False). None: "weights_only" for adaround and
-            for brecq's two-pass order, "quantized" for interleaved brecq. Interleaved, a block's
-            activation phase runs right after its weight phase, so later blocks get inputs clipped by
-            learned steps that weights-only inputs never show (on EfficientNet-Lite0 W4A8 the learned
-            output steps are about 35 % under the calibrated ones, and weights-only inputs cost 15.3
-            points of top-1: 66.00 against 81.33). In the two-pass order no step is learned before
-            every weight is, so weights-only inputs are consistent, as in the reference.
+        augment / augment_optional: augmented views per calibration sample (the caller builds them).
+        weight_inputs: "quantized" or "weights_only" block inputs of the adaround/brecq weight phase.
+        order: BRECQ's phase order over the network, "interleaved" or "two_pass" (the caller runs it).
     """
 
     method: str
-    iters: int = 20000
-    batch_size: int = 32
-    num_samples: int = 1024
-    round_lr: float = 1e-3
-    act_lr: float | None = None
-    act_lr_relative: bool = False
-    round_weight: float = 0.01
-    beta: tuple[float, float] = (20.0, 2.0)
-    warmup: float = 0.2
-    p: float = 2.0
-    act_iters: int | None = None
-    act_p: float = 2.4
-    fisher: bool = False
-    drop_prob: float = 0.5
-    device: str = "cpu"
-    seed: int = 0
-    eval_samples: int = 256
+    iters: int
+    batch_size: int
+    num_samples: int
+    round_lr: float
+    act_lr: float
+    act_lr_relative: bool
+    round_weight: float
+    beta: tuple[float, float]
+    warmup: float
+    p: float
+    act_iters: int
+    act_p: float
+    fisher: bool
+    drop_prob: float
+    device: str
+    seed: int
+    eval_samples: int
+    log_every: int
+    augment: int
+    augment_optional: bool
+    weight_inputs: str
+    order: str
     holdout: int = 0
-    log_every: int = 100
-    augment: int = 0
-    augment_optional: bool = False
-    weight_inputs: str | None = None
-    order: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS,
-               f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("iters", "batch_size", "num_samples", "seed", "eval_samples", "holdout", "log_every",
-                     "augment"):
-            v = getattr(self, name)
-            _check(_is_int(v), f"recon {name} must be an integer, got {v!r}")
-        _check(self.augment >= 0, f"recon augment must be >= 0 views per sample, got {self.augment}")
-        _check(not (self.augment and self.holdout),
-               "recon augment and holdout exclude each other (a view of a training image would be scored as "
-               "held out): set one of them to 0")
-        _check(self.iters >= (self.method != "rtn"), f"recon iters must be >= 1, got {self.iters}")
-        for name in ("batch_size", "num_samples", "eval_samples", "log_every"):
-            _check(getattr(self, name) >= 1, f"recon {name} must be >= 1, got {getattr(self, name)}")
-        _check(self.holdout >= 0, f"recon holdout must be >= 0, got {self.holdout}")
-        if self.act_lr is None:
-            object.__setattr__(self, "act_lr", 4e-4 if self.method == "brecq" else 4e-5)
-        if self.act_iters is None:
-            object.__setattr__(self, "act_iters", self.iters // 4)
-        _check(_is_int(self.act_iters) and self.act_iters >= 0,
-               f"recon act_iters must be an integer >= 0, got {self.act_iters!r}")
-        for name in ("round_lr", "act_lr", "p", "act_p"):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
-            _check(ok, f"recon {name} must be > 0, got {v!r}")
-        _check(np.isfinite(self.round_weight) and self.round_weight >= 0,
-               f"recon round_weight must be >= 0, got {self.round_weight}")
-        _check(len(tuple(self.beta)) == 2, f"recon beta must be (start, end), got {self.beta!r}")
-        object.__setattr__(self, "beta", (float(self.beta[0]), float(self.beta[1])))
-        _check(self.beta[0] >= self.beta[1] > 0, f"recon beta must satisfy start >= end > 0, got {self.beta}")
-        _check(0.0 <= self.warmup < 1.0, f"recon warmup is a fraction in [0, 1), got {self.warmup}")
-        _check(0.0 <= self.drop_prob <= 1.0, f"recon drop_prob must be in [0, 1], got {self.drop_prob}")
-        if self.order is None:
-            object.__setattr__(self, "order", "two_pass" if self.method == "brecq" else "interleaved")
-        _check(self.order in ORDERS, f"recon order {self.order!r} is unknown: use {' or '.join(ORDERS)}")
-        _check(self.order == "interleaved" or self.method == "brecq",
-               f"recon order {self.order!r} applies to brecq only (the method is {self.method!r}): "
-               "leave the order unset")
-        if self.weight_inputs is None:
-            consistent = self.method == "adaround" or self.order == "two_pass"
-            object.__setattr__(self, "weight_inputs", "weights_only" if consistent else "quantized")
-        _check(self.weight_inputs in WEIGHT_INPUTS,
-               f"recon weight_inputs {self.weight_inputs!r} is unknown: use {' or '.join(WEIGHT_INPUTS)}")
-        for name in ("fisher", "act_lr_relative", "augment_optional"):
-            _check(isinstance(getattr(self, name), bool), f"recon {name} must be true or false")
-        dev = str(self.device)
-        _check(dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
-               f"recon device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
-
-    @classmethod
-    def paper(cls, method: str, **overrides) -> ReconConfig:
-        """The papers' schedule: 20,000 iterations, batch 32, 1,024 samples; BRECQ act phase 5,000 at lr 4e-4,
-        QDrop act lr 4e-5 (cosine), lambda 0.01, beta 20 -> 2, warm-up 0.2."""
-        return cls(method=method, **overrides)
-
-    @classmethod
-    def fast(cls, method: str, **overrides) -> ReconConfig:
-        """A CPU budget: EfficientNet-Lite0 W4A4 in about 25 minutes on 2 cores, data capture included.
-
-        300 iterations at batch 16 on 256 samples (BRECQ act phase: 75), AdaRound lr 5e-2, activation
-        lr relative to each step size (1e-2 brecq, 5e-3 qdrop), regulariser weight lambda = 10 (the
-        papers: 0.01), beta 20 -> 2 and warm-up 0.2 as in the papers.
-        Why (measured on a busy 2-core Xeon, single-thread CPU time; see the recon report):
-
-        * one iteration over all 17 blocks of Lite0 (16 MBConv + head, W4A4) costs 3.2 s (weight
-          phase), 4.0 s (act phase), 5.8 s (qdrop) at batch 16 (6.8/9.5/13.7 s at 32). 300 iterations:
-          adaround ~970 s, brecq ~1270 s, qdrop ~1750 s; with 2 threads (~1.6x) 10/13/18 minutes.
-        * for the same compute, more and smaller steps win: on real Lite0 blocks (W4, held-out error
-          relative to round-to-nearest) batch 32 x 200 gave 0.73/0.71, batch 16 x 400 0.65, batch 8 x 800
-          0.60/0.57; batch 16 keeps the per-step weight overhead of big 7x7 blocks small.
-        * Adam moves V by about lr per step, so the paper's 1e-3 over 300 steps only flips near-ties
-          (0.85-0.88 of RTN); 5e-2 gives 0.62-0.64 (2,000 steps at 1e-3: 0.63).
-        * absolute activation rates hardly move 4-bit steps in 75-300 steps and overshoot 8-bit ones;
-          relative rates fixed both (W4A4 block error 0.89 -> 0.41-0.49 of RTN, W4A8 stable).
-        * lambda: the regulariser must make every h(V) 0 or 1 before the final hard rounding. At
-          lambda = 0.01, 300 steps leave 17-49 % of h strictly inside (0.01, 0.99) on Lite0 blocks
-          (W4A8 weight phase), and the hard codes lose much of what the soft ones gained (block02:
-          soft 91, hard 310, round-to-nearest 562). The regulariser only pulls h away from 1/2 once
-          beta has fallen, in the last part of a schedule, so a short schedule needs it stronger.
-          lambda = 10 leaves 0.1-1.5 % and cuts the hard loss on 64 held-out samples to 147 (block02),
-          297 (block03, was 397), 727 (block06, was 812); 1 and 100 gave 185/449/739 and
-          141/295/729.
-        """
-        base = dict(iters=300, batch_size=16, num_samples=256, round_lr=5e-2, act_lr_relative=True,
-                    round_weight=10.0,
-                    act_lr=1e-2 if method == "brecq" else 5e-3, eval_samples=128, log_every=25)
-        base.update(overrides)
-        return cls(method=method, **base)
-
-    @classmethod
-    def long(cls, method: str, **overrides) -> ReconConfig:
-        """:meth:`fast`'s rates with 1,000 iterations a block, fitted on each image and 3 views of it.
-
-        The setting that met issue 3's W4A8 BRECQ bar on EfficientNet-Lite0 (asymmetric per-channel
-        weights; 2-core CPU, docs/benchmarks.md sessions 9-10): top-1 85.20 / 84.80 over seeds 0 / 1
-        against 83.53 (mean of two seeds) for :meth:`fast`, in about 25 minutes (2 threads) and 10.2 GB.
-        Neither half alone does it: 1,000 iterations without views gave 84.40 (mean of two seeds),
-        3,000 iterations 84.53, and views at 300 iterations 83.91 (three seeds). A likely reason, not
-        tested: at 1,000 steps of 16 each of 250 images is seen 64 times, and views stop the rounding
-        from fitting those images. It is not better everywhere: at W4A4, QDrop on this schedule scored
-        77.87 (one seed, session 11) against 78.00 / 79.47 with 600 iterations and the same views
-        (seeds 0 / 1, session 12); W4A4 BRECQ gained 1.34 (77.47 against 76.13 fast, session 12). At
-        W2A4 (4-level INT2) it lifted BRECQ from 26.93 to 44.00 and layer-wise AdaRound from 32.53 to
-        33.60 (one seed each, session 11).
-        A model without an image input gets no views (``augment_optional``).
-        """
-        base = dict(iters=1000, augment=3, augment_optional=True)
-        base.update(overrides)
-        return cls.fast(method, **base)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.holdout < 0:
+            raise ValueError(f"recon holdout must be >= 0, got {self.holdout}")
+        if self.augment and self.holdout:
+            raise UserError("recon augment and holdout exclude each other (a view of a training image would be "
+                            "scored as held out): set one of them to 0")
 
 
 @dataclass

@@ -15,7 +15,8 @@ QDQ file against it. Profiles:
 ``tensorrt``
     int8 symmetric everywhere (every zero-point 0), float biases (TensorRT fuses them into the
     convolution) put on their INT32 grid s_in * s_w (``bias_grid``), so that onnxruntime, which
-    quantizes a float bias itself, computes the same function as OpenVINO and TensorRT. Placement follows NVIDIA's recommendations for explicit quantization: Q/DQ on the
+    quantizes a float bias itself, computes the same function as OpenVINO and TensorRT. Placement
+    follows NVIDIA's recommendations for explicit quantization: Q/DQ on the
     *inputs* of quantizable ops (weighted ops, pooling, Concat, Add), never on a weighted op's own
     output (TensorRT fuses Conv + BN + Relu and the next input's Q into one kernel, so Relu/Clip
     stay float nodes); a residual Add gets Q/DQ on its residual input while the input coming
@@ -35,25 +36,26 @@ QDQ file against it. Profiles:
     exact power of two (so requantization is a shift), Concat inputs and element-wise Add inputs
     share one scale.
 
-Ternary weights (``weight_bits=2``) are allowed by every target: their codes {-1, 0, 1} live in the
+Ternary weights (``weights.bits = 2``) are allowed by every target: their codes {-1, 0, 1} live in the
 narrowest container the target allows (int2, int4 or int8 in ``weight_bits``) and onnxruntime runs
-(:func:`onnxq.ternary.export.resolve_storage`), unless ``ternary_storage`` names one.
+(:func:`onnxq.ternary.export.resolve_storage`), unless ``weights.storage`` names one.
 
-Config vs target: :meth:`Target.resolve` makes the run's :class:`QuantConfig` agree with the
-target. A config value the target allows is kept; a disallowed value that is QuantConfig's own
-default (the ort-cpu choice, e.g. ``activation_dtype="uint8"`` under ``tensorrt``) is replaced by
-the target's choice and logged at INFO; any other disallowed value is a :class:`UserError`.
+Config vs target: :meth:`Target.resolve` decides what the run's :class:`~onnxq.config.Config` leaves
+to the target (an unset activation type, activation width or scale kind takes the target's first
+choice; "auto" 2-bit storage the narrowest container it allows) and refuses, with a one-line
+:class:`UserError`, any value the target does not allow.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
-from onnxq.config.legacy import ACTIVATION_BITS, QuantConfig
+from onnxq.config import Activations, Config, QuantConfig, as_config
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.spec import Granularity, QuantSpec, ScaleKind
 from onnxq.errors import UserError
+from onnxq.ternary.export import STORAGE_BITS, resolve_storage
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class Target:
         fusable_activations: activations that may sit between a weighted op and its output Q
             (Relu, Clip with constant bounds): the Q goes after them (see ``weighted_output``).
         quantize_graph_outputs: whether graph outputs get Q/DQ (off: outputs stay float).
-        activation_dtypes: allowed ``QuantConfig.activation_dtype`` values, the target's choice
+        activation_dtypes: allowed ``Config.activations.dtype`` values, the target's choice
             first. "uint8" means unsigned asymmetric, "int8" signed symmetric (zero-point 0); the
             storage width comes from the activation bits.
         activation_bits: allowed activation bit widths, the target's choice first (16: uint16
@@ -98,7 +100,7 @@ class Target:
         scale_kinds: allowed scale kinds ("float", "pow2"), choice first.
         activation_zero_points: the zero-points an activation Q/DQ may use (None: any).
         weight_zero_points: the zero-points a weight DQ may use (None: any, which also allows
-            ``QuantConfig.weight_symmetric=False``).
+            ``Config.weights.symmetric = False``).
         weighted_output: where a weighted op's output is quantized: "after_activation" (after
             the single-consumer chain of fusable activations, which stay nodes), "ort" (that for
             unsigned activations, the raw output for signed ones, as onnxruntime fuses them) or
@@ -156,88 +158,68 @@ class Target:
         """Every scale must be an exact power of two."""
         return self.scale_kinds == ("pow2",)
 
-    def act_bits(self, config: QuantConfig) -> int:
-        """The run's activation bit width: the config's when allowed, else the target's choice."""
-        bits = config.activation_bits
-        return bits if bits in self.activation_bits else self.activation_bits[0]
-
-    def weight_spec(self, config: QuantConfig, bits: int) -> QuantSpec:
-        """The weight grid; a 2-bit grid (ternary [-1, 1] or, with ``int2_grid="uniform"``, the 4-level
-        [-2, 1]) is stored in the config's resolved container."""
+    def weight_spec(self, config: Config, bits: int) -> QuantSpec:
+        """The weight grid of a layer at ``bits`` under the resolved ``config``; a 2-bit grid (ternary
+        [-1, 1] or, with ``int2_grid="uniform"``, the 4-level [-2, 1]) is stored in the resolved container."""
+        w = config.weights
         storage = None
         if bits == 2:
-            from onnxq.ternary.export import STORAGE_BITS, resolve_storage
-
-            name = config.ternary_storage
-            if name == "auto":
-                name = resolve_storage(self.name, self.weight_bits, name)
-            storage = STORAGE_BITS[name]
-        ternary = bits == 2 and config.int2_grid == "ternary"
-        symmetric = config.weight_symmetric or ternary  # ternary codes are symmetric by definition
+            storage = STORAGE_BITS[resolve_storage(self.name, self.weight_bits, w.storage)]
+        ternary = bits == 2 and w.int2_grid == "ternary"
+        symmetric = w.symmetric or ternary  # ternary codes are symmetric by definition
         return QuantSpec(
             bits=bits, signed=True, symmetric=symmetric,
-            granularity=Granularity.CHANNEL if config.per_channel else Granularity.TENSOR,
-            scale_kind=ScaleKind(config.scale_kind), narrow=(symmetric and bits == 8) or ternary,
+            granularity=Granularity.CHANNEL if w.per_channel else Granularity.TENSOR,
+            scale_kind=ScaleKind(config.scale), narrow=(symmetric and bits == 8) or ternary,
             storage_bits=storage,
         )
 
-    def activation_spec(self, config: QuantConfig, bits: int | None = None) -> QuantSpec:
-        signed = config.activation_dtype == "int8"
-        return QuantSpec(bits=bits or self.act_bits(config), signed=signed, symmetric=signed,
-                         granularity=Granularity.TENSOR,
-                         scale_kind=ScaleKind(config.scale_kind))
+    def activation_spec(self, config: Config, bits: int | None = None) -> QuantSpec:
+        """The activation grid under the resolved ``config`` (``bits``: another width than the run's)."""
+        signed = config.activations.dtype == "int8"
+        return QuantSpec(bits=bits or config.activations.bits, signed=signed, symmetric=signed,
+                         granularity=Granularity.TENSOR, scale_kind=ScaleKind(config.scale))
 
-    def resolve(self, config: QuantConfig) -> QuantConfig:
-        """``config`` made consistent with this target (see the module docstring).
+    def resolve(self, config: Config) -> Config:
+        """``config`` with every target-dependent value decided (see the module docstring).
 
         Raises:
-            UserError: an explicit (non-default) config value the target does not allow.
+            UserError: a value the target does not allow.
         """
         if config.target != self.name:
             raise ValueError(f"config is for target {config.target!r}, not {self.name!r}")
-        defaults = {f.name: f.default for f in fields(QuantConfig)}
-        changes: dict[str, object] = {}
-        granularity = "channel" if config.per_channel else "tensor"
-        checks = (
-            ("activation_dtype", config.activation_dtype, self.activation_dtypes, None),
-            ("scale_kind", config.scale_kind, self.scale_kinds, None),
-            ("weight_bits", config.weight_bits, self.weight_bits, None),
-            ("activation_bits", config.activation_bits, self.activation_bits, None),
-            ("per_channel", granularity, self.weight_granularity, lambda g: g == "channel"),
-        )
-        for name, value, allowed, to_config in checks:
-            if value in allowed or (name == "weight_bits" and value == 2):  # ternary: see below
-                continue
-            current = getattr(config, name)
-            if current != defaults[name]:
-                raise UserError(f"target {self.name} does not allow {name}={current!r}: use "
-                                f"{' or '.join(map(repr, allowed))} (or leave it unset for the target's "
-                                "choice)")
-            choice = allowed[0] if to_config is None else to_config(allowed[0])
-            if name == "activation_bits" and choice not in ACTIVATION_BITS:
-                log.info("target %s: %d-bit activations", self.name, choice)
-                continue  # not a QuantConfig value: Target.act_bits supplies it
-            log.info("target %s sets %s=%r (config default was %r)", self.name, name, choice, current)
-            changes[name] = choice
-        if not config.weight_symmetric and self.weight_zero_points is not None:
+        w, a = config.weights, config.activations
+        dtype = self._pick("activations.dtype", a.dtype, self.activation_dtypes)
+        bits = self._pick("activations.bits", a.bits, self.activation_bits)
+        scale = self._pick("scale", config.scale, self.scale_kinds)
+        if w.bits != 2:
+            self._pick("weights.bits", w.bits, self.weight_bits)
+        if "tensor" not in self.weight_granularity and not w.per_channel:
+            raise UserError(f"target {self.name} does not allow per-tensor weights: drop --per-tensor")
+        if not w.symmetric and self.weight_zero_points is not None:
             fix = ("the 4-level INT2 grid has zero-points: use --weights ternary (int2_grid='ternary') or "
-                   "target ort-cpu" if config.int2_grid == "uniform" else "drop --weight-asymmetric")
+                   "target ort-cpu" if w.int2_grid == "uniform" else "drop --weight-asymmetric")
             raise UserError(f"target {self.name} needs symmetric weights (zero-points "
                             f"{sorted(self.weight_zero_points)}): {fix}")
-        if config.first_last_bits is not None and config.first_last_bits not in self.weight_bits:
-            raise UserError(f"target {self.name} does not allow first_last_bits={config.first_last_bits}: "
+        if w.first_last_bits is not None and w.first_last_bits not in self.weight_bits:
+            raise UserError(f"target {self.name} does not allow weights.first_last_bits={w.first_last_bits}: "
                             f"use {' or '.join(map(str, self.weight_bits))}")
-        if config.weight_bits == 2 or any(b == 2 for _, b in config.bit_plan):  # ternary layers
-            from onnxq.ternary.export import resolve_storage
+        weights = w
+        if w.uses_two_bits:
+            weights = replace(w, storage=resolve_storage(self.name, self.weight_bits, w.storage))
+        resolved = replace(config, scale=scale, weights=weights, activations=Activations(dtype=dtype, bits=bits))
+        need = max(self.min_opset, resolved.output_opset)
+        resolved = replace(resolved, opset=need)
+        return resolved.with_rounding_resolved()
 
-            storage = resolve_storage(self.name, self.weight_bits, config.ternary_storage)
-            if storage != config.ternary_storage:
-                changes["ternary_storage"] = storage
-                config = replace(config, ternary_storage=storage)
-        need = max(self.min_opset, 21 if self.act_bits(config) == 16 else 13)
-        if need > config.output_opset:
-            changes["opset"] = need
-        return replace(config, **changes) if changes else config
+    def _pick(self, name: str, value: object, allowed: tuple) -> object:
+        """``value`` when the target allows it, the target's choice when it is unset, else a UserError."""
+        if value is None:
+            return allowed[0]
+        if value not in allowed:
+            raise UserError(f"target {self.name} does not allow {name}={value!r}: use "
+                            f"{' or '.join(map(repr, allowed))} (or leave it unset for the target's choice)")
+        return value
 
 
 ORT_CPU = Target(
@@ -331,6 +313,9 @@ def get_target(name: str) -> Target:
         raise UserError(f"unknown target {name!r}: choose one of {', '.join(sorted(TARGETS))}") from None
 
 
-def resolve_config(config: QuantConfig) -> QuantConfig:
-    """The config made consistent with its target (:meth:`Target.resolve`)."""
+def resolve_config(config: Config | QuantConfig) -> Config:
+    """``config`` resolved once against its target and its other settings: every None or "auto" value
+    decided (:meth:`Target.resolve`, then the rounding method's own, e.g. BRECQ's ``act_iters``).
+    Resolving a resolved config changes nothing. A deprecated QuantConfig is converted first."""
+    config = as_config(config)
     return get_target(config.target).resolve(config)

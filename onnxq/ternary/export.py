@@ -98,28 +98,6 @@ def resolve_storage(target_name: str, weight_bits: tuple[int, ...], storage: str
     return storage
 
 
-def finish_two_bit_model(model, report: dict) -> tuple[dict | None, dict | None]:
-    """Last step of writing a model with 2-bit weights; pops and returns ``report``'s ``"ternary"`` and
-    ``"int2"`` (4-level grid) entries, None when absent.
-
-    Each entry's code constants are recorded in the metadata (``onnxq.ternary_codes`` or
-    ``onnxq.int2_codes``, so the ternary check knows which int2 constants may hold -2) and, for int2
-    containers this onnxruntime cannot fuse, read through a Cast to int8 (``info["int2_cast"]`` = how
-    many)."""
-    from onnxq.core.int2_cast import widen_int2_weights
-    from onnxq.ternary.check import INT2_METADATA_KEY, METADATA_KEY, mark_two_bit_codes
-
-    infos = {name: report.pop(name, None) for name in ("ternary", "int2")}
-    for name, key in (("ternary", METADATA_KEY), ("int2", INT2_METADATA_KEY)):
-        info = infos[name]
-        if not info:
-            continue
-        mark_two_bit_codes(model, info["codes"], key=key)
-        if info["storage"] == "int2" and int2_needs_cast():
-            info["int2_cast"] = widen_int2_weights(model)
-    return infos["ternary"], infos["int2"]
-
-
 def int2_needs_cast() -> bool:
     """True when this onnxruntime cannot fuse int2 weights, so int2 constants get a Cast to int8."""
     return not int2_support()[0]

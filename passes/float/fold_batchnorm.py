@@ -42,7 +42,7 @@ output ``y`` (the BN's output name): on the data the BN was trained on, channel 
 roughly ``N(beta_c, gamma_c^2)``. Bias absorption and data-free bias correction read it; passes that
 rescale or shift that output (cross-layer equalization, bias absorption) keep it up to date.
 
-The whole pass is skipped when ``ctx.config.fold_batchnorm`` is False. Report:
+The whole pass is skipped when ``ctx.config.float_phase.fold_batchnorm`` is False. Report:
 ``ctx.report["fold_batchnorm"] = {"folded": n, "decomposed": n, "refused": [{"node", "reason"}]}``.
 """
 
@@ -83,7 +83,7 @@ class FoldBatchNormPass(Pass):
 
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
         report = ctx.report.setdefault("fold_batchnorm", {"folded": 0, "decomposed": 0, "refused": []})
-        if not ctx.config.fold_batchnorm:
+        if not ctx.config.float_phase.fold_batchnorm:
             report["skipped"] = True
             log.debug("fold_batchnorm disabled in the config: pass skipped")
             return PassResult(graph, modified=False)

@@ -21,8 +21,8 @@ kernels; the target's fields change them for other runtimes, see :mod:`onnxq.tar
     and the op runs on integers;
   * graph outputs stay float unless the target says otherwise; every other op stays float and
     ``ctx.float_ops`` says why.
-With ``weight_bits < 8`` the first and last weighted ops keep ``first_last_bits``; a layer named in
-``config.bit_plan`` (node name -> 8/4/2, e.g. a mixed-precision plan, :mod:`onnxq.mixed.plan`)
+With ``weights.bits < 8`` the first and last weighted ops keep ``weights.first_last_bits``; a layer named
+in ``weights.bit_plan`` (node name -> 8/4/2, e.g. a mixed-precision plan, :mod:`onnxq.mixed.plan`)
 gets that width instead, whatever its position.
 """
 
@@ -67,7 +67,7 @@ class AssignSpecsPass(Pass):
         excluded = set(cfg.exclude)
         weighted = weighted_layers(graph, cfg.exclude)
         first_last = {id(weighted[0]), id(weighted[-1])} if weighted else set()
-        plan = dict(cfg.bit_plan)
+        plan = dict(cfg.weights.bit_plan)
         if plan:
             check_bit_plan(plan, [n for n in weighted if n.op in target.weight_ops], target)
         output_ids = {id(t) for t in graph.outputs}
@@ -85,10 +85,10 @@ class AssignSpecsPass(Pass):
                 if reason is not None:
                     ctx.float_ops[node_key(node)] = reason
                     continue
-                bits = cfg.weight_bits
-                if id(node) in first_last and cfg.first_last_bits is not None:
-                    bits = cfg.first_last_bits
-                bits = plan.get(node_key(node), bits)  # a per-layer override (QuantConfig.bit_plan) wins
+                bits = cfg.weights.bits
+                if id(node) in first_last and cfg.weights.first_last_bits is not None:
+                    bits = cfg.weights.first_last_bits
+                bits = plan.get(node_key(node), bits)  # a per-layer override (weights.bit_plan) wins
                 self._plan_weighted(node, target, ctx, bits, want)
             elif node.op in target.activation_ops:
                 acts = [t for t in node.inputs if is_float_activation(t)]
@@ -108,7 +108,7 @@ class AssignSpecsPass(Pass):
                 ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
 
         self._propagate_passthrough(graph, ctx, target, output_ids)
-        if cfg.activation_bits < 8 and cfg.first_last_bits == 8:
+        if cfg.activations.bits < 8 and cfg.weights.first_last_bits == 8:
             # The network input and the classifier's input stay at 8 bits (BRECQ's convention);
             # a tensor sharing its parameters takes its source (and every other sharer) along.
             act8 = target.activation_spec(cfg, bits=8)

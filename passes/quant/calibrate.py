@@ -64,13 +64,13 @@ class CalibratePass(Pass):
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
         cfg = ctx.config
         names = activation_names(graph, ctx)
-        options = {"percentile": cfg.percentile} if cfg.calib_method == "percentile" else {}
-        observers = {n: make_observer(cfg.calib_method, ctx.specs[n], **options) for n in names}
+        options = {"percentile": cfg.calibration.percentile} if cfg.calibration.method == "percentile" else {}
+        observers = {n: make_observer(cfg.calibration.method, ctx.specs[n], **options) for n in names}
         feeds = ctx.calib
         n_batches = len(feeds)
-        if cfg.calib_samples is not None:
+        if cfg.calibration.samples is not None:
             per_batch = max(1, feeds.num_samples // max(1, n_batches)) if hasattr(feeds, "num_samples") else 1
-            n_batches = min(n_batches, -(-cfg.calib_samples // per_batch))
+            n_batches = min(n_batches, -(-cfg.calibration.samples // per_batch))
             feeds = itertools.islice(feeds, n_batches)
         start = time.perf_counter()
         if names:
@@ -85,9 +85,9 @@ class CalibratePass(Pass):
             if src in ctx.qparams:
                 ctx.qparams[out] = ctx.qparams[src]
         ctx.report["calibration"] = {
-            "method": cfg.calib_method, "tensors": len(names) - len(huge), "kept_float": sorted(huge),
+            "method": cfg.calibration.method, "tensors": len(names) - len(huge), "kept_float": sorted(huge),
             "batches": n_batches,
             "seconds": round(time.perf_counter() - start, 2),
         }
-        log.info("calibrated %d tensors on %d batches (%s)", len(names), n_batches, cfg.calib_method)
+        log.info("calibrated %d tensors on %d batches (%s)", len(names), n_batches, cfg.calibration.method)
         return PassResult(graph, False)

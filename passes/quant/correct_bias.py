@@ -27,7 +27,7 @@ Gemm ``shift = alpha E[x] eps'``. Zero padding makes border outputs see fewer ta
 **Where it runs.** Once per context (a second run skips the layers it already corrected, as listed
 in the report), after AssignSpecsPass (and CalibratePass), before InsertQDQPass. For every planned
 Conv/Gemm weight it computes the weight QParams as InsertQDQPass would (``ctx.qparams[w]`` when set,
-else :func:`~onnxq.core.observers.weight_qparams` with ``ctx.config.weight_method``; ternary weights: their
+else :func:`~onnxq.core.observers.weight_qparams` with ``ctx.config.weights.range_method``; ternary weights: their
 operator's codes and scale, :func:`~onnxq.ternary.export.weight_codes`) and stores them in
 ``ctx.qparams[w]``, so InsertQDQPass quantizes with the same ``W_hat`` (unless it must raise a scale to
 fit the INT32 bias). The corrected float bias is a new initializer (fresh name); its INT32 spec moves
@@ -163,7 +163,7 @@ class CorrectBiasPass(Pass):
         w_t = node.inputs[1]
         w32 = np.asarray(w_t.values, dtype=np.float32)
         cfg = ctx.config
-        qp, codes = weight_codes(w32, ctx.specs[w_t.name], cfg.ternary_method, cfg.weight_method,
+        qp, codes = weight_codes(w32, ctx.specs[w_t.name], cfg.weights.ternary_method, cfg.weights.range_method,
                                  ctx.qparams.get(w_t.name))
         ctx.qparams[w_t.name] = qp
         eps = dequantize(codes, qp).astype(np.float64) - w32.astype(np.float64)
@@ -191,7 +191,7 @@ def _input_means(graph: gs.Graph, ctx: QuantContext, layers: list[gs.Node]) -> d
 
     names = sorted({n.inputs[0].name for n in layers})
     feeds, total = ctx.calib, (len(ctx.calib) if hasattr(ctx.calib, "__len__") else None)
-    limit = ctx.config.calib_samples
+    limit = ctx.config.calibration.samples
     if limit is not None and total is not None:
         per_batch = max(1, getattr(feeds, "num_samples", total) // max(1, total))
         total = min(total, -(-limit // per_batch))

@@ -25,7 +25,7 @@ the file's float function the one every runtime computes, for targets with ``bia
    s_b / 2 per channel, the rounding every INT32-bias target already accepts).
 
 The pass runs last (after reconstruction and bias tuning, which may change scales or biases).
-Reads ``ctx.target.bias_grid``, ``ctx.config.scale_kind``; writes the graph (bias constants, codes
+Reads ``ctx.target.bias_grid``, ``ctx.config.scale``; writes the graph (bias constants, codes
 and scales of raised weight channels), ``ctx.qparams`` of raised weights and
 ``ctx.report["grid_bias"]``.
 """
@@ -105,7 +105,7 @@ class GridBiasPass(Pass):
         s_in = float(np.asarray(dq_x.inputs[1].values))
         scale_c = dq_w.inputs[1]
         s_w = np.asarray(scale_c.values, dtype=np.float32)
-        new, low = fit_weight_scale(s_w, s_in, np.asarray(bias.values), pow2=ctx.config.scale_kind == "pow2")
+        new, low = fit_weight_scale(s_w, s_in, np.asarray(bias.values), pow2=ctx.config.scale == "pow2")
         if not np.any(low):
             return 0
         codes_c = dq_w.inputs[0]

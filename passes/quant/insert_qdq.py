@@ -1,16 +1,16 @@
 """InsertQDQPass: write the plan into the graph as QuantizeLinear / DequantizeLinear nodes.
 
-Reads ``ctx.specs``, ``ctx.qparams`` (activations) and ``ctx.config.weight_method``; writes the
+Reads ``ctx.specs``, ``ctx.qparams`` (activations) and ``ctx.config.weights``; writes the
 weight and bias QParams into ``ctx.qparams`` and the float weights into ``ctx.float_weights``.
 
   * weights: W -> integer constant q = clip(round(W / s_w), qmin, qmax) feeding a DequantizeLinear
     (axis = output channel for per-channel specs); INT4 stored natively (opset 21). Ternary 2-bit
-    specs: codes and scale come from ``ctx.config.ternary_method``
+    specs: codes and scale come from ``ctx.config.weights.ternary_method``
     (:func:`onnxq.ternary.export.ternary_weight`), exported as they are (for twn and mquant-b they
     are not round(W / s)), in the spec's container (int2, int4 or int8); their constant names are
-    listed in ``ctx.report["ternary"]["codes"]`` (code constant -> weight) for the validator. The
+    listed in ``ctx.two_bit_codes["ternary"]`` (code constant -> weight) for the validator. The
     4-level INT2 grid [-2, 1] rounds to nearest like any grid; its constants are listed in
-    ``ctx.report["int2"]["codes"]`` (the ternary check leaves them alone);
+    ``ctx.two_bit_codes["int2"]`` (the ternary check leaves them alone);
   * biases: b -> INT32 constant on the grid s_b = s_in * s_w (per channel), zero-point 0, as the
     QDQ contract defines it (:mod:`onnxq.core.qdq`); a weight scale under which the bias code would
     overflow INT32 is raised first (:func:`onnxq.core.qdq.fit_weight_scale`), so the bias always fits
@@ -149,7 +149,7 @@ class InsertQDQPass(Pass):
         return PassResult(graph, modified)
 
     def ensures(self, graph: gs.Graph, ctx: QuantContext) -> None:
-        if ctx.config.scale_kind != "pow2":
+        if ctx.config.scale != "pow2":
             return
         for node in graph.nodes:
             if node.op in ("QuantizeLinear", "DequantizeLinear"):
@@ -180,10 +180,10 @@ class InsertQDQPass(Pass):
             cfg = ctx.config
             codes = None
             if spec.ternary:  # the operator's scale (unless CorrectBiasPass set the same) and codes
-                t_qp, codes = ternary_weight(values, spec, cfg.ternary_method)
+                t_qp, codes = ternary_weight(values, spec, cfg.weights.ternary_method)
                 w_qp = ctx.qparams.get(w.name) or t_qp
             else:
-                w_qp = ctx.qparams.get(w.name) or weight_qparams(values, spec, cfg.weight_method)
+                w_qp = ctx.qparams.get(w.name) or weight_qparams(values, spec, cfg.weights.range_method)
             if quant_bias:
                 s_in = ctx.qparams[node.inputs[0].name].scale
                 fitted = fit_bias(w_qp, s_in, np.asarray(bias.values))
@@ -198,9 +198,8 @@ class InsertQDQPass(Pass):
             done[w.name] = node.inputs[w_idx] = make_dq(graph, codes, w_qp, dq_name,
                                                         keep_zero_point=node.op == "Gemm")
             if spec.bits == 2:  # ternary, or the 4-level INT2 grid
-                key, first = ("ternary", {"method": cfg.ternary_method}) if spec.ternary else ("int2", {})
-                info = ctx.report.setdefault(key, {**first, "storage": f"int{spec.store_bits}", "codes": {}})
-                info["codes"][QDQNames(dq_name).quantized] = w.name
+                grid = ctx.two_bit_codes.setdefault("ternary" if spec.ternary else "int2", {})
+                grid[QDQNames(dq_name).quantized] = w.name
             if quant_bias:
                 self._bias(graph, ctx, node, b_idx, bias, w_qp)
             modified = True

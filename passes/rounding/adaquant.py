@@ -2,7 +2,8 @@
 
 Reads ``ctx.reference`` (the float model: inputs and targets), ``ctx.calib``, ``ctx.float_weights`` and
 ``ctx.qparams``; rewrites weight codes and scales, INT32 biases and learned input steps/zero-points;
-writes ``ctx.report["reconstruction"]`` (same layout as ReconstructPass, ``method = "adaquant"``).
+writes ``ctx.reconstruction`` and the report's "reconstruction" (same layout as ReconstructPass,
+``method = "adaquant"``).
 
 For every layer unit (:func:`onnxq.blocks.layer_units.layer_blocks`: one weighted op, its input quantizer,
 weight, bias and fused activation) in topological order, :func:`onnxq.recon.adaquant.optimize_layer`
@@ -123,7 +124,7 @@ class AdaQuantPass(Pass):
         report["seconds"] = round(time.perf_counter() - start, 1)
         report.update({k: round(v, 1) for k, v in timing.items()})
         report["improved_blocks"] = sum(1 for b in report["blocks"] if b.get("kept"))
-        ctx.report["reconstruction"] = report
+        ctx.report["reconstruction"] = ctx.reconstruction = report
         if not self.keep_checkpoint:
             ckpt.clear()
         return PassResult(graph, report["improved_blocks"] > 0)

@@ -22,7 +22,7 @@ the full schedule, the authors' practice.
 Report ``ctx.report["mrecg"]``: base method, k, capacity kind, capacities and differentials per block /
 boundary, the merges chosen (original block names), the loss along depth before (first pass; None for
 the proxy) and after (final pass, at the last block of each unit), and both passes' costs.
-``ctx.report["reconstruction"]`` is the final pass's report. The PNG plot of both curves is written
+``ctx.reconstruction`` is the final pass's report. The PNG plot of both curves is written
 next to the output by :meth:`onnxq.api.QuantResult.save` (:func:`onnxq.report.mrecg_plot.plot_mrecg`).
 """
 
@@ -40,7 +40,7 @@ from onnxq.passes.rounding.reconstruct import ReconstructPass
 from onnxq.blocks.checkpoint import fingerprint
 from onnxq.blocks.mrecg_plan import CAPACITIES, MergePlan, merged_partitioner, plan_merges, proxy_capacity
 from onnxq.blocks.partition import Block, partition
-from onnxq.config.legacy import MRECG_ITERS as ITERS
+from onnxq.config.choices import MRECG_ITERS as ITERS
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
 from onnxq.core.pass_infra import Pass, PassResult
@@ -134,7 +134,7 @@ class MRECGPass(Pass):
                                 checkpoint_dir=ckpt, keep_checkpoint=self.keep_checkpoint,
                                 partitioner=partitioner, iters_per_member=self.iters == "per_block")
         result = final.call(graph, ctx)
-        after = self._after(plan, ctx.report["reconstruction"], len(blocks))
+        after = self._after(plan, ctx.reconstruction, len(blocks))
         ctx.report["mrecg"] = {
             "base": self.config.method, "k": self.k, "capacity": self.capacity, "max_merge": self.max_merge,
             "blocks": [b.name for b in blocks],
@@ -180,7 +180,7 @@ class MRECGPass(Pass):
         ReconstructPass(cfg, max_chain=self.max_chain, cache_budget_bytes=self.cache_budget,
                         checkpoint_dir=str(self.checkpoint_dir / "first") if self.checkpoint_dir else None
                         ).call(copy_graph, copy_ctx)
-        rep = copy_ctx.report["reconstruction"]
+        rep = copy_ctx.reconstruction
         losses = {e["block"]: loss for e in rep["blocks"] if (loss := _kept_loss(e)) is not None}
         keys = ("block", "loss_rtn", "loss_final", "kept")
         seconds = round(time.perf_counter() - start, 1)

@@ -3,7 +3,7 @@
 Reads ``ctx.reference`` (the float model after the float phase: block inputs/targets),
 ``ctx.calib``, ``ctx.float_weights`` and ``ctx.qparams``; rewrites the integer weight constants
 (and activation scales, INT32 biases) of the round-to-nearest QDQ graph; writes
-``ctx.report["reconstruction"]``.
+``ctx.reconstruction`` (and the report's "reconstruction").
 
 For each block (:func:`onnxq.blocks.partition.partition`) in topological order, BRECQ's asymmetric setting:
 inputs x~ come from the QDQ model quantized so far (earlier blocks already written back; for the
@@ -66,7 +66,8 @@ ACT_PASS_OFFSET = 100_000
 
 class ReconstructPass(Pass):
     def __init__(self, config: ReconConfig, *, max_chain: int = 3, checkpoint_dir: str | None = None,
-                 keep_checkpoint: bool = False, cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True, layerwise: bool = False,
+                 keep_checkpoint: bool = False, cache_budget_bytes: int = 2 << 30, dynamic_batch: bool = True,
+                 layerwise: bool = False,
                  partitioner: Callable[[gs.Graph, Callable[[gs.Node], bool]], list[Block]] | None = None,
                  iters_per_member: bool = False):
         """``partitioner(graph, is_supported)`` replaces the default block partition (MRECG's merged
@@ -104,7 +105,7 @@ class ReconstructPass(Pass):
         settings = {"recon": cfg.__dict__, "max_chain": self.max_chain, "blocks": [b.name for b in blocks]}
         if self.iters_per_member:
             settings["iters_per_member"] = True
-        if getattr(ctx.config, "learn_weight_scale", False):  # not in the graph: must key the checkpoint
+        if getattr(ctx.config.rounding, "learn_weight_scale", False):  # not in the graph: must key the checkpoint
             settings["learn_weight_scale"] = True
         ckpt = Checkpoint(self.checkpoint_dir, fingerprint(to_model(graph).SerializeToString(), settings))
         for index in ckpt.done:
@@ -147,7 +148,7 @@ class ReconstructPass(Pass):
         report["improved_blocks"] = sum(1 for b in report["blocks"]
                                         if b.get("kept") or b.get("weight_phase", {}).get("kept"))
         report["skipped"] = [b.name for b in blocks if b not in todo]
-        ctx.report["reconstruction"] = report
+        ctx.report["reconstruction"] = ctx.reconstruction = report
         if not self.keep_checkpoint:
             ckpt.clear()
         return PassResult(graph, report["improved_blocks"] > 0)

@@ -21,7 +21,8 @@ after layers ``< l`` were tuned, so each correction sees the earlier ones. The g
 segments (:class:`onnxq.data.forward_cache.ForwardCache`): the tensors at the cut before layer ``l`` are
 kept, and reaching layer ``l + 1`` runs only the nodes in between, so a sweep costs about two forward
 passes instead of one truncated forward pass per layer (quadratic in depth); the values are the
-same node by node. Graphs with subgraphs fall back to the truncated-graph run per layer. The float statistics come from one run
+same node by node. Graphs with subgraphs fall back to the truncated-graph run per layer. The float
+statistics come from one run
 of ``ctx.reference``. The std is left alone (mean only, reported) where the weight scale cannot be
 scaled per channel: per-tensor or power-of-two weight scales, or a weight DQ shared by several ops.
 The last weighted layer (the network output, e.g. the classifier) is not tuned: CalibTIP leaves the
@@ -161,7 +162,7 @@ class TuneStatsPass(Pass):
 
     # ------------------------------------------------------------------ selection and data
     def _feeds(self, ctx: QuantContext) -> list[dict[str, np.ndarray]]:
-        limit = min(self.max_samples, ctx.config.calib_samples or self.max_samples)
+        limit = min(self.max_samples, ctx.config.calibration.samples or self.max_samples)
         out, total = [], 0
         for feed in itertools.islice(ctx.calib, None):
             if total >= limit:

@@ -15,7 +15,7 @@ from onnxq.core.graph import to_graph, to_model
 from onnxq.core.pass_infra import Pass
 from onnxq.data.capture import session, with_outputs
 from onnxq.errors import PassError, UserError
-from tests.helpers import initializer, make_model, random_feeds, run_ort
+from tests.helpers import initializer, make_context, make_model, random_feeds, run_ort
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
 
@@ -23,7 +23,7 @@ HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
 def _run(model: onnx.ModelProto, passes: list[Pass],
          calib: list | None = None) -> tuple[onnx.ModelProto, QuantContext]:
     graph = to_graph(model)
-    ctx = QuantContext(QuantConfig())
+    ctx = make_context(QuantConfig())
     ctx.calib = calib
     for p in passes:
         p(graph, ctx)

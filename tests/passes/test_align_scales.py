@@ -12,13 +12,12 @@ from onnxq.passes.quant.calibrate import CalibratePass
 from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 from onnxq.config.legacy import QuantConfig
-from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_graph, to_model
 from onnxq.core.pass_infra import PassManager
 from onnxq.core.spec import INT8_ACT, UINT8_ACT, QuantSpec, ScaleKind, is_power_of_two, qparams_from_range
 from onnxq.targets.profiles import get_target, resolve_config
 from onnxq.targets.rules import check_target
-from tests.helpers import make_model, random_feeds, run_ort
+from tests.helpers import make_context, make_model, random_feeds, run_ort
 
 # Two branches of very different ranges (w2 is scaled by 10) meet in a Concat (followed by a MaxPool,
 # whose output shares the Concat's grid) and in an Add.
@@ -47,7 +46,7 @@ def _model() -> onnx.ModelProto:
 def _run(target: str, align: bool = True, insert: bool = False):
     model = _model()
     config = resolve_config(QuantConfig(target=target))
-    ctx = QuantContext(config=config, target=get_target(target),
+    ctx = make_context(config=config, target=get_target(target),
                        calib=[random_feeds(model, seed=i, batch=4) for i in range(4)])
     graph = to_graph(model)
     passes = [AssignSpecsPass(), CalibratePass()] + ([AlignScalesPass()] if align else [])

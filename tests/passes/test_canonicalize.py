@@ -11,6 +11,7 @@ from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
 from tests.helpers import (
     assert_close,
     initializer,
+    make_context,
     make_model,
     op_types,
     random_feeds,
@@ -235,10 +236,9 @@ def test_report_accumulates_and_second_run_is_noop():
             y = Relu (a)
         }}""")
     from onnxq.config.legacy import QuantConfig
-    from onnxq.core.context import QuantContext
     from onnxq.core.graph import to_graph
 
-    graph, ctx = to_graph(model), QuantContext(QuantConfig())
+    graph, ctx = to_graph(model), make_context(QuantConfig())
     assert CanonicalizePass()(graph, ctx).modified
     assert not CanonicalizePass()(graph, ctx).modified
     assert ctx.report["canonicalize"]["identities_removed"] == 1

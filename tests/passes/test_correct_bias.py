@@ -19,7 +19,7 @@ from onnxq.core.pass_infra import Pass
 from onnxq.core.spec import INT32_BIAS
 from onnxq.errors import PassError, UserError
 from onnxq.targets.profiles import get_target
-from tests.helpers import make_model, run_ort
+from tests.helpers import make_context, make_model, run_ort
 
 HEAD = '<ir_version: 10, opset_import: ["" : 21]>'
 W4 = QuantConfig(weight_bits=4, first_last_bits=None, per_channel=False, validate=False)
@@ -46,7 +46,7 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, calib: list, correct:
               fold: bool = False) -> tuple[onnx.ModelProto, QuantContext]:
     """The quantization pipeline of onnxq.api, with CorrectBiasPass between calibration and QDQ."""
     graph = to_graph(infer_shapes(model))
-    ctx = QuantContext(config, target=get_target(config.target))
+    ctx = make_context(config, target=get_target(config.target))
     ctx.calib = calib
     passes: list[Pass] = [FoldBatchNormPass()] if fold else []
     passes += [AssignSpecsPass(), CalibratePass()]
@@ -106,7 +106,7 @@ def test_second_run_does_not_correct_twice():
             y = Conv (x, w, b)
         }}""", seed=4)
     graph = to_graph(infer_shapes(model))
-    ctx = QuantContext(W4, target=get_target(W4.target))
+    ctx = make_context(W4, target=get_target(W4.target))
     ctx.calib = _positive_feeds(1, 2, (2, 8, 6, 6))
     for p in (AssignSpecsPass(), CalibratePass(), CorrectBiasPass()):
         p(graph, ctx)
@@ -191,7 +191,7 @@ def test_requirements_and_options():
             y = Conv (x, w)
         }}""")
     graph = to_graph(infer_shapes(model))
-    ctx = QuantContext(W4, target=get_target(W4.target))
+    ctx = make_context(W4, target=get_target(W4.target))
     with pytest.raises(PassError):
         CorrectBiasPass()(graph, ctx)  # no specs yet
     AssignSpecsPass()(graph, ctx)

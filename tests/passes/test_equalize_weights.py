@@ -12,7 +12,7 @@ from onnxq.passes.float.equalize_weights import EqualizeWeightsPass, in_ranges, 
 from onnxq.core.graph import to_graph, to_model
 from onnxq.core.spec import QuantSpec, fake_quantize, qparams_from_range
 from onnxq.errors import UserError
-from tests.helpers import initializer, make_model, op_types, random_feeds, run_ort, run_pass
+from tests.helpers import initializer, make_context, make_model, op_types, random_feeds, run_ort, run_pass
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
 
@@ -216,9 +216,8 @@ def test_bn_stats_follow_the_scales():
     model = make_model(CONV_PAIR, w1=_unbalanced((6, 3, 3, 3), 11))
     graph = to_graph(model)
     from onnxq.config.legacy import QuantConfig
-    from onnxq.core.context import QuantContext
 
-    ctx = QuantContext(QuantConfig())
+    ctx = make_context(QuantConfig())
     beta, gamma = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
     ctx.bn_stats["a"] = (beta, gamma)
     r1 = out_ranges(graph.nodes[0], np.asarray(graph.nodes[0].inputs[1].values, dtype=np.float64))

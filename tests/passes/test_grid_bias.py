@@ -13,13 +13,12 @@ from onnxq.passes.quant.grid_bias import GridBiasPass, grid_sites
 
 import onnxq
 from onnxq.config.legacy import QuantConfig
-from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_graph
 from onnxq.core.qdq import grid_bias
 from onnxq.core.spec import is_power_of_two
 from onnxq.targets.profiles import TARGETS, get_target, resolve_config
 from onnxq.targets.rules import check_target
-from tests.helpers import make_model, run_ort
+from tests.helpers import make_context, make_model, run_ort
 
 # Conv -> Relu -> depthwise Conv -> Clip: the first conv has a dead channel (weights ~1e-9, bias 0.75:
 # its INT32 code overflows), the depthwise one large weights (a coarse bias grid s_in * s_w).
@@ -117,7 +116,7 @@ def test_raised_scales_stay_powers_of_two():
 def test_pass_is_a_no_op_for_other_targets():
     graph = to_graph(_quantize(bias_grid=False))
     before = [np.asarray(t.values).copy() for t in graph.tensors().values() if hasattr(t, "values")]
-    ctx = QuantContext(config=resolve_config(QuantConfig(target="ort-cpu")), target=get_target("ort-cpu"))
+    ctx = make_context(config=resolve_config(QuantConfig(target="ort-cpu")), target=get_target("ort-cpu"))
     assert not GridBiasPass()(graph, ctx).modified
     after = [np.asarray(t.values) for t in graph.tensors().values() if hasattr(t, "values")]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))

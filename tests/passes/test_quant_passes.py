@@ -16,7 +16,7 @@ from onnxq.core.graph import to_graph, to_model
 from onnxq.core.pass_infra import PassManager
 from onnxq.core.spec import INT8_WEIGHT_PC, QParams, is_power_of_two
 from onnxq.targets.profiles import get_target
-from tests.helpers import initializer, make_model, op_types, random_feeds, run_ort
+from tests.helpers import initializer, make_context, make_model, op_types, random_feeds, run_ort
 
 CNN = """
 <ir_version: 8, opset_import: ["" : 13]>
@@ -34,7 +34,7 @@ g (float[N,3,8,8] x) => (float[N,5] y)
 
 
 def _ctx(config: QuantConfig, calib=None) -> QuantContext:
-    return QuantContext(config=config, target=get_target(config.target), calib=calib)
+    return make_context(config=config, target=get_target(config.target), calib=calib)
 
 
 def _quantize(model: onnx.ModelProto, config: QuantConfig, n: int = 6) -> tuple[onnx.ModelProto, QuantContext]:
@@ -43,7 +43,7 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, n: int = 6) -> tuple[
     graph = to_graph(onnx.shape_inference.infer_shapes(model))
     from onnxq.core.graph import set_opset
 
-    set_opset(graph, config.output_opset)
+    set_opset(graph, ctx.config.output_opset)
     PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
     out = to_model(graph, template=model)
     onnx.checker.check_model(out, full_check=True)
@@ -125,7 +125,7 @@ def test_qdq_model_equals_numpy_simulation_of_one_conv():
     target = Target(t.name, t.description, t.weight_ops, t.activation_ops, t.passthrough_ops,
                     t.fusable_activations, quantize_graph_outputs=True)
     feeds = [random_feeds(model, seed=i, batch=2) for i in range(3)]
-    ctx = QuantContext(config=cfg, target=target, calib=feeds)
+    ctx = make_context(config=cfg, target=target, calib=feeds)
     graph = to_graph(onnx.shape_inference.infer_shapes(model))
     PassManager([AssignSpecsPass(), CalibratePass(), InsertQDQPass(), CleanupPass()])(graph, ctx)
     q = to_model(graph, template=model)

@@ -11,11 +11,10 @@ from onnxq.passes.tune.tune_stats import ChannelStats, TuneStatsPass
 
 from onnxq.api import quantize
 from onnxq.config.legacy import QuantConfig
-from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_graph
 from onnxq.data.capture import capture
 from onnxq.errors import PassError
-from tests.helpers import make_model, run_ort
+from tests.helpers import make_context, make_model, run_ort
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
 TEXT = f"""{HEAD}
@@ -145,7 +144,7 @@ def test_tuning_lowers_the_output_error(model, results):
 def test_pass_needs_reference_and_calibration(model):
     graph = to_graph(model)
     with pytest.raises(PassError, match="ctx.calib and ctx.reference"):
-        TuneBiasPass()(graph, QuantContext(QuantConfig()))
+        TuneBiasPass()(graph, make_context(QuantConfig()))
     assert TuneStatsPass(match_std=False).report_key == "stats_tuning" and TuneBiasPass().match_std is False
 
 
@@ -169,10 +168,10 @@ def test_cli_flags_reach_the_passes(tmp_path):
     assert main(["quantize", "models/tiny_cnn.onnx", "-o", str(out), "--calib", "models/tiny_cnn_calib.npz",
                  "--batch-size", "16", "--weights", "int4", "--no-validate", "--stats-tuning", "--bias-tuning"]) == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["config"]["stats_tuning"] and report["config"]["bias_tuning"]
+    assert report["config"]["tuning"]["stats_tuning"] and report["config"]["tuning"]["bias_tuning"]
     passes = [p["pass"] for p in report["passes"]]
-    assert passes.index("TuneStatsPass") < passes.index("TuneBiasPass") < len(passes) - 1  # before cleanup
-    assert passes[-1] == "CleanupPass" and len(report["stats_tuning"]["layers"]) == 5
+    assert passes.index("TuneStatsPass") < passes.index("TuneBiasPass") < len(passes) - 2  # before cleanup
+    assert passes[-2:] == ["CleanupPass", "ExportTwoBitPass"] and len(report["stats_tuning"]["layers"]) == 5
 
 
 RESIDUAL = f"""{HEAD}

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onnxq.blocks.engine_settings import adaquant_settings
+from onnxq.config import AdaQuant
 from onnxq.errors import UserError
 from onnxq.recon.adaquant import (
     AdaQuantAct,
     AdaQuantBias,
-    AdaQuantConfig,
     AdaQuantWeight,
     _groups,
     optimize_layer,
@@ -97,11 +98,11 @@ def test_bias_is_its_int32_quantization_with_the_linked_scales():
 def test_learning_rates_follow_the_paper_or_relative_units():
     q, _, _ = _weight(relative=False)
     a = AdaQuantAct(0.05, 10, 0, 255, relative=False)
-    groups = _groups([q], [], [a], AdaQuantConfig.paper())
+    groups = _groups([q], [], [a], adaquant_settings(AdaQuant.paper()))
     lrs = [g["lr"] for g in groups]
     # ranges -> steps, float zero-point -> codes
     assert lrs == pytest.approx([1e-5, 1e-3 / 15, 1e-1 / 255, 1e-1 / 0.05])
-    rel = _groups([_weight()[0]], [], [AdaQuantAct(0.05, 10, 0, 255)], AdaQuantConfig.fast())
+    rel = _groups([_weight()[0]], [], [AdaQuantAct(0.05, 10, 0, 255)], adaquant_settings(AdaQuant.fast()))
     assert [g["lr"] for g in rel] == pytest.approx([2e-3, 3e-3, 2e-2, 2e-2])
 
 
@@ -132,7 +133,7 @@ def _problem(seed: int = 0):
 
 
 def test_optimize_layer_beats_round_to_nearest_and_is_deterministic():
-    cfg = AdaQuantConfig.fast(iters=40, batch_size=16, holdout=16, log_every=10)
+    cfg = adaquant_settings(AdaQuant.fast(iters=40, batch_size=16, holdout=16, log_every=10))
     layer, x, y = _problem()
     res = optimize_layer(layer, {"w": layer.w}, {"b": layer.b}, {"x": layer.a}, [x], [y], cfg, progress=False)
     assert res.loss_final < 0.8 * res.loss_rtn and res.improved
@@ -146,10 +147,10 @@ def test_optimize_layer_beats_round_to_nearest_and_is_deterministic():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(UserError, match="parallel or sequential"):
-        AdaQuantConfig(mode="both")
+    with pytest.raises(UserError, match="mode"):
+        AdaQuant(mode="both")
     with pytest.raises(UserError, match="iters"):
-        AdaQuantConfig(iters=0)
+        AdaQuant(iters=0)
     with pytest.raises(UserError, match="lr_weight"):
-        AdaQuantConfig(lr_weight=-1.0)
-    assert AdaQuantConfig.paper().iters == 100 and AdaQuantConfig.paper().batch_size == 50
+        AdaQuant(lr_weight=-1.0)
+    assert AdaQuant.paper().iters == 100 and AdaQuant.paper().batch_size == 50

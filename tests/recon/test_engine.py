@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onnxq.blocks.engine_settings import recon_settings
+from onnxq.config import BRECQ, AdaRound, Engine, QDrop, RoundToNearest
+from onnxq.config.rounding import rounding_from_dict
 from onnxq.errors import UserError
 from onnxq.recon import (
     AdaRoundWeight,
@@ -19,6 +22,7 @@ from onnxq.recon import (
     output_error,
     reconstruct_block,
 )
+from tests.helpers import engine_config
 
 N = 96
 
@@ -71,11 +75,11 @@ def _data(seed: int = 0):
     return QBlock(fp, x_fp), x_q.half(), x_fp.half(), y
 
 
-def _config(method: str, **kw) -> ReconConfig:
+def _config(method: str, *, seed: int = 0, holdout: int = 0, device: str = "cpu", **kw) -> ReconConfig:
     base = dict(iters=40, batch_size=16, round_lr=3e-2, act_lr=2e-3, act_iters=20, warmup=0.2,
                 eval_samples=64, log_every=10, round_weight=0.01)
     base.update(kw)
-    return ReconConfig(method, **base)
+    return engine_config(method, "paper", seed=seed, holdout=holdout, device=device, **base)
 
 
 def _run(block: QBlock, x_q, x_fp, y, cfg: ReconConfig, **kw):
@@ -107,7 +111,7 @@ def test_methods_beat_round_to_nearest(method: str) -> None:
 def test_rtn_method_only_evaluates() -> None:
     block, x_q, x_fp, y = _data()
     before = {k: w.codes() for k, w in block.ws.items()}
-    result = _run(block, x_q, x_fp, y, ReconConfig("rtn", iters=0, eval_samples=64))
+    result = _run(block, x_q, x_fp, y, engine_config("rtn", eval_samples=64))
     assert result.iters == 0 and result.loss_final == result.loss_rtn > 0
     assert all(torch.equal(w.codes(), before[k]) for k, w in block.ws.items())
 
@@ -262,27 +266,38 @@ def test_loss_normalisation_fisher_and_regulariser() -> None:
 @pytest.mark.parametrize("bad", [
     dict(method="gptq"), dict(iters=0), dict(iters=2.5), dict(batch_size=0), dict(round_lr=0.0),
     dict(act_lr=-1.0), dict(round_weight=-0.1), dict(beta=(2.0, 20.0)), dict(beta=(20.0,)), dict(warmup=1.0),
-    dict(drop_prob=1.5), dict(p=0), dict(device="tpu"), dict(act_iters=-1), dict(fisher="yes"),
-    dict(eval_samples=0), dict(log_every=0), dict(iters=True), dict(holdout=-1),
+    dict(drop_prob=1.5), dict(p=0), dict(act_iters=-1), dict(fisher="yes"),
+    dict(eval_samples=0), dict(log_every=0), dict(iters=True), dict(order="reverse"), dict(schedule="slow"),
 ])
 def test_config_validation(bad: dict) -> None:
-    kw = {"method": "brecq", **bad}
+    """The rounding types refuse bad values with a one-line error (the engine trusts their records)."""
+    values = {"method": "qdrop" if "drop_prob" in bad else "brecq", **bad}
     with pytest.raises(UserError):
-        ReconConfig(**kw)
+        rounding_from_dict(values)
+
+
+def test_engine_refuses_a_bad_device_and_holdout() -> None:
+    with pytest.raises(UserError, match="torch device"):
+        Engine(device="tpu")
+    with pytest.raises(UserError, match="holdout"):
+        engine_config("brecq", augment=1, holdout=8)
 
 
 def test_config_presets() -> None:
-    paper = ReconConfig.paper("brecq")
+    paper = recon_settings(BRECQ.paper(), activation_bits=4)
     assert (paper.iters, paper.batch_size, paper.num_samples, paper.act_iters) == (20000, 32, 1024, 5000)
     assert (paper.act_lr, paper.round_weight, paper.beta, paper.warmup, paper.p, paper.act_p) == (
         4e-4, 0.01, (20.0, 2.0), 0.2, 2.0, 2.4)
-    assert ReconConfig.paper("qdrop").act_lr == 4e-5 and ReconConfig.paper("qdrop").drop_prob == 0.5
-    fast = ReconConfig.fast("qdrop", seed=3)
+    assert recon_settings(BRECQ.paper()).act_iters == 5000  # the paper's schedule learns 8-bit steps too
+    qdrop = recon_settings(QDrop.paper())
+    assert qdrop.act_lr == 4e-5 and qdrop.drop_prob == 0.5 and qdrop.act_iters == 0
+    fast = recon_settings(QDrop.fast(), seed=3)
     assert fast.iters < paper.iters and fast.num_samples <= 256 and fast.seed == 3
     assert fast.act_lr_relative and not paper.act_lr_relative
-    assert ReconConfig.fast("brecq").act_iters == ReconConfig.fast("brecq").iters // 4
-    assert ReconConfig.fast("brecq", iters=40).act_iters == 10
-    assert ReconConfig("rtn", iters=0).iters == 0
+    assert recon_settings(BRECQ.fast(), activation_bits=4).act_iters == BRECQ.fast().iters // 4
+    assert recon_settings(BRECQ.fast(iters=40), activation_bits=4).act_iters == 10
+    assert recon_settings(BRECQ.fast()).act_iters == 0  # fast, 8-bit activations: no step phase
+    assert recon_settings(RoundToNearest()).iters == 0
 
 
 def test_fast_schedule_leaves_no_soft_rounding() -> None:
@@ -301,11 +316,11 @@ def test_fast_schedule_leaves_no_soft_rounding() -> None:
         for a in block.acts.values():
             a.enabled = False
         extra = {} if lam is None else {"round_weight": lam}
-        cfg = ReconConfig.fast("adaround", eval_samples=64, **extra)
+        cfg = recon_settings(AdaRound.fast(eval_samples=64, **extra))
         result = _run(block, x_q, x_fp, y, cfg)
         h = torch.cat([w.h().detach().reshape(-1) for w in block.ws.values()])
         results[lam] = (float(((h > 0.01) & (h < 0.99)).float().mean()), result)
-    assert ReconConfig.fast("brecq").round_weight == 10.0 and ReconConfig.paper("brecq").round_weight == 0.01
+    assert BRECQ.fast().round_weight == 10.0 and BRECQ.paper().round_weight == 0.01
     soft_fast, fast = results[None]
     soft_paper, paper = results[0.01]
     assert soft_fast < 0.01 < 0.2 < soft_paper

@@ -13,7 +13,6 @@ from onnxq.passes.quant.calibrate import CalibratePass
 from onnxq.passes.quant.insert_qdq import InsertQDQPass
 
 import onnxq
-from onnxq.api import prepare_float
 from onnxq.blocks.build import build_block
 from onnxq.blocks.partition import partition
 from onnxq.core import graph as g
@@ -22,7 +21,7 @@ from onnxq.recon import AdaRoundWeight, RoundToNearestWeight
 from onnxq.recon.adaround import weight_optimizer
 from onnxq.targets.rules import check_target
 from onnxq.ternary.operators import ternarize
-from tests.helpers import make_model
+from tests.helpers import make_model, prepare_float
 
 TEXT = """
 <ir_version: 8, opset_import: ["" : 13]>

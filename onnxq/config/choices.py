@@ -1,0 +1,104 @@
+"""The allowed values of every setting that has a fixed set of them, and the checks that enforce them.
+
+This is the one home of these lists: the configuration dataclasses validate against them, the CLI
+shows them in its help, and the modules that implement a choice (the ternary operators, the
+observers, the targets) are tested to implement exactly these names.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnxq.errors import UserError
+
+#: A value that the run resolves once from other settings (documented per field); see
+#: :meth:`onnxq.config.Config.resolved`.
+AUTO = "auto"
+
+WEIGHT_BITS = (8, 4, 2)
+#: 2-bit weight grids: ternary {-1, 0, 1} x scale, or the 4-level INT2 grid [-2, 1] with zero-points.
+INT2_GRIDS = ("ternary", "uniform")
+TERNARY_METHODS = ("rtn", "twn", "tquant", "mquant-a", "mquant-b")
+#: "mquant" is the MQuant variant with the lower weight error on EfficientNet-Lite0 (docs/defaults.md).
+TERNARY_ALIASES = {"mquant": "mquant-b"}
+#: Containers of 2-bit codes ("auto": the narrowest the target allows and onnxruntime runs).
+TWO_BIT_STORAGES = ("auto", "int2", "int4", "int8")
+FIRST_LAST_BITS = (8, 4)
+#: Per-layer widths of a bit plan.
+PLAN_BITS = (8, 4, 2)
+WEIGHT_RANGE_METHODS = ("minmax", "mse")
+ACTIVATION_DTYPES = ("uint8", "int8")
+ACTIVATION_BITS = (8, 4)
+SCALE_KINDS = ("float", "pow2")
+CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
+RELU6_MODES = ("skip", "replace")
+BIAS_ABSORB_SOURCES = ("bn", "data")
+BIAS_CORRECTION_SOURCES = ("data", "bn")
+ROUNDING_METHODS = ("rtn", "adaround", "brecq", "qdrop", "adaquant")
+SCHEDULES = ("fast", "long", "paper")
+WEIGHT_PHASE_INPUTS = ("quantized", "weights_only")
+BRECQ_ORDERS = ("interleaved", "two_pass")
+ADAQUANT_MODES = ("parallel", "sequential")
+MRECG_CAPACITIES = ("data", "proxy")
+MRECG_ITERS = ("per_unit", "per_block")
+MP_MEASURES = ("mse", "cosine", "fisher")
+#: How a mixed-precision sensitivity table's weights at each width are made (onnxq.mixed.sensitivity).
+MP_RECONSTRUCT = ("rtn", "adaquant")
+DEVICES = ("cpu", "cuda")
+
+
+def canonical_ternary_method(method: str) -> str:
+    """``method`` with an alias (:data:`TERNARY_ALIASES`) replaced by the method it names."""
+    return TERNARY_ALIASES.get(method, method)
+
+
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    """A one-line UserError unless ``value`` is one of ``allowed``."""
+    if isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed):
+        ok = False  # True == 1: a bool is never a bit width
+    else:
+        ok = value in allowed
+    if not ok:
+        shown = ", ".join("none" if a is None else str(a) for a in allowed)
+        raise UserError(f"{name}={value!r} is not supported: choose one of {shown}")
+
+
+def is_count(value: object) -> bool:
+    """An integer >= 0 (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float, neither nan nor infinite (a bool is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_count(name: str, value: object, *, minimum: int = 0) -> None:
+    """A one-line UserError unless ``value`` is an integer >= ``minimum``."""
+    if not (is_count(value) and value >= minimum):
+        raise UserError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def check_number(name: str, value: object, *, minimum: float = 0.0, strict: bool = False,
+                 maximum: float | None = None) -> None:
+    """A one-line UserError unless ``value`` is a finite number in range (``strict``: > minimum)."""
+    ok = is_finite_number(value) and (value > minimum if strict else value >= minimum)
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        if maximum is not None:
+            bound += f" and <= {maximum}"
+        raise UserError(f"{name}={value!r} must be a finite number {bound}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name}={value!r} must be true or false")
+
+
+def check_device(name: str, value: object) -> None:
+    """"cpu", "cuda" or "cuda:<k>"."""
+    text = str(value)
+    if not (text in DEVICES or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise UserError(f"{name}={value!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:<k>'")

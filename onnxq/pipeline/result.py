@@ -1,0 +1,47 @@
+"""QuantResult: a quantized model, its report, and how both are written next to each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxq.core import graph as g
+from onnxq.report.validate import ValidationReport, write_report
+from onnxq.targets.profiles import get_target
+
+
+@dataclass
+class QuantResult:
+    """The quantized model and the JSON-able report of the run."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+    validation: ValidationReport | None = None
+    bit_plan: Any = None  # the mixed-precision BitPlan (onnxq.mixed.plan), written as <stem>.bitplan.json
+
+    def bit_plan_path(self, path: str | Path) -> Path:
+        return Path(path).with_suffix(".bitplan.json")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model atomically, ``<stem>.report.json`` next to it, and the target's extra
+        files (``<stem>.encodings`` for the qnn profiles, :mod:`onnxq.targets.encodings`), and a mixed
+        precision run's plan (``<stem>.bitplan.json``)."""
+        out = g.save_model(self.model, path, source=self.source)
+        if self.bit_plan is not None:
+            self.bit_plan.save(self.bit_plan_path(out))
+        target = (self.report.get("config") or {}).get("target")
+        if target and "aimet_encodings" in get_target(target).exporters:
+            from onnxq.targets.encodings import write_encodings
+
+            write_encodings(self.model, out.with_suffix(".encodings"))
+        if self.report.get("mrecg"):  # the loss-along-depth figure, <stem>.mrecg.png
+            from onnxq.report.mrecg_plot import plot_mrecg
+
+            png = plot_mrecg(self.report["mrecg"], out.with_suffix(".mrecg.png"))
+            self.report["mrecg"]["plot"] = str(png)
+        write_report(self.report, out)
+        return out

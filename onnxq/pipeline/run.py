@@ -1,0 +1,150 @@
+"""One quantization run: load, split off validation data, run the pipeline, check, validate, report.
+
+The output is checked against its target's rules (:mod:`onnxq.targets.rules`; a violation is an
+internal error) and validated in onnxruntime against the user's original float model on held-out
+samples. The report records the configuration as asked and as resolved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxq.config import Config
+from onnxq.core import graph as g
+from onnxq.core.context import QuantContext
+from onnxq.data.loaders import CalibrationSet, ImageRecipe, load_calibration, model_inputs
+from onnxq.errors import UserError
+from onnxq.pipeline.build import build_pipeline, prepare_float
+from onnxq.pipeline.result import QuantResult
+from onnxq.report.validate import ValidationReport, validate
+from onnxq.targets.profiles import resolve_config
+from onnxq.targets.rules import check_target, format_violations
+from onnxq.ternary.check import check_ternary
+
+log = logging.getLogger(__name__)
+
+CalibSource = CalibrationSet | Iterable[Mapping[str, np.ndarray]] | str | Path
+
+
+def load_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    """The model and the path it came from (None for a ModelProto, which is never modified)."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    if isinstance(model, (str, Path)):
+        return g.load_model(model), Path(model)
+    raise UserError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def split_validation(calib_set: CalibrationSet, config: Config) -> tuple[CalibrationSet, CalibrationSet]:
+    """(calibration, validation): ``holdout_fraction`` of the samples, at most ``holdout_max``, in whole
+    batches, held out of calibration; a single batch is validated on itself (with a warning)."""
+    if len(calib_set) <= 1:
+        log.warning("a single calibration batch: validating on the calibration sample itself")
+        return calib_set, calib_set
+    v = config.validation
+    per_batch = max(1, calib_set.num_samples // len(calib_set))
+    wanted = min(v.holdout_max, max(1, int(calib_set.num_samples * v.holdout_fraction)))
+    return calib_set.split(max(1, min(len(calib_set) // 2, round(wanted / per_batch))))
+
+
+def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Config, *,
+                 validation: CalibSource | None = None, recipe: ImageRecipe | None = None,
+                 batch_size: int = 1) -> QuantResult:
+    """Quantize ``model`` with ``config`` (see :func:`onnxq.api.quantize`, which adds mixed precision)."""
+    requested = config
+    config = resolve_config(config)
+    t0 = time.perf_counter()
+    original, source = load_model(model)
+    inputs = model_inputs(original)
+    calib_set = load_calibration(calib, inputs, recipe=recipe, batch_size=batch_size)
+    if len(calib_set) == 0:
+        raise UserError("the calibration data is empty: give at least one sample")
+    if validation is None:
+        calib_set, val_set = split_validation(calib_set, config)
+    else:
+        val_set = load_calibration(validation, inputs, recipe=recipe, batch_size=batch_size)
+
+    reference, ctx = prepare_float(original, config, calib_set)
+    ctx.reference = reference
+    quantized = build_pipeline(config, first="plan").export(g.to_graph(reference), ctx, template=original)
+    seconds = time.perf_counter() - t0
+
+    report: dict[str, Any] = {
+        "onnxq_version": _version(),
+        "config": config.to_dict(),
+        "config_requested": requested.to_dict(),
+        "source": str(source) if source else None,
+        "quantize_seconds": round(seconds, 2),
+        "opset": g.default_opset(quantized),
+        "float_ops": dict(sorted(ctx.float_ops.items())),
+        **ctx.report,
+    }
+    report["target_check"] = _check_output(quantized, ctx)
+    val = None
+    if config.validation.enabled:
+        val = validate(original, quantized, val_set)
+        report["validation"] = val.to_dict()
+        log.info("validation:\n%s", val.summary())
+        if not (val.checker_ok and val.runs_enable_all and val.runs_disable_all):
+            raise RuntimeError("the quantized model failed validation: " + "; ".join(val.errors))
+    _two_bit_report(quantized, ctx, val, report)
+    return QuantResult(quantized, json.loads(json.dumps(report, default=_json_default)), source, val)
+
+
+def _check_output(model: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:
+    """Run the target's rule checker on our own output: a violation is an internal error."""
+    target = ctx.target
+    violations = check_target(model, target)
+    if violations:
+        raise RuntimeError(f"internal error: the output violates target {target.name} "
+                           f"({len(violations)} violation(s)):\n{format_violations(violations)}")
+    return {"target": target.name, "ok": True, "violations": [], "activation_bits": ctx.config.activations.bits}
+
+
+def _two_bit_report(model: onnx.ModelProto, ctx: QuantContext, val: ValidationReport | None,
+                    report: dict[str, Any]) -> None:
+    """``report["ternary"]`` (method, container, sparsity and sizes; codes outside {-1, 0, 1} raise) and
+    ``report["int2"]`` (the 4-level grid's layers and container)."""
+    ternary = ctx.two_bit_export.get("ternary")
+    if ternary is not None:
+        checked = val.ternary if val is not None else None
+        if checked is None:
+            result = check_ternary(model)
+            checked = result.to_dict() if result is not None else {"ok": False, "violations": ["no ternary tensor"]}
+        report["ternary"] = {"method": ctx.config.weights.ternary_method, "storage": ternary["storage"], **checked}
+        if ternary.get("int2_cast"):  # onnxq.core.int2_cast: int2 in the file, int8 kernels in onnxruntime
+            report["ternary"]["int2_cast_to_int8"] = ternary["int2_cast"]
+        if not checked["ok"]:
+            raise RuntimeError("the quantized model failed the ternary check: " + "; ".join(checked["violations"]))
+    int2 = ctx.two_bit_export.get("int2")
+    if int2 is not None:
+        report["int2"] = {"grid": "uniform [-2, 1] with zero-points", "storage": int2["storage"],
+                          "layers": len(ctx.two_bit_codes["int2"]),
+                          **({"int2_cast_to_int8": int2["int2_cast"]} if int2.get("int2_cast") else {})}
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    return str(obj)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnxq")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
