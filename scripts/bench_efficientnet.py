@@ -1,14 +1,18 @@
 """EfficientNet-Lite0 benchmark: onnxq against onnxruntime's own static quantizer.
 
-Per model (FP32 and each quantized one), on the 750-image evaluation split: top-1, top-1
-agreement with FP32, file size (ratio to FP32), quantization wall time, ORT CPU latency at batch 1
-and 32 (ORT_ENABLE_ALL, CPUExecutionProvider, default threads, median after warmup, models
-interleaved), and the kernels ORT runs after optimization (were Q/DQ fused into integer ops?).
+Per model (FP32 and each quantized one): top-1 and top-1 agreement with FP32 on the ImageNet
+validation sample (325 images, the headline) and on the 750-image training evaluation split (a
+second opinion: the FP32 model memorised those images), each at ORT_ENABLE_ALL (onnxruntime's fused
+integer kernels) and ORT_DISABLE_ALL (the QDQ graph as written), file size (ratio to FP32),
+quantization wall time, ORT CPU latency at batch 1 and 32 (ORT_ENABLE_ALL, CPUExecutionProvider,
+default threads, median after warmup, models interleaved), and the kernels ORT runs after
+optimization (were Q/DQ fused into integer ops?).
 ORT side: ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, QUInt8 activations,
 QInt8 weights; MinMax/Entropy/Percentile on the 250 calibration images). ORT W4A8 (QInt4) is
 converted to opset 21 first (native INT4 Q/DQ); left at opset 13, ORT writes ``com.microsoft``
 Q/DQ instead (``ort_w4a8_minmax_contrib``). onnxq side: ``onnxq.quantize`` with the named
-``QuantConfig`` entries of ``ONNXQ_CONFIGS`` (skipped with a note if onnxq lacks the API).
+entries of ``ONNXQ_CONFIGS``: a preset (``preset_<name>``, exactly ``onnxq quantize --preset <name>``)
+or the keyword arguments of the deprecated flat ``QuantConfig``.
 
     python scripts/bench_efficientnet.py [--out-dir build/bench] [--only NAME[,NAME]]
         [--latency-runs N] [--latency-runs-b32 N] [--limit N] [--json results.json] [--markdown [PATH]]
@@ -57,11 +61,12 @@ class OrtEntry:
 
 @dataclass(frozen=True)
 class OnnxqEntry:
-    """One onnxq configuration: keyword arguments of ``onnxq.QuantConfig``."""
+    """One onnxq configuration: a preset's name, or keyword arguments of ``onnxq.QuantConfig``."""
 
     name: str
     params: dict[str, Any]
     default: bool = True
+    preset: str | None = None
     # Entries naming the same checkpoint share one reconstruction (kept under OUT_DIR/checkpoints/):
     # the first one run reconstructs, the others only add what comes after it (tuning).
     checkpoint: str | None = None
@@ -93,7 +98,11 @@ _W4A4A = {**_W4A4, "weight_symmetric": False, "weight_method": "mse"}
 # The papers' W2: the 4-level INT2 grid [-2, 1], per-channel asymmetric, MSE-searched ranges.
 _W2A4U = {**_W8A8, "weight_bits": 2, "activation_bits": 4, "calib_method": "mse", "int2_grid": "uniform",
           "weight_symmetric": False, "weight_method": "mse"}
+PRESETS = ("w8a8", "w8a8-tensorrt", "npu-pow2", "w4a8-fast", "w4a8", "w4a4", "w2a4")
 ONNXQ_CONFIGS: list[OnnxqEntry] = [
+    # The presets, as `onnxq quantize --preset NAME` runs them (the learned ones keep a checkpoint).
+    *(OnnxqEntry(f"preset_{p.replace('-', '_')}", {}, default=p in ("w8a8", "npu-pow2"), preset=p,
+                 checkpoint=f"preset_{p}" if p.startswith(("w4", "w2")) else None) for p in PRESETS),
     OnnxqEntry("onnxq_w8a8_minmax", {**_W8A8, "calib_method": "minmax"}),
     OnnxqEntry("onnxq_w8a8_percentile", {**_W8A8, "calib_method": "percentile"}),
     OnnxqEntry("onnxq_w8a8_mse", {**_W8A8, "calib_method": "mse"}),
@@ -267,22 +276,22 @@ _KERNELS = ("QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool", "C
 def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """Markdown section (results table, kernels table, setup) for docs/benchmarks.md."""
     lines = [
-        f"### EfficientNet-Lite0, ImageNet sample ({meta['n_eval']} eval images, "
-        f"{meta['n_calib']} calibration images)", "",
-        "| model | tool | top-1 % | agree w/ FP32 % | agree, calib images % | size MB | size ratio "
-        "| quant time s | b1 ms | b1 ratio | b32 ms | b32 ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        f"### EfficientNet-Lite0: {meta['n_val']} validation images, {meta['n_eval']} training evaluation "
+        f"images, {meta['n_calib']} calibration images", "",
+        "Top-1 and agreement with FP32 at `ORT_ENABLE_ALL` / `ORT_DISABLE_ALL`.", "",
+        "| model | tool | val top-1 % | val agree % | train-eval top-1 % | train-eval agree % "
+        "| agree, calib images % | size ratio | quant s | b1 ratio | b32 ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['tool']} | failed: {r['error'][:80]} |"
-                         + " |" * 9)
+            lines.append(f"| {r['name']} | {r['tool']} | failed: {r['error'][:80]} |" + " |" * 8)
             continue
-        q = "-" if r["quant_s"] is None else f"{r['quant_s']:.1f}"
+        q = "-" if r["quant_s"] is None else f"{r['quant_s']:.0f}"
+        pair = lambda key: f"{r[key + '_all']:.2f} / {r[key + '_disable']:.2f}"  # noqa: E731
         lines.append(
-            f"| {r['name']} | {r['tool']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['agree_calib']:.2f} "
-            f"| {r['size_bytes'] / 1e6:.2f} | {r['size_ratio']:.3f} | {q} "
-            f"| {r['lat_b1_ms']:.2f} | {r['lat_b1_ratio']:.2f} | {r['lat_b32_ms']:.1f} "
-            f"| {r['lat_b32_ratio']:.2f} |")
+            f"| {r['name']} | {r['tool']} | {pair('top1_val')} | {pair('agree_val')} | {pair('top1_eval')} "
+            f"| {pair('agree_eval')} | {r['agree_calib']:.2f} | {r['size_ratio']:.3f} | {q} "
+            f"| {r['lat_b1_ratio']:.2f} | {r['lat_b32_ratio']:.2f} |")
     lines += ["", "Kernels ORT runs after `ORT_ENABLE_ALL` (op counts of the optimized graph):", "",
               "| model | kernels | notes |", "|---|---|---|"]
     for r in rows:
@@ -302,20 +311,23 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{meta['latency_runs']} (batch 1) / {meta['latency_runs_b32']} (batch 32) runs after "
         f"warmup, the models' runs interleaved in up to 5 rounds; ratios are to FP32. Load average "
         f"(1 min) {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end.",
-        "- Accuracy: top-1 on the evaluation split with batch-32 sessions; agreement = same "
-        "top-1 class as FP32; \"calib images\": the same agreement on the calibration images the "
-        "quantizer saw (far above the evaluation agreement: the quantizer fitted those images, "
-        "not the task).",
+        "- Accuracy: top-1 with batch-32 sessions; agreement = same top-1 class as FP32 (at "
+        "ORT_ENABLE_ALL); \"calib images\": the agreement on the calibration images the quantizer saw "
+        "(far above the evaluation agreement: the quantizer fitted those images, not the task).",
         f"- Preprocessing: {meta['preprocessing']} (center crop 0.875, bicubic 224, (x-127)/128).",
         f"- Whole run: {meta['total_s']:.0f} s. Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
 
-def _session(path: Path, optimized_out: Path | None = None):
+LEVELS = ("all", "disable")
+
+
+def _session(path: Path, optimized_out: Path | None = None, level: str = "all"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     if optimized_out is not None:
         opts.optimized_model_filepath = str(optimized_out)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -366,21 +378,26 @@ def _op_counts(path: Path) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node).most_common())
 
 
-def evaluate(path: Path, x: np.ndarray, y: np.ndarray, opt_dir: Path,
+def evaluate(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], opt_dir: Path,
              x_cal: np.ndarray | None = None) -> dict[str, Any]:
-    """Top-1 predictions/accuracy (batch 32) and the op counts of the ORT-optimized graph; with
-    ``x_cal``, also the predictions on the calibration images (``pred_calib``): a quantizer that
-    fits those images more than the task agrees with FP32 far more often there than on ``x``."""
+    """Top-1 predictions and accuracy (batch 32) on every split at both optimisation levels
+    (``pred_<split>_<level>``, ``top1_<split>_<level>``) and the op counts of the ORT-optimized graph;
+    with ``x_cal``, also the predictions on the calibration images (``pred_calib``, ORT_ENABLE_ALL): a
+    quantizer that fits those images more than the task agrees with FP32 far more often there."""
     opt_path = opt_dir / f"{path.stem}.ort_opt.onnx"
-    sess = _session(path, optimized_out=opt_path)
+    out: dict[str, Any] = {"model_ops": _op_counts(path)}
     t0 = time.perf_counter()
-    pred = _predict(sess, x)
-    eval_s = time.perf_counter() - t0
-    ops = _op_counts(opt_path) if opt_path.is_file() else {}
-    out = {"pred": pred, "top1": float(np.mean(pred == y) * 100), "eval_s": eval_s,
-           "ort_opt_ops": ops, "model_ops": _op_counts(path)}
-    if x_cal is not None:
-        out["pred_calib"] = _predict(sess, x_cal)
+    for level in LEVELS:
+        sess = _session(path, optimized_out=opt_path if level == "all" else None, level=level)
+        for split, (x, y) in splits.items():
+            pred = _predict(sess, x)
+            out[f"pred_{split}_{level}"] = pred
+            out[f"top1_{split}_{level}"] = float(np.mean(pred == y) * 100)
+        if level == "all" and x_cal is not None:
+            out["pred_calib"] = _predict(sess, x_cal)
+    out["eval_s"] = time.perf_counter() - t0
+    out["ort_opt_ops"] = _op_counts(opt_path) if opt_path.is_file() else {}
+    out["top1"] = out[f"top1_{next(iter(splits))}_all"]  # the headline: the first split at ORT_ENABLE_ALL
     return out
 
 
@@ -463,13 +480,20 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
         print(f"  SKIP {entry.name}: onnxq.quantize / QuantConfig not available yet ({exc})")
         return None
     params = dict(entry.params)
-    if entry.checkpoint:
-        params.update(checkpoint_dir=str(out.parent / "checkpoints" / entry.checkpoint), keep_checkpoint=True)
-    try:
-        cfg = config_cls(**params)
-    except (TypeError, ValueError) as exc:
-        print(f"  SKIP {entry.name}: QuantConfig rejected {entry.params}: {exc}")
-        return None
+    checkpoint = str(out.parent / "checkpoints" / entry.checkpoint) if entry.checkpoint else None
+    if entry.preset:
+        cfg = onnxq.Config.from_preset(entry.preset)
+        if checkpoint:
+            cfg = cfg.replace(engine=replace(cfg.engine, checkpoint_dir=checkpoint, keep_checkpoint=True))
+        cfg = _with_overrides(cfg, params)
+    else:
+        if checkpoint:
+            params.update(checkpoint_dir=checkpoint, keep_checkpoint=True)
+        try:
+            cfg = config_cls(**params)
+        except (TypeError, ValueError) as exc:
+            print(f"  SKIP {entry.name}: QuantConfig rejected {entry.params}: {exc}")
+            return None
     calib = [{INPUT: calib_x[i:i + CALIB_BATCH]} for i in range(0, len(calib_x), CALIB_BATCH)]
     t0 = time.perf_counter()
     # All 250 calibration images calibrate (as for onnxruntime); the report's fidelity check runs on
@@ -483,7 +507,8 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
     seconds = time.perf_counter() - t0
     report = getattr(result, "report", {}) or {}
     shown = ", ".join(f"{k}={v}" for k, v in entry.params.items() if k not in ("target", "seed"))
-    notes = [f"QuantConfig({shown})"]
+    notes = [f"--preset {entry.preset}" + (f" --set {shown}" if shown else "")] if entry.preset else \
+        [f"QuantConfig({shown})"]
     if plan is not None:
         notes.append(f"integer-program bit plan at uniform W4A8's weight size "
                      f"(ratio {plan['size_ratio']:.4f}): layers per width {plan['layers_per_width']}")
@@ -516,6 +541,17 @@ def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list, 
                           "layers_per_width": predicted["layers_per_width"],
                           "path": str(out.with_suffix(".bitplan.json")), "sensitivity_s": table.seconds,
                           "table_weights": table.reconstruct}
+
+
+def _with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """A preset's Config with ``--set`` overrides as dotted paths (``rounding.iters``), as the CLI's --set."""
+    from onnxq.config import Config
+    from onnxq.config.files import merge, nested
+
+    layer = cfg.to_dict()
+    for key, value in overrides.items():
+        layer = merge(layer, nested(key.split("."), value))
+    return Config.from_dict(layer)
 
 
 def write_results(json_path: Path | None, payload: dict[str, Any], markdown: str | None,
@@ -594,14 +630,15 @@ def main(argv: list[str] | None = None) -> None:
     opt_dir = out_dir / "ort_optimized"
     opt_dir.mkdir(parents=True, exist_ok=True)
     fp32 = export_efficientnet_lite0(REPO_ROOT / "build" / "models" / "efficientnet_lite0.onnx")
-    x_eval, y_eval = load_split("eval", args.limit)
+    splits = {"val": load_split("val", args.limit), "eval": load_split("eval", args.limit)}
+    x_eval, y_eval = splits["eval"]
     x_cal, _ = load_split("calib", args.calib_limit)
-    print(f"eval {x_eval.shape}, calib {x_cal.shape}, preprocessing {PREPROC_TAG}")
+    print(f"val {splits['val'][0].shape}, eval {x_eval.shape}, calib {x_cal.shape}, preprocessing {PREPROC_TAG}")
 
     rows: list[dict[str, Any]] = []
     paths: dict[str, Path] = {}
     print("[fp32] evaluating")
-    ref = evaluate(fp32, x_eval, y_eval, opt_dir, x_cal)
+    ref = evaluate(fp32, splits, opt_dir, x_cal)
     jobs: list[tuple[str, str, Any]] = [("fp32", "-", None)]
     jobs += [(e.name, "onnxruntime", e) for e in ort_entries]
     jobs += [(e.name, "onnxq", e) for e in onnxq_entries]
@@ -617,21 +654,25 @@ def main(argv: list[str] | None = None) -> None:
                 if info is None:
                     continue
                 print(f"[{name}] evaluating")
-                res = evaluate(path, x_eval, y_eval, opt_dir, x_cal)
+                res = evaluate(path, splits, opt_dir, x_cal)
             except Exception as exc:  # keep the benchmark going; record the failure
                 print(f"  FAILED {name}: {type(exc).__name__}: {exc}")
                 rows.append({"name": name, "tool": tool, "error": f"{type(exc).__name__}: {exc}"})
                 continue
         paths[name] = path
+        agree = {f"agree_{k[5:]}": float(np.mean(v == ref[f"pred_{k[5:].rsplit('_', 1)[0]}_all"]) * 100)
+                 for k, v in res.items() if k.startswith("pred_") and k != "pred_calib"}
         rows.append({"name": name, "tool": tool, "path": str(path), **info,
-                     **{k: v for k, v in res.items() if k not in ("pred", "pred_calib")},
-                     "agree": float(np.mean(res["pred"] == ref["pred"]) * 100),
+                     **{k: v for k, v in res.items() if not k.startswith("pred")}, **agree,
+                     "agree": agree["agree_val_all"],
                      "agree_calib": float(np.mean(res["pred_calib"] == ref["pred_calib"]) * 100),
                      "size_bytes": path.stat().st_size,
                      "size_ratio": path.stat().st_size / fp32.stat().st_size})
         q = rows[-1]["quant_s"]
-        print(f"  top1 {rows[-1]['top1']:.2f}%  agree {rows[-1]['agree']:.2f}% "
-              f"(calibration images {rows[-1]['agree_calib']:.2f}%)  "
+        r = rows[-1]
+        print(f"  val top1 {r['top1_val_all']:.2f}% / {r['top1_val_disable']:.2f}% (ALL / DISABLE), agree "
+              f"{r['agree_val_all']:.2f}% / {r['agree_val_disable']:.2f}%; eval top1 {r['top1_eval_all']:.2f}% / "
+              f"{r['top1_eval_disable']:.2f}% (calibration images agree {r['agree_calib']:.2f}%)  "
               f"size {rows[-1]['size_bytes'] / 1e6:.2f} MB  quant {q if q is None else round(q, 1)} s")
 
     print(f"latency: batch 1 x {args.latency_runs}, batch {EVAL_BATCH} x {args.latency_runs_b32}, "
@@ -647,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"b32 {row['lat_b32_ms']:9.1f} ms ({row['lat_b32_ratio']:.2f}x)")
 
     total_s = time.perf_counter() - t_start
-    meta = {**machine_info(), "command": command, "n_eval": int(len(y_eval)),
+    meta = {**machine_info(), "command": command, "n_eval": int(len(y_eval)), "n_val": int(len(splits["val"][1])),
             "n_calib": int(len(x_cal)), "latency_runs": args.latency_runs,
             "latency_runs_b32": args.latency_runs_b32, "preprocessing": PREPROC_TAG,
             "total_s": total_s, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}

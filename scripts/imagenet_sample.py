@@ -1,10 +1,12 @@
 """Helpers for the shared ImageNet sample (1000 training-set images, one per class).
 
 Data location: ``$ONNXQ_DATA`` if set, else ``<repo>/../shared/data``; images and ``labels.csv``
-live in its ``imagenet-sample/`` folder. Fixed split (never score on calibration images):
+live in its ``imagenet-sample/`` (training images) and ``imagenet-val-sample/`` (validation images)
+folders. Fixed splits (never score on calibration images):
 
-* ``calib``: the 250 images with ``class_index % 4 == 0``;
-* ``eval``: the other 750.
+* ``calib``: the 250 training images with ``class_index % 4 == 0``;
+* ``eval``: the other 750 training images (a second opinion: the FP32 model memorised them);
+* ``val``: the 325 ImageNet validation images (the headline score).
 
 EfficientNet-Lite0 preprocessing (``preprocess_lite0``) follows the reference evaluation
 preprocessing of the TensorFlow EfficientNet(-Lite) code the weights were converted from:
@@ -32,7 +34,8 @@ IMAGE_SIZE = 224
 CROP_PADDING = 32
 PREPROC_TAG = "lite0-tfcrop-bicubic-127-128-v1"
 
-Split = Literal["calib", "eval"]
+Split = Literal["calib", "eval", "val"]
+SPLITS = ("calib", "eval", "val")
 
 
 def data_dir() -> Path:
@@ -56,16 +59,19 @@ def split_files(split: Split) -> list[tuple[Path, int]]:
     """List ``(image path, class index)`` of a split, in ``labels.csv`` order.
 
     Args:
-        split: ``"calib"`` (class_index % 4 == 0, 250 images) or ``"eval"`` (the other 750).
+        split: ``"calib"`` (class_index % 4 == 0, 250 images), ``"eval"`` (the other 750) or ``"val"``
+            (every image of the validation sample).
     """
-    if split not in ("calib", "eval"):
-        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
-    folder = data_dir() / "imagenet-sample"
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    folder = data_dir() / ("imagenet-val-sample" if split == "val" else "imagenet-sample")
+    if not (folder / "labels.csv").is_file():
+        raise FileNotFoundError(f"{folder / 'labels.csv'} does not exist: the {split} split needs it")
     out: list[tuple[Path, int]] = []
     with open(folder / "labels.csv", newline="") as f:
         for row in csv.DictReader(f):
             cls = int(row["class_index"])
-            if (cls % 4 == 0) == (split == "calib"):
+            if split == "val" or (cls % 4 == 0) == (split == "calib"):
                 out.append((folder / row["file"], cls))
     return out
 
@@ -101,7 +107,7 @@ def load_split(split: Split, limit: int | None = None) -> tuple[np.ndarray, np.n
     preprocessing); the cache is rebuilt when its file list no longer matches ``labels.csv``.
 
     Args:
-        split: ``"calib"`` or ``"eval"``.
+        split: ``"calib"``, ``"eval"`` or ``"val"``.
         limit: Keep only the first ``limit`` images (in ``labels.csv`` order), for quick runs.
     """
     files = split_files(split)
@@ -125,7 +131,7 @@ def load_split(split: Split, limit: int | None = None) -> tuple[np.ndarray, np.n
 
 
 if __name__ == "__main__":
-    for s in ("calib", "eval"):
+    for s in SPLITS:
         xs, ys = load_split(s)  # type: ignore[arg-type]
         print(f"{s}: x {xs.shape} {xs.dtype} range [{xs.min():.3f}, {xs.max():.3f}], "
               f"{len(set(ys.tolist()))} classes, cache {_cache_path(s)}")

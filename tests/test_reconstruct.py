@@ -212,7 +212,7 @@ def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
     fake = tmp_path / "onnxq"
     fake.mkdir()
     (fake / "__init__.py").write_text("x = 1\n")
-    monkeypatch.setattr(onnxq, "__file__", str(fake / "__init__.py"))
+    monkeypatch.setattr(rc, "package_roots", lambda: [("onnxq", fake)])
     rc.code_fingerprint.cache_clear()
     try:
         one = rc.code_fingerprint()

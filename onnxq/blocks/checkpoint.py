@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -37,17 +38,28 @@ def fingerprint(model_bytes: bytes, settings: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def code_fingerprint() -> str:
-    """SHA-256 of every ``.py`` file of the onnxq package and of ``onnxq.passes`` (paths and bytes)."""
-    import onnxq
-    import onnxq.passes
+    """SHA-256 of every ``.py`` file of the onnxq package and of ``onnxq.passes`` (paths and bytes).
 
+    The files are found where Python finds the packages (``onnxq.passes`` may live in another folder
+    of a source tree, see pyproject.toml), without importing them.
+    """
     h = hashlib.sha256()
-    for pkg in (onnxq, onnxq.passes):
-        root = Path(pkg.__file__).resolve().parent
+    for name, root in package_roots():
         for path in sorted(root.rglob("*.py")):
-            h.update(f"{pkg.__name__}/{path.relative_to(root).as_posix()}".encode())
+            h.update(f"{name}/{path.relative_to(root).as_posix()}".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def package_roots() -> list[tuple[str, Path]]:
+    """(name, folder) of the onnxq package and of ``onnxq.passes``."""
+    roots = []
+    for name in ("onnxq", "onnxq.passes"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"package {name} not found: reinstall onnxq")
+        roots.append((name, Path(next(iter(spec.submodule_search_locations))).resolve()))
+    return roots
 
 
 def _atomic_write(path: Path, write) -> None:

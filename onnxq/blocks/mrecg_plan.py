@@ -19,10 +19,8 @@ unsupported region) and where the second block reads the first one's output can 
 **Data-free proxy (ours; the paper's ModCap formula could not be recovered).** The block's relative
 weight quantization noise ``c_i = sum_{l in block i} ||W_hat_l - W_l||^2 / ||W_l||^2`` (``W_hat`` = the
 graph's dequantized codes), a stand-in for the loss level the first pass would measure: it grows
-with fewer bits and with weight outliers and needs no data. Measured on EfficientNet-Lite0 W4A8
-against the losses of a full BRECQ pass (fast schedule): Spearman 0.74 with the block losses, where
-the ModCap-like ``sum_l N_l b_l / s_l`` (parameters x bits / stride) reached 0.14; neither predicts
-the *differentials* (rho ~ 0; 1 of the 4 merges in common at k = 4), so "data" stays the default.
+with fewer bits and with weight outliers and needs no data. It ranks block losses well but not the
+differentials that choose the merges, so "data" stays the default (docs/defaults.md).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ WEIGHT_BITS = (8, 4, 2)
 #: 2-bit weight grids: ternary {-1, 0, 1} x scale, or the 4-level INT2 grid [-2, 1] with zero-points.
 INT2_GRIDS = ("ternary", "uniform")
 TERNARY_METHODS = ("rtn", "twn", "tquant", "mquant-a", "mquant-b")
-#: "mquant" is the MQuant variant with the lower weight error on EfficientNet-Lite0 (docs/defaults.md).
+#: "mquant" is the MQuant variant with the lower weight error (docs/defaults.md).
 TERNARY_ALIASES = {"mquant": "mquant-b"}
 #: Containers of 2-bit codes ("auto": the narrowest the target allows and onnxruntime runs).
 TWO_BIT_STORAGES = ("auto", "int2", "int4", "int8")
@@ -75,16 +75,18 @@ def is_finite_number(value: object) -> bool:
 
 def check_count(name: str, value: object, *, minimum: int = 0) -> None:
     """A one-line UserError unless ``value`` is an integer >= ``minimum``."""
-    if not (is_count(value) and value >= minimum):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
         raise UserError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 def check_number(name: str, value: object, *, minimum: float = 0.0, strict: bool = False,
                  maximum: float | None = None) -> None:
     """A one-line UserError unless ``value`` is a finite number in range (``strict``: > minimum)."""
-    ok = is_finite_number(value) and (value > minimum if strict else value >= minimum)
-    if ok and maximum is not None:
-        ok = value <= maximum
+    ok = False
+    if isinstance(value, (int, float)) and is_finite_number(value):
+        ok = value > minimum if strict else value >= minimum
+        if ok and maximum is not None:
+            ok = value <= maximum
     if not ok:
         bound = f"> {minimum}" if strict else f">= {minimum}"
         if maximum is not None:

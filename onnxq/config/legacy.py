@@ -28,7 +28,7 @@ from onnxq.config.sections import (
 )
 from onnxq.errors import UserError
 
-_LEARNED = {"adaround": AdaRound, "brecq": BRECQ, "qdrop": QDrop}
+_LEARNED: dict[str, Any] = {"adaround": AdaRound, "brecq": BRECQ, "qdrop": QDrop}
 _METHODS = ("rtn", "adaround", "brecq", "qdrop", "adaquant", "mrecg")
 
 

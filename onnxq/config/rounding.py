@@ -41,13 +41,15 @@ from onnxq.config.choices import (
 from onnxq.errors import UserError
 
 
+def _field_names(kind: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
+
+
 def _from_schedule(cls: Any, schedule: str, overrides: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted(set(overrides) - _field_names(cls))
     if unknown:
         name = unknown[0]
-        owners = [t.method for t in ROUNDING_TYPES.values()
-                  if dataclasses.is_dataclass(t) and name in {f.name for f in dataclasses.fields(t)}]
+        owners = [kind.method for kind in ROUNDING_TYPES.values() if name in _field_names(kind)]
         where = f" (a setting of {', '.join(owners)})" if owners else ""
         raise UserError(f"rounding method {cls.method} has no setting {name!r}{where}: drop it or choose "
                         f"a method that has it")
@@ -358,7 +360,7 @@ class AdaQuant:
 Rounding = RoundToNearest | AdaRound | BRECQ | QDrop | AdaQuant
 
 #: method name -> type
-ROUNDING_TYPES: dict[str, type] = {t.method: t for t in (RoundToNearest, AdaRound, BRECQ, QDrop, AdaQuant)}
+ROUNDING_TYPES: dict[str, Any] = {t.method: t for t in (RoundToNearest, AdaRound, BRECQ, QDrop, AdaQuant)}
 
 
 def method_name(rounding: Rounding) -> str:

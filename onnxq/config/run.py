@@ -133,7 +133,7 @@ class Config:
             value = getattr(self, f.name)
             if f.name == "rounding":
                 out[f.name] = rounding_to_dict(value)
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 out[f.name] = {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
             else:
                 out[f.name] = _plain(value)

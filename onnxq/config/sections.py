@@ -9,6 +9,7 @@ Why the defaults are what they are: ``docs/defaults.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from onnxq.config.choices import (
     ACTIVATION_BITS,
@@ -90,7 +91,7 @@ class Weights:
         return self.bits == 2 or any(b == 2 for _, b in self.bit_plan)
 
 
-def bit_plan_pairs(plan: object) -> tuple[tuple[str, int], ...]:
+def bit_plan_pairs(plan: Any) -> tuple[tuple[str, int], ...]:
     """A bit plan as ``((name, bits), ...)``; bad widths or repeated names are a UserError."""
     items = list(plan.items()) if isinstance(plan, dict) else list(plan or ())
     out: list[tuple[str, int]] = []

@@ -90,11 +90,11 @@ def find_pairs(graph: gs.Graph) -> tuple[list[Pair], list[dict[str, str]]]:
             continue
         if nxt.op not in LAYER_OPS or not is_default_domain(nxt):
             continue
-        pair = Pair(node, nxt, act, _act_kind(act) if act is not None else "identity")
-        reason = _pair_problem(pair, t)
-        if reason:
-            log.debug("pair %s refused: %s", pair.label, reason)
-            refused.append({"pair": pair.label, "reason": reason})
+        pair = Pair(node, nxt, act, (_act_kind(act) if act is not None else None) or "identity")
+        problem = _pair_problem(pair, t)
+        if problem:
+            log.debug("pair %s refused: %s", pair.label, problem)
+            refused.append({"pair": pair.label, "reason": problem})
         else:
             pairs.append(pair)
     return pairs, refused

@@ -217,6 +217,7 @@ class MSEObserver(_KeepsChannels):
     def _candidates(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate ranges ``(n, *lo.shape)``, widest first."""
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        factor: np.ndarray
         if self.spec.pow2:
             s_float = qparams_from_range(lo, hi, replace(self.spec, scale_kind=ScaleKind.FLOAT)).scale
             k_max = np.log2(qparams_from_range(lo, hi, self.spec).scale.astype(np.float64))
@@ -299,8 +300,8 @@ class EntropyObserver(_KeepsChannels):
     bins of width ``w = max|x| / B``: a signed histogram of ``2B`` bins with 0 on a bin edge (per
     channel: the same, exact). Zeros are left out because 0 is on every candidate grid (integer
     zero-point), so they have no quantization error; kept, their spike (ReLU outputs are often 30-90%
-    zeros) is smeared by ``Q`` over a whole level, a cost growing with ``T``, and the search shrank
-    ReLU6 ranges from 6 to ~1.3 (EfficientNet-Lite0 collapsed to 0.4% top-1).
+    zeros) is smeared by ``Q`` over a whole level, a cost growing with ``T``, and the search shrinks
+    ReLU6 ranges far under 6 (docs/defaults.md).
 
     Search (:func:`~onnxq.core.histogram.kl_clip_bins`): candidates ``T = i w`` keep the slice of the
     signed histogram that the grid covers; the reference ``P`` is that slice with the clipped tails
@@ -348,7 +349,7 @@ class EntropyObserver(_KeepsChannels):
             return 2 * (spec.qmax - center + 1)
         return spec.qmax - spec.qmin + 1
 
-    def _range(self, t: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> QParams:
+    def _range(self, t: np.ndarray | float, lo: np.ndarray, hi: np.ndarray) -> QParams:
         if self.spec.symmetric:
             return qparams_from_range(-t, t, self.spec)
         return qparams_from_range(np.maximum(lo, -t), np.minimum(hi, t), self.spec)
@@ -370,9 +371,9 @@ class EntropyObserver(_KeepsChannels):
         idx = np.clip(np.floor(np.abs(a) / width[:, None]), 0, big - 1).astype(np.int64)
         idx += (np.arange(c) * 2 * big)[:, None] + np.where(a > 0, big, 0)  # [neg | pos] per channel
         counts = np.bincount(idx[a != 0], minlength=2 * c * big).reshape(c, 2, big)
-        t = np.array([min(kl_clip_bins(counts[ch, 0], counts[ch, 1], levels, sym) * width[ch], amax[ch])
-                      if amax[ch] > 0 else 0.0 for ch in range(c)])
-        return self._range(t, lo, hi)
+        per_channel = np.array([min(kl_clip_bins(counts[ch, 0], counts[ch, 1], levels, sym) * width[ch], amax[ch])
+                                if amax[ch] > 0 else 0.0 for ch in range(c)])
+        return self._range(per_channel, lo, hi)
 
 
 _OBSERVERS: dict[str, type[Observer]] = {
@@ -399,7 +400,7 @@ def make_observer(method: str, spec: QuantSpec, **options: object) -> Observer:
         raise UserError(
             f"calibration method '{method}' has no option(s) {unknown}: valid options are {allowed or 'none'}"
         )
-    return cls(spec, **options)  # type: ignore[arg-type]
+    return cls(spec, **options)
 
 
 def weight_qparams(w: np.ndarray, spec: QuantSpec, method: str = "minmax", **options: object) -> QParams:

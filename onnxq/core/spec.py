@@ -176,7 +176,8 @@ def pow2_round(scale: np.ndarray, mode: str = "ceil") -> np.ndarray:
     return np.exp2(k).astype(np.float32)
 
 
-def qparams_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, *, pow2_mode: str = "ceil") -> QParams:
+def qparams_from_range(lo: np.ndarray | float, hi: np.ndarray | float, spec: QuantSpec, *,
+                       pow2_mode: str = "ceil") -> QParams:
     """Scale and zero-point covering [lo, hi] (which is widened to contain 0).
 
     Symmetric: z = 0 for signed grids (the grid middle, e.g. 128, for unsigned ones) and

@@ -1,0 +1,1 @@
+"""Calibration data: loading files, image folders and feeds, capturing intermediate tensors, augmentation."""

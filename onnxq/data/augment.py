@@ -1,9 +1,8 @@
 """Calibration augmentation for reconstruction: more views of the same few hundred images.
 
-Reconstruction fits a block's rounding to the calibration samples it sees. With 250 images the
-learned rounding fits those images better than the task (on EfficientNet-Lite0 W4A8 BRECQ, agreement
-with the float model is 97 % on the calibration images and 91 % on held-out ones), so extra views of
-the same images are extra constraints on the rounding at no labelling cost. The float model's
+Reconstruction fits a block's rounding to the calibration samples it sees. With a few hundred images
+the learned rounding fits those images better than the task (docs/defaults.md, "long"), so extra
+views of the same images are extra constraints on the rounding at no labelling cost. The float model's
 outputs on an augmented view are the target, as for any calibration sample, so a view needs no
 label and need not be "correct": it only has to look like the model's input distribution.
 

@@ -357,10 +357,8 @@ def _width_weights(cal: CalibratedModel, layers: list[LayerInfo], bits: int, ada
     plan = tuple((i.name, bits) for i in layers if i.fixed_bits is None)
     graph, ctx = cal.quantize_graph(plan)
     if adaquant is not None:
-        from onnxq.passes.rounding.adaquant import AdaQuantPass
-
         log.info("sensitivity: parallel AdaQuant of every layer at %d bits", bits)
-        AdaQuantPass(adaquant)(graph, ctx)
+        cal.adaquant(graph, ctx, adaquant)
     wanted = {name for name, _ in plan}
     out = {}
     for node in graph.nodes:

@@ -10,6 +10,7 @@ are not run here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -20,6 +21,9 @@ from onnxq.core.context import QuantContext
 from onnxq.data.calibset import CalibrationSet
 from onnxq.pipeline.build import build_pipeline, prepare_float
 from onnxq.targets.profiles import resolve_config
+
+if TYPE_CHECKING:
+    from onnxq.recon.adaquant import AdaQuantConfig
 
 
 @dataclass
@@ -64,6 +68,14 @@ class CalibratedModel:
         ctx.shared.update(self.ctx.shared)
         build_pipeline(ctx.config, first="weights", last="weights").run(graph, ctx)
         return graph, ctx
+
+    @staticmethod
+    def adaquant(graph: gs.Graph, ctx: QuantContext, settings: AdaQuantConfig) -> None:
+        """AdaQuant on a graph of :meth:`quantize_graph` with the engine record ``settings`` (parallel for
+        a sensitivity table: every layer from the float model's inputs)."""
+        from onnxq.passes.rounding.adaquant import AdaQuantPass
+
+        AdaQuantPass(settings)(graph, ctx)
 
     def quantize(self, bit_plan: tuple[tuple[str, int], ...]) -> onnx.ModelProto:
         """The exported QDQ model of ``bit_plan`` (exported as a run does; no validation or report)."""

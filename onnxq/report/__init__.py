@@ -1,0 +1,1 @@
+"""Validation in onnxruntime, fidelity metrics, and the files written beside a model."""

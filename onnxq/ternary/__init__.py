@@ -1,0 +1,1 @@
+"""Ternary and 2-bit weights: the ternary operators, their containers in ONNX, and the check of written codes."""

@@ -36,19 +36,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from onnxq.config.choices import TERNARY_ALIASES, TERNARY_METHODS
 from onnxq.core.spec import TERNARY_WEIGHT, Granularity, QParams, QuantSpec
 from onnxq.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "twn", "tquant", "mquant-a", "mquant-b")
-
-#: What the alias "mquant" means: the MQuant variant that measured best on EfficientNet-Lite0
-#: (data-free, ternary weights, A8, first/last 8-bit; scripts/bench_ternary.py): variant b has the
-#: lower weight error (mean relative MSE 0.28 vs 0.37 over the 48 ternary layers); top-1 is at
-#: chance for every data-free operator there, so it cannot separate them.
-MQUANT_DEFAULT = "mquant-b"
-ALIASES = {"mquant": MQUANT_DEFAULT}
+METHODS = TERNARY_METHODS
+ALIASES = TERNARY_ALIASES
+#: What the alias "mquant" means (docs/defaults.md says why).
+MQUANT_DEFAULT = TERNARY_ALIASES["mquant"]
 
 TWN_DELTA_FACTOR = 0.7  # Li & Liu 2016: Delta = 0.7 * E|w| approximates the optimal threshold.
 

@@ -1,0 +1,1 @@
+"""Passes that finish a graph for export."""

@@ -1,0 +1,1 @@
+"""Quantization passes: decide the grids, calibrate, align scales, correct biases, write Q/DQ."""

@@ -1,0 +1,1 @@
+"""Learned-rounding passes: block reconstruction (AdaRound, BRECQ, QDrop), AdaQuant, MRECG."""

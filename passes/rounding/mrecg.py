@@ -65,9 +65,7 @@ class MRECGPass(Pass):
 
     Args:
         config: the base method's ReconConfig (method brecq or qdrop), used unchanged for the final pass.
-        k: number of adjacent pairs (block boundaries) to merge. The paper's value is unknown; the released
-            plans merge 2 (ResNet-18), 4 (ResNet-50, RegNet-600M) and 7 (MobileNetV2-0.5) boundaries of
-            10-18 blocks, so the default 4 is about a quarter of EfficientNet-Lite0's 17 boundaries.
+        k: number of adjacent pairs (block boundaries) to merge (docs/defaults.md on the default).
         capacity: "data" (first reconstruction pass) or "proxy" (data-free, ours).
         first_fraction: the first pass's share of the base iterations (and activation-phase iterations).
         iters: "per_unit" or "per_block", the final pass's iterations for a merged unit (see above).

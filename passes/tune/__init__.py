@@ -1,0 +1,1 @@
+"""Tuning passes after quantization: per-channel output statistics and biases."""
