@@ -75,7 +75,7 @@ def test_layers_merge_in_order_and_a_new_method_replaces_the_rounding_table() ->
     ({"weight": {"bits": 4}}, "unknown setting 'weight'"),
     ({"weights": {"bit": 4}}, "unknown setting weights.bit"),
     ({"weights": {"bits": 3}}, "weights.bits=3"),
-    ({"rounding": {"method": "gptq"}}, "rounding.method='gptq'"),
+    ({"rounding": {"method": "gptq", "iters": 5}}, "gptq has no setting 'iters'"),
     ({"rounding": {"method": "qdrop", "order": "two_pass"}}, "a setting of brecq"),
     ({"rounding": {"method": "rtn", "iters": 5}}, "rtn has no settings"),
     ({"rounding": {"method": "adaquant", "mrecg": {}}}, "MRECG merges blocks of brecq or qdrop"),
@@ -157,7 +157,7 @@ def test_cli_preset_quantizes_and_the_report_records_both_configs(tmp_path: Path
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["config_requested"]["activations"]["dtype"] is None
     assert report["config"]["activations"]["dtype"] == "uint8"
-    assert report["config"]["tuning"]["bias_correction"] == "data"
+    assert report["config"]["rounding"]["method"] == "gptq" and report["weight_rounding"]["rounding"] == "gptq"
 
 
 def _mlp_calib(tmp: Path) -> str:
@@ -175,7 +175,8 @@ def test_quant_config_is_deprecated_and_converts_exactly() -> None:
     config = legacy.to_config()
     assert config.rounding == QDrop.fast(iters=50, mrecg=MRECGMerge())
     assert config.method == "mrecg" and config.activations.bits == 4 and not config.weights.symmetric
-    assert onnxq.QuantConfig().to_config() == Config()  # 0.1's defaults meant the target's choices
+    # 0.1's defaults meant the target's choices, and round-to-nearest (Config's default is now GPTQ)
+    assert onnxq.QuantConfig().to_config() == Config(rounding=RoundToNearest())
     assert onnxq.QuantConfig(method="adaquant", schedule="paper").to_config().rounding == AdaQuant.paper()
     assert isinstance(onnxq.QuantConfig().to_config().rounding, RoundToNearest)
 

@@ -2,12 +2,13 @@
 
 ``build_block`` turns the block's nodes into a :class:`~onnxq.torchify.BlockModule` where each
 weight DequantizeLinear becomes an :class:`~onnxq.recon.AdaRoundWeight` initialised from the float
-weight and its QParams (or a fixed round-to-nearest quantizer when the method is ``rtn``), and
-each activation Q -> [Clip] -> DQ becomes a :class:`~onnxq.recon.FakeQuant` with the calibrated
-scale (``graph_codes``: fixed weights keep the codes already in the graph, for BRECQ's two-pass
-activation pass). ``write_back`` replaces the integer constants of the graph by the learned codes, and the
-activation scales by the learned step sizes; the INT32 biases that depend on a changed input
-scale are requantized (s_b = s_in * s_w).
+weight and its QParams (or a fixed quantizer holding the codes already in the graph, when the
+weights do not learn: the ``rtn`` method, BRECQ's two-pass activation pass), and each activation
+Q -> [Clip] -> DQ becomes a :class:`~onnxq.recon.FakeQuant` with the calibrated scale. ``write_back``
+replaces the integer constants of the graph by the learned codes (with the pairs onnxruntime's CPU
+kernels would saturate repaired, :mod:`onnxq.targets.ort_kernels`), and the activation scales by the
+learned step sizes; the INT32 biases that depend on a changed input scale are requantized
+(s_b = s_in * s_w).
 
 Ternary weights (2-bit specs): the AdaRound variables start from the codes already in the graph
 (the ternary operator's, which for twn and mquant-b are not round(W / s)) on the grid [-1, 1] with
@@ -37,8 +38,9 @@ from onnxq.core.qdq import (
     quantized_source,
     weight_of,
 )
-from onnxq.core.spec import QParams
+from onnxq.core.spec import QParams, real_codes
 from onnxq.recon import AdaRoundWeight, FakeQuant, RoundToNearestWeight
+from onnxq.targets.ort_kernels import constrained_layout, repair_weight
 from onnxq.torchify import BlockModule
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,11 @@ class BuiltBlock:
 
 
 def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: bool,
-                learn_scales: bool, graph_codes: bool = False) -> BuiltBlock:
+                learn_scales: bool) -> BuiltBlock:
     """The block's torch module with its weight and activation quantizers.
 
-    ``rounding``: AdaRound weights (else fixed ones). ``learn_scales``: activation step sizes may train.
-    ``graph_codes``: fixed weights hold the integer codes already in the graph (e.g. learned by an
-    earlier pass) instead of round-to-nearest of the float weight.
+    ``rounding``: AdaRound weights (else fixed ones, holding the graph's codes). ``learn_scales``:
+    activation step sizes may train.
     """
     by_name = {n.name: n for n in graph.nodes}
     nodes = [by_name[n] for n in block.nodes]
@@ -71,7 +72,7 @@ def build_block(graph: gs.Graph, block: Block, ctx: QuantContext, *, rounding: b
             qp = ctx.qparams[w]
             args = (ctx.float_weights[w], qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax,
                     qp.spec.axis if qp.scale.ndim == 1 else None)
-            in_graph = qp.spec.ternary or (graph_codes and not rounding)
+            in_graph = qp.spec.ternary or not rounding  # fixed weights: what the graph holds
             codes = np.asarray(node.inputs[0].values).astype(np.int64) if in_graph else None
             if rounding:
                 learn = bool(getattr(ctx.config.rounding, "learn_weight_scale", False)) and not qp.spec.pow2
@@ -107,7 +108,7 @@ def write_back(graph: gs.Graph, built: BuiltBlock, ctx: QuantContext) -> dict[st
         w = built.weight_names[key]
         qp = ctx.qparams[w]
         codes = quantizer.codes().detach().cpu().numpy().astype(np.int64)
-        codes = codes.astype(qp.spec.numpy_dtype)
+        codes = _kernel_safe(dq_by_output[key], codes, w, quantizer, ctx).astype(qp.spec.numpy_dtype)
         name = QDQNames(w).quantized
         _replace_input(dq_by_output[key], 0, codes, name)
         changed[name] = codes
@@ -121,6 +122,24 @@ def write_back(graph: gs.Graph, built: BuiltBlock, ctx: QuantContext) -> dict[st
             continue
         changed.update(set_activation_scale(graph, ctx, t, new))
     return changed
+
+
+def _kernel_safe(dq: gs.Node, codes: np.ndarray, w: str, quantizer, ctx: QuantContext) -> np.ndarray:
+    """Learned codes with the pairs the CPU kernels would saturate repaired (:mod:`onnxq.targets.ort_kernels`),
+    so the blocks after this one are learned on what onnxruntime will compute."""
+    consumers = dq.outputs[0].outputs
+    qp = ctx.qparams[w]
+    if not consumers or w not in ctx.float_weights:
+        return codes
+    node = consumers[0]
+    layout = constrained_layout(node, codes.shape, qp.spec.store_bits, ctx.config.kernels,
+                                dq_producing(node.inputs[0]) is not None)
+    if layout is None:
+        return codes
+    if getattr(quantizer, "learned_scale", None) is not None:
+        scale = np.asarray(quantizer.scale_values(), dtype=np.float32).reshape(qp.scale.shape)
+        qp = QParams(scale, qp.zero_point, qp.spec)
+    return repair_weight(codes, real_codes(ctx.float_weights[w], qp), layout)
 
 
 def set_weight_scale(graph: gs.Graph, ctx: QuantContext, dq: gs.Node, w: str, scale: np.ndarray

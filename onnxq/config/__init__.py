@@ -10,7 +10,7 @@ See :mod:`onnxq.config.run` (the whole), :mod:`onnxq.config.sections`, :mod:`onn
 """
 
 from onnxq.config.legacy import QuantConfig, as_config
-from onnxq.config.rounding import BRECQ, AdaQuant, AdaRound, MRECGMerge, QDrop, Rounding, RoundToNearest
+from onnxq.config.rounding import BRECQ, GPTQ, AdaQuant, AdaRound, MRECGMerge, QDrop, Rounding, RoundToNearest
 from onnxq.config.run import Config
 from onnxq.config.sections import (
     Activations,
@@ -24,7 +24,8 @@ from onnxq.config.sections import (
 )
 
 __all__ = [
-    "BRECQ", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine", "FloatPhase", "MRECGMerge",
+    "BRECQ", "GPTQ", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine", "FloatPhase",
+    "MRECGMerge",
     "MixedPrecision", "QDrop", "QuantConfig", "RoundToNearest", "Rounding", "Tuning", "Validation", "Weights",
     "as_config",
 ]

@@ -34,7 +34,14 @@ CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
 RELU6_MODES = ("skip", "replace")
 BIAS_ABSORB_SOURCES = ("bn", "data")
 BIAS_CORRECTION_SOURCES = ("data", "bn")
-ROUNDING_METHODS = ("rtn", "adaround", "brecq", "qdrop", "adaquant")
+#: What runs a validated model: onnxruntime on CPU (its fused kernels are judged) or another runtime that
+#: executes the QDQ graph exactly (the simulation is judged), :mod:`onnxq.report.verdict`.
+RUNTIMES = ("ort-cpu", "qdq")
+ROUNDING_METHODS = ("rtn", "gptq", "adaround", "brecq", "qdrop", "adaquant")
+#: The rounding method of a configuration that names none (docs/defaults.md).
+DEFAULT_ROUNDING = "gptq"
+#: The methods that round without training (no checkpoints, no schedule).
+UNTRAINED_ROUNDING = ("rtn", "gptq")
 SCHEDULES = ("fast", "long", "paper")
 WEIGHT_PHASE_INPUTS = ("quantized", "weights_only")
 BRECQ_ORDERS = ("interleaved", "two_pass")
@@ -45,6 +52,10 @@ MP_MEASURES = ("mse", "cosine", "fisher")
 #: How a mixed-precision sensitivity table's weights at each width are made (onnxq.mixed.sensitivity).
 MP_RECONSTRUCT = ("rtn", "adaquant")
 DEVICES = ("cpu", "cuda")
+#: The CPUs whose onnxruntime integer kernels 8-bit weights must be exact on (onnxq.targets.ort_kernels):
+#: every one ("portable"), this machine's ("auto"), a family, or "int32" (a runtime that accumulates in
+#: int32, as TensorRT, OpenVINO and NPUs do: no fitting).
+KERNELS = ("portable", "auto", "vnni", "avx2", "avx512", "arm64", "int32")
 
 
 def canonical_ternary_method(method: str) -> str:

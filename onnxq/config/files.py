@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from onnxq.config.choices import DEFAULT_ROUNDING
 from onnxq.config.run import NONE, Config
 from onnxq.errors import UserError
 
@@ -67,7 +68,7 @@ def merge(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
     for key, value in higher.items():
         if key == "rounding" and isinstance(value, dict) and isinstance(out.get(key), dict):
             base = out[key]
-            if "method" in value and value["method"] != base.get("method", "rtn"):
+            if "method" in value and value["method"] != base.get("method", DEFAULT_ROUNDING):
                 base = {"schedule": base["schedule"]} if "schedule" in base else {}
             out[key] = merge(base, value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "bit_plan":

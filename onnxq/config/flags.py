@@ -96,7 +96,8 @@ FLAGS: tuple[Flag, ...] = (
          type=int, choices=C.ACTIVATION_BITS, common=True),
     Flag("--scale", "scale", "scale kind: float, or pow2 (every scale an exact power of two)",
          choices=C.SCALE_KINDS, common=True),
-    Flag("--method", "rounding.method", "weight rounding: rtn, adaround (layer-wise), brecq (block-wise), qdrop, "
+    Flag("--method", "rounding.method", "weight rounding: rtn, gptq (per layer, no training), adaround (layer-wise), "
+         "brecq (block-wise), qdrop, "
          "adaquant (weights, bias and ranges per layer), mrecg (brecq/qdrop on merged neighbour blocks)",
          choices=(*C.ROUNDING_METHODS, "mrecg"), common=True),
     Flag("--schedule", "rounding.schedule", "fast: sized for a 2-core CPU; long: 1000 iterations on each image "
@@ -198,7 +199,7 @@ def flag_layer(given: dict[str, Any]) -> dict[str, Any]:
         raise UserError("--mrecg-base applies to --method mrecg: add it, or drop --mrecg-base")
     by_name = {f.name: f for f in FLAGS}
     layer: dict[str, Any] = {}
-    if given.get("--mp-reconstruct") == "adaquant" and given.get("--method", "rtn") == "rtn":
+    if given.get("--mp-reconstruct") == "adaquant" and given.get("--method", "rtn") in C.UNTRAINED_ROUNDING:
         # 0.1's spelling: without a learned method, --iters / --recon-samples size the table's AdaQuant
         for flag, path in (("--iters", "mixed_precision.table_iters"),
                            ("--recon-samples", "mixed_precision.table_samples")):

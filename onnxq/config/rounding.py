@@ -1,6 +1,8 @@
 """How weights are rounded: one type per method, each with its schedules.
 
 * :class:`RoundToNearest` ("rtn"): no learning.
+* :class:`GPTQ` ("gptq"): each layer's codes chosen against its calibration inputs, no training
+  (Frantar et al. 2023).
 * :class:`AdaRound` ("adaround"): learned rounding one weighted layer at a time (Nagel et al. 2020).
 * :class:`BRECQ` ("brecq"): learned rounding one block at a time, then the activation step sizes
   (Li et al. 2021); optionally Fisher-weighted.
@@ -29,6 +31,7 @@ from onnxq.config.choices import (
     ADAQUANT_MODES,
     AUTO,
     BRECQ_ORDERS,
+    DEFAULT_ROUNDING,
     MRECG_CAPACITIES,
     MRECG_ITERS,
     SCHEDULES,
@@ -63,6 +66,27 @@ class RoundToNearest:
     method: ClassVar[str] = "rtn"
 
     def resolved(self, activation_bits: int) -> RoundToNearest:
+        return self
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ: each weighted layer's codes rounded one reduction column at a time, the error of each
+    spread over the columns not yet rounded so that the layer's output on the calibration inputs
+    changes least (:mod:`onnxq.core.gptq`); seconds per model, no training.
+
+    Attributes:
+        damping: ``lambda / mean(diag H)``, added to the inputs' second-moment matrix ``H`` before it is
+            inverted (larger: closer to round-to-nearest, steadier on few samples).
+    """
+
+    method: ClassVar[str] = "gptq"
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_number("rounding (gptq) damping", self.damping, strict=True)
+
+    def resolved(self, activation_bits: int) -> GPTQ:
         return self
 
 
@@ -357,10 +381,10 @@ class AdaQuant:
         return self
 
 
-Rounding = RoundToNearest | AdaRound | BRECQ | QDrop | AdaQuant
+Rounding = RoundToNearest | GPTQ | AdaRound | BRECQ | QDrop | AdaQuant
 
 #: method name -> type
-ROUNDING_TYPES: dict[str, Any] = {t.method: t for t in (RoundToNearest, AdaRound, BRECQ, QDrop, AdaQuant)}
+ROUNDING_TYPES: dict[str, Any] = {t.method: t for t in (RoundToNearest, GPTQ, AdaRound, BRECQ, QDrop, AdaQuant)}
 
 
 def method_name(rounding: Rounding) -> str:
@@ -371,7 +395,7 @@ def method_name(rounding: Rounding) -> str:
 def rounding_from_dict(values: dict[str, Any]) -> Rounding:
     """A rounding config from ``{"method": ..., "schedule": ..., <field>: ..., "mrecg": {...}}``."""
     values = dict(values)
-    method = values.pop("method", "rtn")
+    method = values.pop("method", DEFAULT_ROUNDING)
     check_choice("rounding.method", method, tuple(ROUNDING_TYPES))
     kind = ROUNDING_TYPES[method]
     if kind is RoundToNearest:
@@ -379,6 +403,11 @@ def rounding_from_dict(values: dict[str, Any]) -> Rounding:
             raise UserError(f"rounding method rtn has no settings, got {', '.join(sorted(values))}: drop them "
                             "or choose a learned method")
         return RoundToNearest()
+    if kind is GPTQ:
+        unknown = sorted(set(values) - _field_names(GPTQ))
+        if unknown:
+            raise UserError(f"rounding method gptq has no setting {unknown[0]!r}: its only setting is damping")
+        return GPTQ(**values)
     merge = values.pop("mrecg", None)
     if merge is not None:
         if kind not in (BRECQ, QDrop):
@@ -405,5 +434,5 @@ def rounding_to_dict(rounding: Rounding) -> dict[str, Any]:
     return out
 
 
-__all__ = ["AdaQuant", "AdaRound", "BRECQ", "MRECGMerge", "QDrop", "ROUNDING_TYPES", "RoundToNearest", "Rounding",
-           "method_name", "rounding_from_dict", "rounding_to_dict"]
+__all__ = ["GPTQ", "AdaQuant", "AdaRound", "BRECQ", "MRECGMerge", "QDrop", "ROUNDING_TYPES", "RoundToNearest",
+           "Rounding", "method_name", "rounding_from_dict", "rounding_to_dict"]

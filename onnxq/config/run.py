@@ -1,6 +1,6 @@
 """The configuration of one run: :class:`Config`, nested frozen sections, a dict/TOML form.
 
-``Config()`` is W8A8 for onnxruntime on CPU with round-to-nearest weights. Sections:
+``Config()`` is W8A8 for onnxruntime on CPU with GPTQ-rounded weights that no CPU kernel saturates. Sections:
 ``weights``, ``activations``, ``calibration``, ``float_phase``, ``rounding`` (one type per method,
 :mod:`onnxq.config.rounding`), ``tuning``, ``engine``, ``mixed_precision``, ``validation``
 (:mod:`onnxq.config.sections`). A few values are ``None``/"auto" until the run resolves them once
@@ -20,8 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxq.config.choices import SCALE_KINDS, check_choice, check_count
-from onnxq.config.rounding import Rounding, RoundToNearest, method_name, rounding_from_dict, rounding_to_dict
+from onnxq.config.choices import KERNELS, SCALE_KINDS, check_choice, check_count
+from onnxq.config.rounding import GPTQ, Rounding, method_name, rounding_from_dict, rounding_to_dict
 from onnxq.config.sections import (
     Activations,
     Calibration,
@@ -49,6 +49,11 @@ class Config:
         seed: seed of everything random (mini-batches, drop masks, augmented views), 0 .. 2^63 - 1.
         opset: minimum output opset (None: the lowest the chosen grids need, 13 or more).
         exclude: node names or op types kept in float.
+        kernels: the CPUs whose onnxruntime integer kernels the 8-bit weights must be exact on:
+            "portable" (every CPU: pairs of weights that x86 CPUs without VNNI add in a saturating int16
+            are kept within range, :mod:`onnxq.targets.ort_kernels`), "auto" (this machine), "vnni",
+            "avx2", "avx512", "arm64", or "int32" (no fitting: a runtime that accumulates in int32).
+            None: the target's choice (portable for ort-cpu, int32 for the others).
     """
 
     target: str = "ort-cpu"
@@ -56,11 +61,12 @@ class Config:
     seed: int = 0
     opset: int | None = None
     exclude: tuple[str, ...] = ()
+    kernels: str | None = None
     weights: Weights = field(default_factory=Weights)
     activations: Activations = field(default_factory=Activations)
     calibration: Calibration = field(default_factory=Calibration)
     float_phase: FloatPhase = field(default_factory=FloatPhase)
-    rounding: Rounding = field(default_factory=RoundToNearest)
+    rounding: Rounding = field(default_factory=GPTQ)
     tuning: Tuning = field(default_factory=Tuning)
     engine: Engine = field(default_factory=Engine)
     mixed_precision: MixedPrecision = field(default_factory=MixedPrecision)
@@ -70,6 +76,7 @@ class Config:
         if not isinstance(self.target, str):
             raise UserError(f"target={self.target!r} must be a profile name, e.g. 'ort-cpu'")
         check_choice("scale", self.scale, (*SCALE_KINDS, None))
+        check_choice("kernels", self.kernels, (*KERNELS, None))
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= _MAX_SEED):
             raise UserError(f"seed={self.seed!r} must be an integer in 0 .. 2^63 - 1")
         if self.opset is not None:
@@ -83,8 +90,8 @@ class Config:
                 raise UserError(f"{f.name} must be a {SECTIONS[f.name].__name__}, got "
                                 f"{type(getattr(self, f.name)).__name__}")
         if not hasattr(self.rounding, "resolved"):
-            raise UserError(f"rounding must be one of the rounding types (RoundToNearest, AdaRound, BRECQ, QDrop, "
-                            f"AdaQuant), got {type(self.rounding).__name__}")
+            raise UserError(f"rounding must be one of the rounding types (RoundToNearest, GPTQ, AdaRound, BRECQ, "
+                            f"QDrop, AdaQuant), got {type(self.rounding).__name__}")
 
     @property
     def method(self) -> str:

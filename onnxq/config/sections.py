@@ -282,17 +282,41 @@ class MixedPrecision:
 class Validation:
     """The check of the written model in onnxruntime against the float model.
 
+    ``ok`` means: the checker passes, both onnxruntime optimisation levels run, the fused kernels agree
+    with the QDQ simulation (``levels_max_gap``) and the model is close enough to the float one
+    (``min_top1_agreement`` for outputs with a class axis, ``min_cosine`` for the others);
+    :mod:`onnxq.report.verdict`.
+
     Attributes:
         enabled: run it.
-        holdout_fraction / holdout_max: without separate validation data, this fraction of the
-            calibration samples, at most ``holdout_max``, is held out of calibration to validate on.
+        holdout_fraction / holdout_min / holdout_max: without separate validation data, this fraction
+            of the calibration samples, at least ``holdout_min`` (at most a quarter of them) and at most
+            ``holdout_max``, is held out of calibration to validate on.
+        min_top1_agreement: the floor of top-1 agreement with the float model (outputs with a class axis).
+        min_cosine: the floor of cosine similarity with the float model (other outputs).
+        levels_max_gap: the most the outputs at ORT_ENABLE_ALL (the fused integer kernels of this CPU) may
+            differ from those at ORT_DISABLE_ALL (the QDQ simulation), as a fraction of the simulation's
+            own error: ``||y_ALL - y_DISABLE||^2 <= levels_max_gap * ||y_DISABLE - y_float||^2``. Exact
+            kernels differ only by requantization rounding (0.1 to 0.4 on EfficientNet-Lite0).
     """
 
     enabled: bool = True
     holdout_fraction: float = 0.125
-    holdout_max: int = 32
+    holdout_min: int = 32
+    holdout_max: int = 64
+    min_top1_agreement: float = 0.9
+    min_cosine: float = 0.95
+    levels_max_gap: float = 1.0
 
     def __post_init__(self) -> None:
         check_bool("validation.enabled", self.enabled)
         check_number("validation.holdout_fraction", self.holdout_fraction, maximum=0.5)
+        check_count("validation.holdout_min", self.holdout_min, minimum=1)
         check_count("validation.holdout_max", self.holdout_max, minimum=1)
+        for name in ("min_top1_agreement", "min_cosine"):
+            check_number(f"validation.{name}", getattr(self, name), minimum=-1.0, maximum=1.0)
+        check_number("validation.levels_max_gap", self.levels_max_gap)
+
+    def holdout(self, samples: int) -> int:
+        """Samples to hold out of ``samples`` calibration samples."""
+        return min(self.holdout_max, max(min(self.holdout_min, samples // 4), int(samples * self.holdout_fraction)))

@@ -10,6 +10,9 @@ Fields and who writes them:
     qparams     tensor name -> QParams (CalibratePass for activations, InsertQDQPass for weights/biases).
     float_weights  weight name -> float array before quantization (InsertQDQPass; reconstruction reads it).
     float_ops   node name -> reason it stays float (AssignSpecsPass).
+    layer_hessians  Conv/Gemm/MatMul output tensor name -> E[x x^T] of its input in its weight's GEMM layout,
+                (group, K, K) (CalibratePass, when the rounding method is gptq; read by
+                :mod:`onnxq.targets.weight_codes`).
     bn_stats    output tensor of an op a BatchNormalization was folded into -> (beta, gamma) of that BN,
                 so the tensor is ~ N(beta, gamma^2) per channel (FoldBatchNormPass; updated by
                 EqualizeWeightsPass and AbsorbBiasPass, read by AbsorbBiasPass and CorrectBiasPass).
@@ -50,6 +53,7 @@ class QuantContext:
     qparams: dict[str, QParams] = field(default_factory=dict)
     float_weights: dict[str, np.ndarray] = field(default_factory=dict)
     float_ops: dict[str, str] = field(default_factory=dict)
+    layer_hessians: dict[str, np.ndarray] = field(default_factory=dict)
     bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     two_bit_codes: dict[str, dict[str, str]] = field(default_factory=dict)
     two_bit_export: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -222,6 +222,13 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     return np.clip(q, qp.spec.qmin, qp.spec.qmax).astype(np.int64)
 
 
+def real_codes(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """The unrounded codes ``x / s + z`` (float64), what :func:`quantize` rounds."""
+    s = _broadcast(qp.scale, x.ndim, qp.spec.axis)
+    z = _broadcast(qp.zero_point, x.ndim, qp.spec.axis)
+    return (x.astype(np.float32) / s).astype(np.float64) + z
+
+
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     """Reference DequantizeLinear: (q - z) * s in float32."""
     s = _broadcast(qp.scale, q.ndim, qp.spec.axis)

@@ -120,6 +120,11 @@ class Target:
         allowed_domains: op domains a checked model may use ("" is the standard ONNX domain).
         min_opset: lowest default-domain opset of the output.
         exporters: extra files written next to the model ("aimet_encodings": ``<stem>.encodings``).
+        kernels: the default of ``Config.kernels``: "portable" where the runtime is onnxruntime on CPU,
+            whose x86 kernels without VNNI saturate pairs of 8-bit products; "int32" for runtimes that
+            accumulate in int32.
+        runtime: what runs the output (:data:`onnxq.config.choices.RUNTIMES`): "ort-cpu" (onnxruntime's
+            fused CPU kernels, which validation judges) or "qdq" (a runtime that executes the QDQ graph).
     """
 
     name: str
@@ -146,6 +151,8 @@ class Target:
     allowed_domains: frozenset[str] = frozenset({"", "ai.onnx"})
     min_opset: int = 13
     exporters: tuple[str, ...] = ()
+    kernels: str = "int32"
+    runtime: str = "qdq"
 
     def __post_init__(self) -> None:
         if self.weighted_output not in WEIGHTED_OUTPUT_MODES:
@@ -207,7 +214,8 @@ class Target:
         weights = w
         if w.uses_two_bits:
             weights = replace(w, storage=resolve_storage(self.name, self.weight_bits, w.storage))
-        resolved = replace(config, scale=scale, weights=weights, activations=Activations(dtype=dtype, bits=bits))
+        resolved = replace(config, scale=scale, weights=weights, activations=Activations(dtype=dtype, bits=bits),
+                           kernels=config.kernels or self.kernels)
         need = max(self.min_opset, resolved.output_opset)
         resolved = replace(resolved, opset=need)
         return resolved.with_rounding_resolved()
@@ -234,6 +242,8 @@ ORT_CPU = Target(
     fusable_activations=frozenset({"Relu", "Clip"}),
     weight_bits=(8, 4, 2),
     allowed_domains=frozenset({"", "ai.onnx", "com.microsoft"}),
+    kernels="portable",
+    runtime="ort-cpu",
 )
 
 TENSORRT = Target(

@@ -1,7 +1,9 @@
 """CalibratePass: run the float model on calibration data and turn activation ranges into QParams.
 
 Reads ``ctx.specs`` (activation tensors to calibrate), ``ctx.shared`` and ``ctx.calib``; writes
-``ctx.qparams`` for every planned activation and ``ctx.report["calibration"]``. Observers stream
+``ctx.qparams`` for every planned activation, ``ctx.layer_hessians`` (for the gptq rounding method: the
+second moment ``E[x x^T]`` of each weighted op's input in its weight's GEMM layout,
+:mod:`onnxq.data.moments`, from the same float runs) and ``ctx.report["calibration"]``. Observers stream
 (one batch in memory at a time); the range -> (scale, zero-point) rule is in
 :func:`onnxq.core.spec.qparams_from_range` and the search methods in :mod:`onnxq.core.observers`.
 Passthrough outputs copy their source's parameters: s_out = s_in, z_out = z_in.
@@ -17,10 +19,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.core.context import QuantContext
+from onnxq.core.gemm_layout import gemm_layout
 from onnxq.core.graph import to_model
 from onnxq.core.observers import make_observer
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.data.capture import capture
+from onnxq.data.moments import InputMoments
 from onnxq.errors import PassError, UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,30 @@ def _drop_huge_ranges(graph: gs.Graph, ctx: QuantContext, observers: dict) -> se
     return huge
 
 
+def layer_moments(graph: gs.Graph, ctx: QuantContext) -> dict[str, tuple[str, InputMoments]]:
+    """Output tensor name (unique, unlike node names) -> (input name, :class:`~onnxq.data.moments.InputMoments`)
+    for every Conv / Gemm / MatMul whose constant weight is planned (not ternary), when the rounding
+    method rounds against them (gptq); ops that read one input the same way share one."""
+    if ctx.config.rounding.method != "gptq":
+        return {}
+    out: dict[str, tuple[str, InputMoments]] = {}
+    shared: dict[tuple, InputMoments] = {}
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        spec = ctx.specs.get(w.name)
+        if not isinstance(w, gs.Constant) or isinstance(x, gs.Constant) or spec is None or spec.ternary:
+            continue
+        layout = gemm_layout(node.op, node.attrs, w.values.shape)
+        if layout is None:
+            continue
+        key = (x.name, node.op, layout.matrix_shape[1], layout.group, layout.shape[1:],
+               tuple(sorted((k, str(v)) for k, v in node.attrs.items() if k not in ("transB", "alpha", "beta"))))
+        out[node.outputs[0].name] = (x.name, shared.setdefault(key, InputMoments(node.op, node.attrs, layout)))
+    return out
+
+
 class CalibratePass(Pass):
     def requires(self, graph: gs.Graph, ctx: QuantContext) -> None:
         if ctx.calib is None:
@@ -73,10 +101,27 @@ class CalibratePass(Pass):
             n_batches = min(n_batches, -(-cfg.calibration.samples // per_batch))
             feeds = itertools.islice(feeds, n_batches)
         start = time.perf_counter()
-        if names:
-            count = capture(to_model(graph), names, feeds, lambda n, v: observers[n].update(v), total=n_batches)
+        moments = layer_moments(graph, ctx)
+        readers: dict[str, list[InputMoments]] = {}
+        for node_input, m in moments.values():
+            if all(r is not m for r in readers.get(node_input, [])):
+                readers.setdefault(node_input, []).append(m)
+
+        def observe(name: str, value: np.ndarray) -> None:
+            if name in observers:
+                observers[name].update(value)
+            for m in readers.get(name, ()):
+                m.update(value)
+
+        wanted = list(dict.fromkeys([*names, *readers]))
+        if wanted:
+            count = capture(to_model(graph), wanted, feeds, observe, total=n_batches)
             if count == 0:
                 raise UserError("the calibration data is empty: give at least one sample")
+        for output, (_, m) in moments.items():
+            hessian = m.hessian()
+            if hessian is not None:
+                ctx.layer_hessians[output] = hessian
         huge = _drop_huge_ranges(graph, ctx, observers)
         for name, obs in observers.items():
             if name not in huge:
@@ -89,5 +134,7 @@ class CalibratePass(Pass):
             "batches": n_batches,
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if moments:
+            ctx.report["calibration"]["layer_moments"] = len(ctx.layer_hessians)
         log.info("calibrated %d tensors on %d batches (%s)", len(names), n_batches, cfg.calibration.method)
         return PassResult(graph, False)

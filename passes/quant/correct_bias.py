@@ -30,8 +30,10 @@ Conv/Gemm weight it computes the weight QParams as InsertQDQPass would (``ctx.qp
 else :func:`~onnxq.core.observers.weight_qparams` with ``ctx.config.weights.range_method``; ternary weights: their
 operator's codes and scale, :func:`~onnxq.ternary.export.weight_codes`) and stores them in
 ``ctx.qparams[w]``, so InsertQDQPass quantizes with the same ``W_hat`` (unless it must raise a scale to
-fit the INT32 bias). The corrected float bias is a new initializer (fresh name); its INT32 spec moves
-to the new name (a layer without a bias gets one, planned INT32 like AssignSpecsPass does).
+fit the INT32 bias): the codes are :func:`~onnxq.targets.weight_codes.rounded_weight`'s, which
+InsertQDQPass writes (GPTQ, fitted to the CPU kernels; deterministic for the same inputs). The
+corrected float bias is a new initializer (fresh name); its INT32 spec moves to the new name (a layer
+without a bias gets one, planned INT32 like AssignSpecsPass does).
 Reads ``ctx.specs``, ``ctx.qparams``, ``ctx.bn_stats``, ``ctx.calib``; writes ``ctx.qparams`` (weights),
 ``ctx.specs`` (biases) and ``ctx.report["bias_correction"] = {"source", "layers": [{"node",
 "max_abs_shift", "mean_abs_shift", "max_abs_bias"}], "skipped": [{"node", "reason"}]}``.
@@ -62,6 +64,7 @@ from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.spec import INT32_BIAS, dequantize
 from onnxq.data.capture import capture
 from onnxq.errors import PassError, UserError
+from onnxq.targets.weight_codes import rounded_weight
 from onnxq.ternary.export import weight_codes
 
 log = logging.getLogger(__name__)
@@ -163,9 +166,12 @@ class CorrectBiasPass(Pass):
         w_t = node.inputs[1]
         w32 = np.asarray(w_t.values, dtype=np.float32)
         cfg = ctx.config
-        qp, codes = weight_codes(w32, ctx.specs[w_t.name], cfg.weights.ternary_method, cfg.weights.range_method,
+        spec = ctx.specs[w_t.name]
+        qp, codes = weight_codes(w32, spec, cfg.weights.ternary_method, cfg.weights.range_method,
                                  ctx.qparams.get(w_t.name))
         ctx.qparams[w_t.name] = qp
+        if not spec.ternary:  # the codes InsertQDQPass will write (GPTQ, fitted to the CPU kernels)
+            qp, codes = rounded_weight(node, w32, qp, ctx)
         eps = dequantize(codes, qp).astype(np.float64) - w32.astype(np.float64)
         shift = response(node, eps, ex)
         old = bias_tensor(node)

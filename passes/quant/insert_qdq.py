@@ -39,6 +39,8 @@ from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.qdq import QDQNames, bias_codes, bias_scale, bias_spec, fit_weight_scale
 from onnxq.core.spec import INT32_BIAS, QParams, QuantSpec, is_power_of_two, quantize
 from onnxq.errors import PassError
+from onnxq.targets.ort_kernels import saturates
+from onnxq.targets.weight_codes import RoundingStats, rounded_weight
 from onnxq.ternary.export import ternary_weight
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ class InsertQDQPass(Pass):
     def _weights(self, graph: gs.Graph, ctx: QuantContext) -> bool:
         done: dict[str, gs.Variable] = {}
         modified = False
+        stats = RoundingStats()
         for node in list(graph.nodes):
             if node.op not in WEIGHT_INPUTS:
                 continue
@@ -190,8 +193,8 @@ class InsertQDQPass(Pass):
                 if spec.ternary and fitted is not w_qp:  # raised channels: nearest on the new scale
                     codes = np.where(_raised(w_qp, fitted, values.ndim), quantize(values, fitted), codes)
                 w_qp = fitted
-            if not spec.ternary:
-                codes = quantize(values, w_qp)  # with the final (possibly raised) scale
+            if not spec.ternary:  # with the final (possibly raised) scale
+                w_qp, codes = rounded_weight(node, values, w_qp, ctx, stats=stats)
             ctx.qparams[w.name] = w_qp
             ctx.float_weights.setdefault(w.name, values)
             dq_name = w.name if w.name not in done else f"{w.name}_{node.name}"
@@ -203,6 +206,9 @@ class InsertQDQPass(Pass):
             if quant_bias:
                 self._bias(graph, ctx, node, b_idx, bias, w_qp)
             modified = True
+        ctx.report["weight_rounding"] = {"rounding": "gptq" if ctx.config.rounding.method == "gptq" else "nearest",
+                                         "kernels": ctx.config.kernels,
+                                         "pair_limit": saturates(ctx.config.kernels), **stats.to_dict()}
         return modified
 
     @staticmethod

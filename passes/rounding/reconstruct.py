@@ -198,7 +198,7 @@ class ReconstructPass(Pass):
                                              self.n_samples, store, need_fp_inputs=need_fp,
                                              need_weight_inputs=need_w)
         built = build_block(graph, block, ctx, rounding=cfg.method != "rtn" and phase != "acts",
-                            learn_scales=quantize_acts and phase != "weights", graph_codes=phase == "acts")
+                            learn_scales=quantize_acts and phase != "weights")
         if phase == "weights":
             for fq in built.acts.values():
                 fq.enabled = False

@@ -264,7 +264,7 @@ def test_loss_normalisation_fisher_and_regulariser() -> None:
 
 
 @pytest.mark.parametrize("bad", [
-    dict(method="gptq"), dict(iters=0), dict(iters=2.5), dict(batch_size=0), dict(round_lr=0.0),
+    dict(method="optq"), dict(iters=0), dict(iters=2.5), dict(batch_size=0), dict(round_lr=0.0),
     dict(act_lr=-1.0), dict(round_weight=-0.1), dict(beta=(2.0, 20.0)), dict(beta=(20.0,)), dict(warmup=1.0),
     dict(drop_prob=1.5), dict(p=0), dict(act_iters=-1), dict(fisher="yes"),
     dict(eval_samples=0), dict(log_every=0), dict(iters=True), dict(order="reverse"), dict(schedule="slow"),
