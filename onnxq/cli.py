@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxq.config import Config
+from onnxq.config.choices import DEFAULT_ROUNDING, RUNTIMES, UNTRAINED_ROUNDING
 from onnxq.config.flags import FLAGS, Flag, flag_layer
 from onnxq.errors import UserError
 
@@ -46,10 +47,14 @@ def _parser(show_all: bool = False) -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     q.add_argument("-o", "--output", help="output .onnx file (a .report.json is written next to it)")
     _add_calib_args(q, flag="--calib", show_all=show_all)
-    q.add_argument("--validation", default=None, help="held-out data for the fidelity check (default: part of --calib)")
+    q.add_argument("--validation", default=None,
+                   help="held-out data for the fidelity check (default: part of --calib)" if show_all
+                   else argparse.SUPPRESS)
     _add_config_args(q)
     q.add_argument("--exclude", nargs="*", default=None, help="node names or op types to keep in float")
     q.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
+    q.add_argument("--allow-degraded", action="store_true",
+                   help="write the model even when validation fails (by default it is not written)")
     q.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
     q.add_argument("--help-all", action="store_true", help="show every flag")
     _add_flags(q, show_all)
@@ -67,6 +72,13 @@ def _parser(show_all: bool = False) -> argparse.ArgumentParser:
     v.add_argument("quant_model")
     _add_calib_args(v, flag="--data", show_all=True)
     v.add_argument("--json", default=None, help="also write the report to this JSON file")
+    v.add_argument("--runtime", choices=RUNTIMES, default="ort-cpu",
+                   help="what runs the model: ort-cpu (judge onnxruntime's fused kernels) or qdq (another runtime "
+                        "executes the QDQ graph: judge the simulation)")
+    v.add_argument("--not-portable", action="store_true",
+                   help="accept weights that saturate onnxruntime's int8 kernels on x86 CPUs without VNNI")
+    v.add_argument("--min-top1", type=float, default=None, help="floor of top-1 agreement with the float model")
+    v.add_argument("--min-cosine", type=float, default=None, help="floor of cosine with the float model")
 
     c = sub.add_parser("check", help="check a QDQ model (any tool's) against a target profile's rules")
     c.add_argument("model")
@@ -138,7 +150,7 @@ def _defaults() -> dict[str, Any]:
     rounding: dict[str, Any] = {}
     for kind in (AdaQuant, QDrop, BRECQ):
         rounding.update(rounding_to_dict(kind()))
-    return {**Config().to_dict(), "rounding": {**rounding, "method": "rtn"}}
+    return {**Config().to_dict(), "rounding": {**rounding, "method": DEFAULT_ROUNDING}}
 
 
 def _lookup(values: Any, path: str) -> Any:
@@ -174,7 +186,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def _with_checkpoint(config: Config, out: Path) -> Config:
     """A learned method without a checkpoint folder keeps one next to the output (``<output>.ckpt``)."""
-    if config.method == "rtn" or config.engine.checkpoint_dir:
+    if config.method in UNTRAINED_ROUNDING or config.engine.checkpoint_dir:
         return config
     return config.replace(engine=dataclasses.replace(config.engine, checkpoint_dir=str(out) + ".ckpt"))
 
@@ -214,6 +226,12 @@ def _quantize(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = quantize(args.model, args.data, config, validation=args.validation, recipe=_recipe(args.recipe),
                       batch_size=args.batch_size)
+    val = result.validation
+    if val is not None and not val.ok and not args.allow_degraded:
+        sys.stdout.write(val.summary() + "\n")
+        sys.stderr.write(f"onnxq: error: validation failed, {out} not written: {val.reason} (or pass "
+                         "--allow-degraded to write it anyway)\n")
+        return 1
     path = result.save(out)
     if result.bit_plan is not None:
         p = result.bit_plan
@@ -242,9 +260,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from onnxq.config import Validation
     from onnxq.core.graph import load_model
     from onnxq.data.loaders import load_calibration, model_inputs
     from onnxq.report.validate import validate, write_report
+    from onnxq.report.verdict import Criteria
 
     if not args.data:
         raise UserError("validate needs data: add --data FILE_OR_FOLDER")
@@ -252,7 +272,17 @@ def _validate(args: argparse.Namespace) -> int:
     quant_model = load_model(args.quant_model)
     feeds = load_calibration(args.data, model_inputs(float_model), recipe=_recipe(args.recipe),
                              batch_size=args.batch_size)
-    report = validate(float_model, quant_model, feeds)
+    defaults = Validation()
+    try:
+        floors = Validation(min_top1_agreement=defaults.min_top1_agreement if args.min_top1 is None else args.min_top1,
+                            min_cosine=defaults.min_cosine if args.min_cosine is None else args.min_cosine)
+    except UserError as exc:
+        raise UserError(str(exc).replace("validation.min_top1_agreement", "--min-top1")
+                        .replace("validation.min_cosine", "--min-cosine")) from None
+    criteria = Criteria(min_top1_agreement=floors.min_top1_agreement, min_cosine=floors.min_cosine,
+                        levels_max_gap=floors.levels_max_gap, runtime=args.runtime,
+                        portable=not args.not_portable)
+    report = validate(float_model, quant_model, feeds, criteria=criteria)
     sys.stdout.write(report.summary() + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))

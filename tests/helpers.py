@@ -6,16 +6,36 @@ Import as ``from tests.helpers import make_model, run_ort, ...`` (pytest runs fr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import onnx.parser
 import onnxruntime as ort
 
-from onnxq.config import Config, QuantConfig, as_config
+from onnxq.config import Config, QuantConfig, Validation, as_config
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_graph, to_model
 from onnxq.core.pass_infra import Pass
+from onnxq.core.weight_cast import cast_source, folded_casts
+
+#: Validation without fidelity floors, for tests of what a run writes rather than how well it does
+#: (tiny random models at 2 or 4 bits land under the default floors).
+NO_FLOORS = Validation(min_top1_agreement=0.0, min_cosine=-1.0)
+NO_FLOOR_FLAGS = ["--set", "validation.min_top1_agreement=0", "--set", "validation.min_cosine=-1"]
+
+
+def without_floors(config: Config | QuantConfig) -> Config:
+    """``config`` (a legacy QuantConfig is converted) with :data:`NO_FLOORS`."""
+    cfg = as_config(config)
+    return cfg.replace(validation=replace(NO_FLOORS, enabled=cfg.validation.enabled))
+
+
+def init_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """The constant ``name`` of ``model``, read through the integer Cast that narrow weights go through
+    (:mod:`onnxq.core.weight_cast`; the values are the same)."""
+    source = cast_source(folded_casts(model.graph), name)
+    return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == source)
 
 
 def make_model(text: str, seed: int = 0, **inits: np.ndarray) -> onnx.ModelProto:

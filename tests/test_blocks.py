@@ -173,8 +173,10 @@ def test_qcdq_quantizers_are_contracted_too(mbv2):
     blocks = partition(graph)
     _check_invariants(graph, blocks, model)
     ref = partition(graph8)
-    assert [(b.kind, b.inputs, b.outputs, b.weights) for b in blocks] == \
-        [(b.kind, b.inputs, b.outputs, b.weights) for b in ref]
+    # the same cut; a block may start at a ReLU6's input instead of its output, where the ReLU6 became a
+    # Clip on the 4-bit codes (onnxq.passes.export.clip_on_codes)
+    assert [(b.kind, b.weights, len(b.inputs), len(b.outputs)) for b in blocks] == \
+        [(b.kind, b.weights, len(b.inputs), len(b.outputs)) for b in ref]
     for b in blocks:
         for t in b.inputs:
             if f"{t}_Clip" in qcdq:

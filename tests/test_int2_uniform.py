@@ -22,7 +22,7 @@ from onnxq.errors import UserError
 from onnxq.targets.profiles import resolve_config
 from onnxq.targets.rules import check_target
 from onnxq.ternary.check import INT2_METADATA_KEY, METADATA_KEY, check_ternary
-from tests.helpers import run_ort
+from tests.helpers import NO_FLOOR_FLAGS, run_ort, without_floors
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TINY = MODELS / "tiny_cnn.onnx"
@@ -34,9 +34,9 @@ def calib() -> list[dict[str, np.ndarray]]:
     return [{"input": x[i:i + 8]} for i in range(0, 48, 8)]
 
 
-def _config(**kw) -> onnxq.QuantConfig:
+def _config(**kw) -> onnxq.Config:
     base = dict(weight_bits=2, int2_grid="uniform", weight_symmetric=False, first_last_bits=None)
-    return onnxq.QuantConfig(**{**base, **kw})
+    return without_floors(onnxq.QuantConfig(**{**base, **kw}))
 
 
 def _weight_codes(m: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -143,7 +143,7 @@ def test_cli_int2_weights(tmp_path: Path, capsys):
     np.savez(tmp_path / "calib.npz", input=x)
     out = tmp_path / "m.int2.onnx"
     code = main(["quantize", str(TINY), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
-                 "--batch-size", "8", "--weights", "int2"])
+                 "--batch-size", "8", "--weights", "int2", *NO_FLOOR_FLAGS])
     capsys.readouterr()
     assert code == 0
     report = json.loads(out.with_suffix(".report.json").read_text())

@@ -32,7 +32,7 @@ from onnxq.core import graph as g
 from onnxq.core.pass_infra import PassManager
 from onnxq.data.capture import capture
 from onnxq.errors import UserError
-from tests.helpers import make_model, mrecg_iters, one_torch_thread, prepare_float
+from tests.helpers import make_model, mrecg_iters, one_torch_thread, prepare_float, without_floors
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -191,7 +191,7 @@ def _config(**kw) -> onnxq.QuantConfig:
     base = dict(weight_bits=4, activation_bits=4, method="mrecg", mrecg_k=1, recon_iters=6, recon_samples=16,
                 recon_batch_size=8, validate=True)
     base.update(kw)
-    return onnxq.QuantConfig(**base)
+    return without_floors(onnxq.QuantConfig(**base))
 
 
 @pytest.mark.parametrize("base,capacity,iters",

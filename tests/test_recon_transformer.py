@@ -17,7 +17,7 @@ from onnxq.blocks.cache import TensorStore, collect
 from onnxq.blocks.partition import partition
 from onnxq.core import graph as g
 from onnxq.errors import UserError
-from tests.helpers import make_model
+from tests.helpers import make_model, without_floors
 
 VOCAB, D, HEADS = 3000, 16, 2
 
@@ -103,8 +103,8 @@ def test_blocks_recompute_shapes_instead_of_reading_them():
 
 @pytest.mark.parametrize("method", ["brecq", "qdrop"])
 def test_reconstruction_runs_on_attention_blocks(method):
-    config = onnxq.QuantConfig(weight_bits=4, method=method, recon_iters=6, recon_samples=24,
-                               recon_batch_size=3, first_last_bits=None, validate=True)
+    config = without_floors(onnxq.QuantConfig(weight_bits=4, method=method, recon_iters=6, recon_samples=24,
+                                              recon_batch_size=3, first_last_bits=None, validate=True))
     result = onnxq.quantize(_model(), _feeds(), config, validation=_feeds(batches=1))
     blocks = result.report["reconstruction"]["blocks"]
     assert len(blocks) >= 2

@@ -20,7 +20,7 @@ from onnxq.targets.rules import check_target
 from onnxq.ternary import export as ternary_export
 from onnxq.ternary.check import METADATA_KEY, check_ternary, mark_two_bit_codes
 from onnxq.ternary.operators import METHODS, MQUANT_DEFAULT, ternarize
-from tests.helpers import make_model, run_ort
+from tests.helpers import NO_FLOOR_FLAGS, make_model, run_ort, without_floors
 
 # Conv (axis 0), Conv with bias, Gemm transB=0 (axis 1), MatMul (last axis); Gemm and MatMul are the tail.
 TEXT = """
@@ -55,10 +55,10 @@ def _inits(m: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in m.graph.initializer}
 
 
-def _config(**kw) -> onnxq.QuantConfig:
+def _config(**kw) -> onnxq.Config:
     base = dict(weight_bits=2, first_last_bits=None, ternary_storage="int8")
     base.update(kw)
-    return onnxq.QuantConfig(**base)
+    return without_floors(onnxq.QuantConfig(**base))
 
 
 def _dq_outputs(m: onnx.ModelProto, names: list[str], feed) -> dict[str, np.ndarray]:
@@ -153,8 +153,8 @@ def test_int2_container_validates_and_runs_at_every_level(model, calib):
                                    rtol=0, atol=0, err_msg=level)
 
 
-def test_widen_int2_weights_is_exact_and_idempotent_on_other_models(model, calib):
-    from onnxq.core.int2_cast import widen_int2_weights
+def test_widen_weights_is_exact_and_idempotent_on_other_models(model, calib):
+    from onnxq.core.weight_cast import widen_weights
 
     res = onnxq.quantize(model, calib, _config(ternary_storage="int2", validate=False))
     plain = onnx.ModelProto()
@@ -165,14 +165,14 @@ def test_widen_int2_weights_is_exact_and_idempotent_on_other_models(model, calib
         plain.graph.node.remove(node)
     wrapped = onnx.ModelProto()
     wrapped.CopyFrom(plain)
-    assert widen_int2_weights(wrapped) == len(AXES)
+    assert widen_weights(wrapped) == len(AXES)
     onnx.checker.check_model(wrapped, full_check=True)
     feed = calib[2]
     np.testing.assert_array_equal(run_ort(plain, feed, level="disable")[0], run_ort(wrapped, feed, level="disable")[0])
     int8 = onnxq.quantize(model, calib, _config(ternary_storage="int8", validate=False)).model
     np.testing.assert_array_equal(run_ort(int8, feed, level="all")[0], run_ort(wrapped, feed, level="all")[0])
     before = int8.SerializeToString()
-    assert widen_int2_weights(int8) == 0 and int8.SerializeToString() == before
+    assert widen_weights(int8) == 0 and int8.SerializeToString() == before
 
 
 def test_auto_storage_follows_the_target_and_onnxruntime(monkeypatch):
@@ -240,7 +240,7 @@ def test_cli_ternary_flags(tmp_path: Path, model, capsys):
     out = tmp_path / "m.t.onnx"
     code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
                  "--batch-size", "4", "--weights", "ternary", "--ternary-method", "mquant", "--ternary-storage",
-                 "int8", "--first-last", "same"])
+                 "int8", "--first-last", "same", *NO_FLOOR_FLAGS])
     text, _ = capsys.readouterr()
     assert code == 0 and "ternary weights: 4 tensors (int8)" in text
     report = json.loads(out.with_suffix(".report.json").read_text())

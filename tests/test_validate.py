@@ -14,17 +14,22 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.core.cpu import describe
 from onnxq.errors import UserError
+from onnxq.report import sessions
 from onnxq.report import validate as V
 from onnxq.report.metrics import (
+    OutputFidelity,
     check_qdq_constants,
     cosine,
     is_power_of_two,
+    level_gap,
     max_abs_err,
     sqnr_db,
     top1_agreement,
 )
 from onnxq.report.validate import ValidationReport, optimized_op_counts, validate, write_report
+from onnxq.report.verdict import Criteria, agreement_upper_bound, failures
 
 OPSET = 13
 IR = 8  # onnx 1.23 writes IR 14 by default, which ORT 1.31 refuses (max 13)
@@ -63,8 +68,9 @@ def float_model() -> onnx.ModelProto:
     return _model(nodes, [numpy_helper.from_array(v, k) for k, v in _params().items()], "float")
 
 
-def qdq_model(pow2: bool = False) -> onnx.ModelProto:
-    """The float model in QDQ form: uint8 activations, int8 per-channel (axis 0) weights, int32 bias."""
+def qdq_model(pow2: bool = False, levels: int = 63) -> onnx.ModelProto:
+    """The float model in QDQ form: uint8 activations, int8 per-channel (axis 0) weights with codes up to
+    ``levels`` (63: no pair of codes can saturate onnxruntime's int8 kernels), int32 bias."""
     p = _params()
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -83,7 +89,7 @@ def qdq_model(pow2: bool = False) -> onnx.ModelProto:
 
     def weight(name: str, bias: str, s_in: float) -> tuple[str, str]:
         w = p[name]
-        s = rnd(np.abs(w).reshape(w.shape[0], -1).max(1) / 127).astype(np.float32)
+        s = rnd(np.abs(w).reshape(w.shape[0], -1).max(1) / levels).astype(np.float32)
         q = np.clip(np.round(w / s.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
         nodes.append(helper.make_node("DequantizeLinear", [const(q, name + "_q"), const(s, name + "_s"),
                                                           const(np.zeros(len(s), np.int8), name + "_z")],
@@ -235,7 +241,7 @@ def test_user_errors_on_models_and_options(tmp_path: Path, monkeypatch: pytest.M
         validate(tmp_path / "missing.onnx", qdq_model(), feeds(1))
     with pytest.raises(UserError, match="max_samples"):
         validate(float_model(), qdq_model(), feeds(1), max_samples=0)
-    monkeypatch.setattr(V, "_TWO_GB", 1000)  # pretend the tiny proto is over protobuf's limit
+    monkeypatch.setattr(sessions, "_TWO_GB", 1000)  # pretend the tiny proto is over protobuf's limit
     with pytest.raises(UserError, match="save_as_external_data"):
         validate(float_model(), qdq_model(), feeds(1))
     monkeypatch.undo()
@@ -346,7 +352,7 @@ def test_check_qdq_constants_counts() -> None:
     c = check_qdq_constants(qdq_model())
     assert c["n_dq"] == 7 and c["n_const_dq"] == 4  # 3 activation DQs read QuantizeLinear outputs
     assert c["int32_bias"] == 2 and c["scales_ok"] and c["bad_scales"] == []
-    assert c["value_range"]["int8"][0] >= -127 and c["value_range"]["int8"][1] == 127
+    assert c["value_range"]["int8"] == [-63, 63]
     assert c["pow2_scales"] == 0 and c["zero_point_zero"] == 4
     p = check_qdq_constants(qdq_model(pow2=True))
     assert p["pow2_scales"] == 4  # weight scales and the bias scales s_in * s_w built from them
@@ -391,3 +397,67 @@ def test_write_report_roundtrip_and_atomic(tmp_path: Path, good_report: Validati
         write_report({"new": 1}, model)
     assert json.loads(target.read_text())["b"] == [3]  # the old report is intact
     assert sorted(os.listdir(tmp_path)) == ["q.report.json"]  # no temp file left behind
+
+
+# ------------------------------------------------------------------------------------------- the verdict
+def test_weights_that_saturate_without_vnni_fail_a_portable_validation() -> None:
+    full = qdq_model(levels=127)  # 8-bit codes up to 127: same-sign pairs over the limit
+    report = validate(float_model(), full, feeds())
+    assert not report.ok and sum(report.saturating_pairs.values()) > 0
+    assert "--kernels portable" in report.reason and "FAILED" in report.summary()
+    accepted = validate(float_model(), full, feeds(), criteria=Criteria(portable=False))
+    assert accepted.ok, accepted.summary()
+    assert report.to_dict()["saturating_pairs"] == report.saturating_pairs
+
+
+def test_fidelity_floor_fails_a_degraded_model() -> None:
+    broken = _set_init(qdq_model(), "G_q", np.zeros((CLASSES, C_MID * HW * HW), np.int8))
+    report = validate(float_model(), broken, feeds())
+    assert not report.ok and report.reason.startswith("output y: ")
+    assert "floor" in report.reason and "min_top1_agreement" in report.reason
+    lowered = validate(float_model(), broken, feeds(), criteria=Criteria(min_top1_agreement=0.0))
+    assert lowered.ok
+
+
+def _fid(name: str, cos: float, top1: float | None, rows: int = 1000) -> OutputFidelity:
+    return OutputFidelity(name, 30.0, cos, 0.1, top1, rows if top1 is not None else 0)
+
+
+def test_a_kernel_gap_fails_onnxruntime_cpu_but_not_another_runtime() -> None:
+    good = (_fid("y", 0.999, 0.97),)
+    ort_cpu = failures(Criteria(), fidelity=good, gaps={"y": 4.2}, saturating={"conv": 3}, cpu="avx2")
+    assert len(ort_cpu) == 2 and "(avx2)" in ort_cpu[1] and "add 4.20 times the quantization error" in ort_cpu[1]
+    other = failures(Criteria(runtime="qdq", portable=False), fidelity=good, gaps={"y": 4.2}, saturating={"conv": 3},
+                     cpu="avx2")
+    assert other == []
+    assert failures(Criteria(), fidelity=good, gaps={"y": 0.3}, saturating={}, cpu="vnni") == []
+
+
+def test_level_gap_is_the_added_error_over_the_quantization_error() -> None:
+    ref = [np.zeros((2, 3)), np.ones((1, 3))]
+    sim = [r + 0.1 for r in ref]
+    assert level_gap(ref, sim, sim) == 0.0
+    assert level_gap(ref, sim, [s + 0.2 for s in sim]) == pytest.approx(4.0)
+    assert level_gap(ref, ref, [r + 1 for r in ref]) == math.inf
+
+
+def test_floors_use_top1_for_classifiers_and_cosine_otherwise() -> None:
+    low = failures(Criteria(), fidelity=(_fid("logits", 0.99, 0.85), _fid("boxes", 0.9, None)), gaps={},
+                   saturating={}, cpu="vnni")
+    assert [line.split(":")[0] for line in low] == ["output logits", "output boxes"]
+    assert "85.00% on 1000 samples" in low[0] and "cosine with the float model 0.90000" in low[1]
+    few = failures(Criteria(), fidelity=(_fid("logits", 0.99, 0.875, rows=8),), gaps={}, saturating={}, cpu="vnni")
+    assert few == []  # one flip in eight samples is no evidence of a model under 90 %
+    assert agreement_upper_bound(0.875, 8) > 0.9 > agreement_upper_bound(0.78, 32)
+    assert agreement_upper_bound(0.5, 0) == 0.5
+    with pytest.raises(UserError, match="runtime"):
+        Criteria(runtime="gpu")
+
+
+def test_cpu_and_criteria_are_reported(good_report: ValidationReport) -> None:
+    d = good_report.to_dict()
+    assert d["cpu"] == describe() and d["criteria"]["runtime"] == "ort-cpu"
+    assert [lv["name"] for lv in d["levels"]] == ["y"] and d["levels"][0]["cosine"] > 0.999
+    assert 0 <= d["level_gaps"]["y"] < 1
+    assert d["simulation"][0]["top1_agreement"] is not None and d["failures"] == []
+    assert f"CPU: {describe()}" in good_report.summary()

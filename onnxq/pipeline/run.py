@@ -25,6 +25,7 @@ from onnxq.errors import UserError
 from onnxq.pipeline.build import build_pipeline, prepare_float
 from onnxq.pipeline.result import QuantResult
 from onnxq.report.validate import ValidationReport, validate
+from onnxq.report.verdict import criteria_for
 from onnxq.targets.profiles import resolve_config
 from onnxq.targets.rules import check_target, format_violations
 from onnxq.ternary.check import check_ternary
@@ -44,14 +45,14 @@ def load_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Pa
 
 
 def split_validation(calib_set: CalibrationSet, config: Config) -> tuple[CalibrationSet, CalibrationSet]:
-    """(calibration, validation): ``holdout_fraction`` of the samples, at most ``holdout_max``, in whole
-    batches, held out of calibration; a single batch is validated on itself (with a warning)."""
+    """(calibration, validation): :meth:`~onnxq.config.sections.Validation.holdout` samples in whole
+    batches held out of calibration; a single batch is validated on itself (with a warning)."""
     if len(calib_set) <= 1:
         log.warning("a single calibration batch: validating on the calibration sample itself")
         return calib_set, calib_set
     v = config.validation
     per_batch = max(1, calib_set.num_samples // len(calib_set))
-    wanted = min(v.holdout_max, max(1, int(calib_set.num_samples * v.holdout_fraction)))
+    wanted = max(1, v.holdout(calib_set.num_samples))
     return calib_set.split(max(1, min(len(calib_set) // 2, round(wanted / per_batch))))
 
 
@@ -90,7 +91,7 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
     report["target_check"] = _check_output(quantized, ctx)
     val = None
     if config.validation.enabled:
-        val = validate(original, quantized, val_set)
+        val = validate(original, quantized, val_set, criteria=criteria_for(config))
         report["validation"] = val.to_dict()
         log.info("validation:\n%s", val.summary())
         if not (val.checker_ok and val.runs_enable_all and val.runs_disable_all):
@@ -120,7 +121,7 @@ def _two_bit_report(model: onnx.ModelProto, ctx: QuantContext, val: ValidationRe
             result = check_ternary(model)
             checked = result.to_dict() if result is not None else {"ok": False, "violations": ["no ternary tensor"]}
         report["ternary"] = {"method": ctx.config.weights.ternary_method, "storage": ternary["storage"], **checked}
-        if ternary.get("int2_cast"):  # onnxq.core.int2_cast: int2 in the file, int8 kernels in onnxruntime
+        if ternary.get("int2_cast"):  # onnxq.core.weight_cast: int2 in the file, int8 kernels in onnxruntime
             report["ternary"]["int2_cast_to_int8"] = ternary["int2_cast"]
         if not checked["ok"]:
             raise RuntimeError("the quantized model failed the ternary check: " + "; ".join(checked["violations"]))

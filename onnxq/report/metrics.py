@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.core.int2_cast import folded_casts
+from onnxq.core.weight_cast import folded_casts
 from onnxq.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _dtype_name(data_type: int) -> str:
 
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Initializers plus the ``value`` tensors of Constant nodes, by output name; an integer Cast of a
-    constant (``onnxq.core.int2_cast``) counts as the constant it folds to."""
+    constant (``onnxq.core.weight_cast``) counts as the constant it folds to."""
     consts = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -306,6 +306,7 @@ class OutputFidelity:
     cosine: float
     max_abs_err: float
     top1_agreement: float | None
+    rows: int = 0  # the rows top1_agreement counted (0: no class axis)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (SQNR to 0.001 dB, cosine to 8 significant digits)."""
@@ -316,7 +317,23 @@ class OutputFidelity:
             "cosine": json_num(self.cosine, 8),
             "max_abs_err": json_num(self.max_abs_err, 6),
             "top1_agreement": json_num(self.top1_agreement, 6),
+            "rows": self.rows,
         }
+
+
+def level_gap(ref: list[np.ndarray], simulated: list[np.ndarray], fused: list[np.ndarray]) -> float:
+    """``||fused - simulated||^2 / ||simulated - ref||^2`` over the samples whose shapes agree: the error the
+    fused kernels add, as a fraction of quantization's own (0 when they match; inf when quantization is
+    exact but the kernels are not)."""
+    keep = [i for i in range(min(len(ref), len(simulated), len(fused)))
+            if ref[i].shape == simulated[i].shape == fused[i].shape]
+    if not keep:
+        return math.nan
+    r, s, f = (stack_samples([x[i].astype(np.float64) for i in keep]) for x in (ref, simulated, fused))
+    added, own = float(np.sum((f - s) ** 2)), float(np.sum((s - r) ** 2))
+    if own == 0:
+        return 0.0 if added == 0 else math.inf
+    return added / own
 
 
 def stack_samples(arrays: list[np.ndarray]) -> np.ndarray:
@@ -346,5 +363,6 @@ def output_fidelity(name: str, refs: list[np.ndarray], tests: list[np.ndarray]) 
                        name, len(refs) - len(pairs), len(refs))
     ref = stack_samples([r.astype(np.float64) for r, _ in pairs])
     test = stack_samples([t.astype(np.float64) for _, t in pairs])
-    return OutputFidelity(name, sqnr_db(ref, test), cosine(ref, test), max_abs_err(ref, test),
-                          top1_agreement(ref, test))
+    top1 = top1_agreement(ref, test)
+    return OutputFidelity(name, sqnr_db(ref, test), cosine(ref, test), max_abs_err(ref, test), top1,
+                          ref.shape[0] if top1 is not None else 0)
