@@ -8,7 +8,7 @@ scales), and the file size. ``--method brecq|adaround|qdrop`` starts reconstruct
 schedule, about 25 minutes an operator on 2 cores) from each operator's codes and scale;
 ``--learn-weight-scale`` also learns the weight scales. The default container on ort-cpu is INT2
 (opset 25), read through a Cast to int8 where onnxruntime cannot fuse int2 kernels
-(:mod:`onnxq.core.int2_cast`); ``--storage int4|int8`` writes wider containers (same codes, same top-1).
+(:mod:`onnxq.core.weight_cast`); ``--storage int4|int8`` writes wider containers (same codes, same top-1).
 
 ``--tuning stats|bias`` adds statistics or bias tuning after each operator (and reconstruction);
 ``--depthwise-bits 4|8`` keeps the 16 depthwise layers at that width through a bit plan.
@@ -107,7 +107,7 @@ def weight_error(path: Path, report: dict[str, Any], folded: dict[str, np.ndarra
     import onnx
     from onnx import numpy_helper
 
-    from onnxq.core.int2_cast import cast_source, folded_casts
+    from onnxq.core.weight_cast import cast_source, folded_casts
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}

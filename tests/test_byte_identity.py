@@ -159,6 +159,7 @@ def test_bundled_models_are_byte_identical(name: str, tmp_path: Path) -> None:
 
 def _record(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
     records = _records()
     key = environment_key()
     records[key] = {name: _digest(run_case(name, out_dir)) for name in sorted(CASES)}

@@ -136,7 +136,7 @@ def test_bit_plan_overrides_layer_widths_in_the_quantized_model():
     def codes(layer: str) -> onnx.TensorProto:
         node = next(n for n in m.graph.node if n.name == layer)
         src = producers[node.input[1]].input[0]
-        while src not in inits:  # int2 codes are read through a Cast to int8 (onnxq.core.int2_cast)
+        while src not in inits:  # int2 codes are read through a Cast to int8 (onnxq.core.weight_cast)
             src = producers[src].input[0]
         return inits[src]
 

@@ -8,7 +8,7 @@ Stages, in order (:data:`STAGES`)::
     weights    [CorrectBias], InsertQDQ                                       weights, biases, Q/DQ
     rounding   Cleanup, Reconstruct | AdaQuant | MRECG                        learned rounding
     tuning     [TuneStats], [TuneBias], [GridBias]                            output statistics
-    export     Cleanup; then, on the exported model, ExportTwoBit
+    export     FitKernels, Cleanup; then, on the exported model, ExportTwoBit
 
 ``onnxq quantize`` runs them all (the float stage first, whose result is the float reference the
 later stages compare against), ``onnxq inspect`` the float and plan stages, and the
@@ -26,13 +26,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.blocks.engine_settings import adaquant_settings, recon_settings
-from onnxq.config import AdaQuant, AdaRound, Config, RoundToNearest
+from onnxq.config import GPTQ, AdaQuant, AdaRound, Config, RoundToNearest
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
 from onnxq.core.pass_infra import ModelPass, Pass, PassManager
 from onnxq.errors import UserError
 from onnxq.passes.export.cleanup import CleanupPass
+from onnxq.passes.export.clip_on_codes import ClipOnCodesPass
+from onnxq.passes.export.fit_kernels import FitKernelsPass
+from onnxq.passes.export.keep_float import KeepFloatPass
 from onnxq.passes.export.two_bit import ExportTwoBitPass
+from onnxq.passes.export.widen_int4 import WidenInt4Pass
 from onnxq.passes.float.absorb_bias import AbsorbBiasPass
 from onnxq.passes.float.canonicalize import CanonicalizePass
 from onnxq.passes.float.equalize_weights import EqualizeWeightsPass
@@ -70,8 +74,8 @@ def _weights(config: Config) -> list[Pass]:
 
 def _rounding(config: Config) -> list[Pass]:
     rounding = config.rounding
-    if isinstance(rounding, RoundToNearest):
-        return []
+    if isinstance(rounding, RoundToNearest | GPTQ):
+        return []  # InsertQDQPass rounds (onnxq.targets.weight_codes)
     engine = config.engine
     common = dict(checkpoint_dir=engine.checkpoint_dir, keep_checkpoint=engine.keep_checkpoint,
                   cache_budget_bytes=engine.cache_budget_mb << 20)
@@ -117,7 +121,7 @@ def _tuning(config: Config) -> list[Pass]:
 
 
 def _export(config: Config) -> list[Pass]:
-    return [CleanupPass()]
+    return [FitKernelsPass(), ClipOnCodesPass(), KeepFloatPass(), CleanupPass()]
 
 
 _BUILDERS: dict[str, Callable[[Config], list[Pass]]] = {
@@ -153,7 +157,7 @@ def build_pipeline(config: Config, *, first: str = "float", last: str = "export"
         raise UserError(f"pipeline stages {first!r}..{last!r}: use an order of {', '.join(STAGES)}")
     chosen = STAGES[STAGES.index(first): STAGES.index(last) + 1]
     passes = [p for stage in chosen for p in _BUILDERS[stage](config)]
-    model_passes: list[ModelPass] = [ExportTwoBitPass()] if "export" in chosen else []
+    model_passes: list[ModelPass] = [ExportTwoBitPass(), WidenInt4Pass()] if "export" in chosen else []
     return Pipeline(PassManager(passes), model_passes)
 
 

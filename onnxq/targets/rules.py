@@ -36,10 +36,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.core.int2_cast import folded_casts
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.qdq import INT32_MAX
 from onnxq.core.spec import is_power_of_two
+from onnxq.core.weight_cast import folded_casts
 from onnxq.targets.profiles import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class QDQGraph:
             for i in node.input:
                 if i:
                     self.consumers.setdefault(i, []).append(node)
-        # Cast(int2 constant) -> DequantizeLinear (onnxq.core.int2_cast) reads as the constant it folds to.
+        # Cast(int2 constant) -> DequantizeLinear (onnxq.core.weight_cast) reads as the constant it folds to.
         for out, (src, to) in folded_casts(g).items():
             self.consts[out] = self.consts[src].astype(helper.tensor_dtype_to_np_dtype(to))
             self.const_types[out] = to
@@ -168,6 +168,20 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def _uniform(values: np.ndarray | None) -> bool:
+    """One value, possibly repeated (a per-channel DQ that reads every channel alike)."""
+    flat = np.ravel(values) if values is not None else np.zeros(1)
+    return flat.size <= 1 or bool(np.all(flat == flat[0]))
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Equal Q/DQ parameters, a scalar matching a uniform vector (``None``: absent, i.e. zero)."""
+    fa, fb = (np.ravel(x) if x is not None else np.zeros(1) for x in (a, b))
+    if fa.size == fb.size:
+        return bool(np.array_equal(fa, fb))
+    return fa.size > 0 and fb.size > 0 and _uniform(fa) and _uniform(fb) and bool(fa[0] == fb[0])
+
+
 class _Checker:
     def __init__(self, model: onnx.ModelProto, target: Target) -> None:
         self.model, self.target, self.g = model, target, QDQGraph(model)
@@ -190,7 +204,7 @@ class _Checker:
             if dtype not in activation_dtypes(t):
                 self.flag("dtype", node, f"activation type {_NAMES.get(dtype, dtype)} not allowed "
                           f"(allowed: {', '.join(sorted(_NAMES[d] for d in activation_dtypes(t)))})")
-            if np.size(scale) != 1:
+            if not _uniform(scale) or not _uniform(zp):  # one value read per channel is still per tensor
                 self.flag("granularity", node, "activation scale is not per tensor")
             zps = set(np.ravel(zp).tolist())
             if t.activation_zero_points is not None and not zps <= t.activation_zero_points:
@@ -214,7 +228,7 @@ class _Checker:
             q = self.g.source_q(node)
             if q is not None:
                 qs, qz, _ = self.g.qparams(q)
-                if qs is not None and not (np.array_equal(qs, scale) and np.array_equal(qz, zp)):
+                if qs is not None and not (_same(qs, scale) and _same(qz, zp)):
                     self.flag("qdq_pair", node, f"uses other parameters than its QuantizeLinear {_label(q)}")
 
     # -- per compute op ------------------------------------------------------------------------

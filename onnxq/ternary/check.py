@@ -3,7 +3,7 @@
 Which tensors are ternary: the integer constants listed in the model's metadata entry
 ``onnxq.ternary_codes`` (JSON ``{codes constant: weight name}``, written by :func:`mark_two_bit_codes`
 for every weight whose QuantSpec is ternary), plus every int2 constant read by a DequantizeLinear,
-directly or through the Cast to int8 that :mod:`onnxq.core.int2_cast` puts in front of it, unless the
+directly or through the Cast to int8 that :mod:`onnxq.core.weight_cast` puts in front of it, unless the
 entry ``onnxq.int2_codes`` lists it as a weight on the 4-level INT2 grid [-2, 1]
 (``QuantConfig.int2_grid="uniform"``), whose codes may be -2. The check reads the stored values,
 whatever the container (int2, int4, int8), and flags every code outside {-1, 0, 1}.
@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnxq.core.int2_cast import cast_source, constant_types, folded_casts
 from onnxq.core.qdq import base_of
+from onnxq.core.weight_cast import cast_source, constant_types, folded_casts
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ implemented, but at ORT_ENABLE_EXTENDED/ALL the QDQ fusion turns ``DQ(x) -> Conv
 -> Q`` into QLinearConv / QLinearMatMul with an int2 weight, which those kernels reject, so the
 session cannot be built (Gemm and weight-only DQ are fine). While that holds
 (:func:`int2_needs_cast`), the written model reads each int2 constant through a Cast to int8
-(:mod:`onnxq.core.int2_cast`): the file keeps 2 bits a weight and onnxruntime folds the Cast at load and
+(:mod:`onnxq.core.weight_cast`): the file keeps 2 bits a weight and onnxruntime folds the Cast at load and
 runs its int8 kernels.
 """
 

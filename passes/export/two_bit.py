@@ -6,7 +6,7 @@ resolved ``ctx.config.weights.storage``; writes, in the exported model:
   * the code constants of each grid in the model's metadata (``onnxq.ternary_codes`` /
     ``onnxq.int2_codes``), so the ternary check knows which int2 constants may hold -2;
   * for int2 containers this onnxruntime cannot fuse, a ``Cast(to=INT8)`` between each int2 constant
-    and its DequantizeLinear, which onnxruntime folds at load (:mod:`onnxq.core.int2_cast`);
+    and its DequantizeLinear, which onnxruntime folds at load (:mod:`onnxq.core.weight_cast`);
 
 and ``ctx.two_bit_export[grid] = {"storage", ["int2_cast"]}`` (how many constants got a Cast). The
 function is unchanged: int2 values are a subset of int8's.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import onnx
 
 from onnxq.core.context import QuantContext
-from onnxq.core.int2_cast import widen_int2_weights
 from onnxq.core.pass_infra import ModelPass
+from onnxq.core.weight_cast import widen_weights
 from onnxq.ternary.check import INT2_METADATA_KEY, METADATA_KEY, mark_two_bit_codes
 from onnxq.ternary.export import int2_needs_cast
 
@@ -37,7 +37,7 @@ class ExportTwoBitPass(ModelPass):
             storage = ctx.config.weights.storage
             info: dict = {"storage": storage}
             if storage == "int2" and int2_needs_cast():
-                info["int2_cast"] = widen_int2_weights(model)
+                info["int2_cast"] = widen_weights(model)
             ctx.two_bit_export[grid] = info
             modified = True
         return modified

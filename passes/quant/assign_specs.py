@@ -28,6 +28,7 @@ gets that width instead, whatever its position.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import replace
 
@@ -47,11 +48,23 @@ from onnxq.core.layers import (
 )
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.spec import INT32_BIAS, Granularity
-from onnxq.errors import PassError
+from onnxq.errors import PassError, UserError
 from onnxq.targets.placement import check_bit_plan, residual_fused_input, weighted_output
 from onnxq.targets.profiles import Target
 
 log = logging.getLogger(__name__)
+
+
+def _check_exclude(graph: gs.Graph, exclude: tuple[str, ...]) -> None:
+    """A one-line UserError for an ``exclude`` entry that is neither a node name nor an op type here."""
+    names = {n.name for n in graph.nodes if n.name}
+    ops = {n.op for n in graph.nodes}
+    for entry in exclude:
+        if entry in names or entry in ops:
+            continue
+        close = difflib.get_close_matches(entry, [*names, *ops], n=3)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "onnxq inspect MODEL lists them"
+        raise UserError(f"--exclude {entry!r} matches no node name or op type of the model: {hint}")
 
 
 class AssignSpecsPass(Pass):
@@ -65,6 +78,7 @@ class AssignSpecsPass(Pass):
         cfg, target = ctx.config, ctx.target
         act_spec = target.activation_spec(cfg)
         excluded = set(cfg.exclude)
+        _check_exclude(graph, cfg.exclude)
         weighted = weighted_layers(graph, cfg.exclude)
         first_last = {id(weighted[0]), id(weighted[-1])} if weighted else set()
         plan = dict(cfg.weights.bit_plan)

@@ -14,7 +14,7 @@ from onnxq.config.legacy import QuantConfig
 from onnxq.core.graph import to_graph
 from onnxq.data.capture import capture
 from onnxq.errors import PassError
-from tests.helpers import make_context, make_model, run_ort
+from tests.helpers import init_array, make_context, make_model, run_ort
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
 TEXT = f"""{HEAD}
@@ -64,7 +64,7 @@ def _stats(m: onnx.ModelProto, feeds) -> dict[str, ChannelStats]:
 
 
 def _init(m: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(onnx.numpy_helper.to_array(i) for i in m.graph.initializer if i.name == name)
+    return init_array(m, name)
 
 
 def _dq_inputs(m: onnx.ModelProto, tensor: str) -> list[str]:
@@ -170,8 +170,9 @@ def test_cli_flags_reach_the_passes(tmp_path):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["config"]["tuning"]["stats_tuning"] and report["config"]["tuning"]["bias_tuning"]
     passes = [p["pass"] for p in report["passes"]]
-    assert passes.index("TuneStatsPass") < passes.index("TuneBiasPass") < len(passes) - 2  # before cleanup
-    assert passes[-2:] == ["CleanupPass", "ExportTwoBitPass"] and len(report["stats_tuning"]["layers"]) == 5
+    assert passes.index("TuneStatsPass") < passes.index("TuneBiasPass") < passes.index("CleanupPass")
+    assert passes[-3:] == ["CleanupPass", "ExportTwoBitPass", "WidenInt4Pass"]
+    assert len(report["stats_tuning"]["layers"]) == 5 and report["int4_cast_to_int8"] == 4
 
 
 RESIDUAL = f"""{HEAD}
