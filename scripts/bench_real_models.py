@@ -3,7 +3,7 @@
 For each model the same calibration feeds (synthetic text pages/lines, ImageNet calibration split) and the
 same held-out evaluation feeds go through:
 
-* ``onnxq``: ``onnxq.quantize(path, calib, QuantConfig(...), validation=eval)`` (skipped with a note while
+* ``onnxq``: ``onnxq.quantize(path, calib, Config() (the default W8A8), validation=eval)`` (skipped with a note while
   the API is not available);
 * ``ort``: ``onnxruntime.quantization.quantize_static`` on the model as shipped (QDQ, per-channel,
   QUInt8 activations, QInt8 weights, MinMax);
@@ -197,7 +197,13 @@ def evaluate(key: str, qpath: Path, fp_path: Path, ref: list[np.ndarray], ref_ms
     if got is None:
         return res
     if "L0" in outs and "L99" in outs:
+        from onnxq.report.metrics import level_gap
+
         res["L0_vs_L99_maxabs"] = max(float(np.abs(a - b).max()) for a, b in zip(outs["L0"], outs["L99"]))
+        # the error the fused kernels add, as a fraction of quantization's own (onnxq.report.verdict)
+        res["level_gap"] = level_gap([r[None] for r in ref[0]], [r[None] for r in outs["L0"][0]],
+                                     [r[None] for r in outs["L99"][0]])
+        res["app_L0"] = app_metric(key, ref[0], outs["L0"][0], meta)["app"]
     res["outputs"] = [{"sqnr_db": sqnr_db(r, g), "cosine": cosine(r, g),
                        "max_abs": float(np.abs(r - g).max())} for r, g in zip(ref, got)]
     if key == "yolov8n":
@@ -266,9 +272,7 @@ def quantize_onnxq(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]],
                    valid: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     import onnxq
 
-    cfg = onnxq.QuantConfig(target="ort-cpu", weight_bits=8, per_channel=True, activation_dtype="uint8",
-                            scale_kind="float", calib_method="minmax", seed=0)
-    result = onnxq.quantize(str(fp_path), calib, cfg, validation=valid)
+    result = onnxq.quantize(str(fp_path), calib, onnxq.Config(), validation=valid)  # the default W8A8
     result.save(str(out))
     report = result.report
     return {"onnxq_float_ops": report.get("float_ops"), "onnxq_validation": report.get("validation")}
@@ -278,9 +282,9 @@ def onnxq_available() -> str | None:
     try:
         import onnxq
 
-        onnxq.quantize, onnxq.QuantConfig  # noqa: B018 - lazy attributes may import half-built modules
+        onnxq.quantize, onnxq.Config  # noqa: B018 - lazy attributes may import half-built modules
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-        return f"onnxq.quantize/QuantConfig not available yet ({type(exc).__name__}: {exc})"
+        return f"onnxq.quantize/Config not available yet ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -339,7 +343,8 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             sq += f" (boxes {p['boxes']:.1f}, scores {p['scores']:.1f})"
         cos = " / ".join(f"{o['cosine']:.5f}" for o in outs) or "-"
         mae = " / ".join(f"{o['max_abs']:.3g}" for o in outs) or "-"
-        app = r.get("app", "-")
+        app = r.get("app", "-") + (f" (DISABLE: {r['app_L0']}; fused adds {r['level_gap']:.2f}x the quantization "
+                                   "error)" if "app_L0" in r else "")
         if "acc_fp32" in r:
             app += f"; vs truth FP32 {r['acc_fp32']:.1%} / q {r['acc_q']:.1%}"
         ms = f"{r['ms_fp32']:.0f} / {r.get('ms_L99', float('nan')):.0f}"

@@ -28,20 +28,17 @@ def check_bit_plan(plan: dict[str, int], layers: list[gs.Node], target: Target) 
                         f"{', '.join(map(str, target.weight_bits))}")
 
 
-def weighted_output(node: gs.Node, target: Target, signed: bool) -> gs.Tensor | None:
+def weighted_output(node: gs.Node, target: Target) -> gs.Tensor | None:
     """The tensor whose Q/DQ closes a weighted op, or None (``target.weighted_output``).
 
     "after_activation": after the single-consumer chain of fusable activations (the activation
-    nodes stay; the runtime fuses them into the op). "ort": that for unsigned activations, where
-    onnxruntime drops a Relu/Clip whose lower bound is the zero-point (qmin), and the raw output
-    for signed ones (a kept Relu between the op and its Q would block QLinearConv). "none":
-    not quantized here; the consumers' inputs decide (TensorRT).
+    nodes stay; the runtime fuses them into the op; where onnxruntime cannot drop one into the Q, a
+    signed grid reaching below a Relu's 0 or a power-of-two range overshooting ReLU6's 6, the export
+    moves it onto the codes, :mod:`onnxq.passes.export.clip_on_codes`). "none": not quantized here;
+    the consumers' inputs decide (TensorRT).
     """
-    mode = target.weighted_output
-    if mode == "none":
+    if target.weighted_output == "none":
         return None
-    if mode == "ort" and signed:
-        return node.outputs[0]
     return effective_output(node, target)
 
 

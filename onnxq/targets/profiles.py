@@ -60,7 +60,7 @@ from onnxq.ternary.export import STORAGE_BITS, resolve_storage
 log = logging.getLogger(__name__)
 
 #: Values of ``Target.weighted_output``.
-WEIGHTED_OUTPUT_MODES = ("ort", "after_activation", "none")
+WEIGHTED_OUTPUT_MODES = ("after_activation", "none")
 #: Values of ``Target.add_inputs``.
 ADD_INPUT_MODES = ("all", "residual")
 
@@ -102,9 +102,10 @@ class Target:
         weight_zero_points: the zero-points a weight DQ may use (None: any, which also allows
             ``Config.weights.symmetric = False``).
         weighted_output: where a weighted op's output is quantized: "after_activation" (after
-            the single-consumer chain of fusable activations, which stay nodes), "ort" (that for
-            unsigned activations, the raw output for signed ones, as onnxruntime fuses them) or
-            "none" (never: the consumers' inputs decide, as TensorRT fuses them).
+            the single-consumer chain of fusable activations, which stay nodes; for onnxruntime the
+            export moves an activation it cannot drop onto the codes,
+            :mod:`onnxq.passes.export.clip_on_codes`) or "none" (never: the consumers' inputs decide,
+            as TensorRT fuses them).
         activation_op_outputs: whether the outputs of activation ops are quantized (False:
             only their inputs, TensorRT style).
         add_inputs: "all" float inputs of an Add get Q/DQ, or "residual": the input that comes
@@ -141,7 +142,7 @@ class Target:
     scale_kinds: tuple[str, ...] = ("float", "pow2")
     activation_zero_points: frozenset[int] | None = None
     weight_zero_points: frozenset[int] | None = frozenset({0})
-    weighted_output: str = "ort"
+    weighted_output: str = "after_activation"
     activation_op_outputs: bool = True
     add_inputs: str = "all"
     align_concat: bool = False

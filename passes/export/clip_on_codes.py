@@ -10,12 +10,15 @@ Conv (two to three times slower than the float model). Quantization is monotone,
 
 and this pass rewrites ``op -> act(lo, hi) -> Q(s, z) -> DQ`` into ``op -> Q(s, z) -> Clip(Q(lo), Q(hi))
 -> DQ``: the same codes (an integer Clip on the codes, as 4-bit activations already use), and
-onnxruntime fuses ``op -> Q`` into its integer kernel. It applies where the op is a Conv / Gemm /
-MatMul reading a quantized input, the activation (Relu, or Clip with constant bounds) is the op's only
-consumer and a single Q its only consumer, and onnxruntime keeps the activation (its
-``ClipQuantFusion`` / ``ReluQuantFusion`` drop it only when the Q's range is inside the bounds). Runs
-for targets whose runtime is onnxruntime on CPU; writes ``report["clip_on_codes"]`` (the activations
-moved).
+onnxruntime fuses ``op -> Q`` into its integer kernel. For int8 activations (onnxruntime rewrites
+each int8 ``Q -> DQ`` pair to uint8, which needs the Q next to its DQ) it inserts ``Q(s, z) -> DQ``
+before the activation instead: ``Q(act(DQ(Q(v)))) = Q(act(v))`` by the same monotonicity.
+
+It applies where the op is a Conv / Gemm / MatMul reading a quantized input, the activation (Relu, or
+Clip with constant bounds) is the op's only consumer and a single Q its only consumer, and onnxruntime
+keeps the activation (its ``ClipQuantFusion`` / ``ReluQuantFusion`` drop it only when the Q's range is
+inside the bounds). Runs for targets whose runtime is onnxruntime on CPU; writes
+``report["clip_on_codes"]`` (the activations moved).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class ClipOnCodesPass(Pass):
             if match is None:
                 continue
             op, q, lo, hi = match
+            if self._signed(q):
+                self._quantize_before(graph, op, act, q)
+                moved.append(act.name or op.name)
+                continue
             codes_lo, codes_hi = self._codes(q, lo), self._codes(q, hi)
             q.inputs[0] = op.outputs[0]  # op -> Q directly
             quantized = q.outputs[0]
@@ -59,6 +66,24 @@ class ClipOnCodesPass(Pass):
             graph.cleanup().toposort()
             ctx.report["clip_on_codes"] = moved
         return PassResult(graph, bool(moved))
+
+    @staticmethod
+    def _signed(q: gs.Node) -> bool:
+        zp = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
+        return zp is not None and np.issubdtype(np.asarray(zp.values).dtype, np.signedinteger)
+
+    @staticmethod
+    def _quantize_before(graph: gs.Graph, op: gs.Node, act: gs.Node, q: gs.Node) -> None:
+        """``op -> Q -> DQ -> act -> Q -> DQ`` with the activation's own parameters twice: onnxruntime's
+        int8 -> uint8 rewrite needs each Q next to its DQ."""
+        x = op.outputs[0]
+        codes = gs.Variable(f"{x.name}_quantized_before_act", dtype=None, shape=x.shape)
+        values = gs.Variable(f"{x.name}_dequantized_before_act", dtype=x.dtype, shape=x.shape)
+        params = list(q.inputs[1:])
+        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{codes.name}_Q", inputs=[x, *params], outputs=[codes]))
+        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{values.name}_DQ", inputs=[codes, *params],
+                                   outputs=[values]))
+        act.inputs[0] = values
 
     @staticmethod
     def _match(act: gs.Node, opset: int) -> tuple[gs.Node, gs.Node, float, float] | None:

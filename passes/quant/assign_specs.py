@@ -159,7 +159,7 @@ class AssignSpecsPass(Pass):
             b = np.asarray(node.inputs[b_idx].values)
             if b.ndim == 1 and b.dtype == FLOAT32 and len(node.inputs[b_idx].outputs) == 1:
                 ctx.specs[node.inputs[b_idx].name] = INT32_BIAS
-        out = weighted_output(node, target, target.activation_spec(ctx.config).signed)
+        out = weighted_output(node, target)
         if out is not None and is_float_activation(out):
             want(out)
 
