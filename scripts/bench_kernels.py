@@ -19,6 +19,7 @@ seconds an image).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -148,6 +149,18 @@ def _quantize(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, 
             "weight_rounding": result.report.get("weight_rounding")}
 
 
+def _quantized(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, out: Path,
+               reuse: bool) -> dict[str, Any]:
+    """Quantize (the run's info also goes to ``<out>.info.json``), or with ``reuse`` read a model written
+    before and its info."""
+    info_path = out.with_suffix(".info.json")
+    if reuse and out.is_file() and info_path.is_file():
+        return {**json.loads(info_path.read_text()), "reused": True}
+    info = _quantize(entry, fp32, x_cal, holdout, out)
+    info_path.write_text(json.dumps(info, default=str))
+    return info
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"Top-1 / agreement with FP32 at `ORT_ENABLE_ALL` / `ORT_DISABLE_ALL` on {meta['n_val']} validation "
              f"images and {meta['n_eval']} training evaluation images; `pairs`: weight pairs that saturate "
@@ -189,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "build" / "kernels")
     ap.add_argument("--only", help="comma-separated entry names (FP32 always runs)")
     ap.add_argument("--haswell", type=int, default=0, help="validation images to run under qemu -cpu Haswell")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate the models already in --out-dir (with their .info.json) instead of quantizing")
     ap.add_argument("--latency-runs", type=int, default=30)
     ap.add_argument("--latency-runs-b32", type=int, default=10)
     ap.add_argument("--json", type=Path)
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         for entry, path in jobs:
             print(f"[{entry.name}]", flush=True)
             try:
-                info = {} if entry.name == "fp32" else _quantize(entry, fp32, x_cal, x_eval[:32], path)
+                info = {} if entry.name == "fp32" else _quantized(entry, fp32, x_cal, x_eval[:32], path, args.reuse)
                 res = ref if entry.name == "fp32" else evaluate(path, splits, opt_dir)
             except Exception as exc:  # keep going; record the failure
                 rows.append({"name": entry.name, "what": entry.what, "error": f"{type(exc).__name__}: {exc}"})

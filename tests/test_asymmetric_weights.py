@@ -27,14 +27,21 @@ def calib() -> list[dict[str, np.ndarray]]:
 
 def _weights(m: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """weight name -> (codes, scale, zero-point) of every non-bias constant DQ."""
-    casts = folded_casts(m.graph)  # int4 weights are read through a Cast to int8
+    casts = folded_casts(m.graph)  # int4 weights are read through a Cast to int8 ...
+    producer = {o: n for n in m.graph.node for o in n.output}
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     out = {}
     for n in m.graph.node:
-        codes = inits.get(cast_source(casts, n.input[0])) if n.op_type == "DequantizeLinear" else None
+        if n.op_type != "DequantizeLinear":
+            continue
+        q_name, zp_name = n.input[0], n.input[2] if len(n.input) > 2 else ""
+        sub = producer.get(q_name)
+        if sub is not None and sub.op_type == "Sub":  # ... and with zero-points as q - z (WidenInt4Pass)
+            q_name, zp_name = sub.input[0], producer[sub.input[1]].input[0]
+        codes = inits.get(cast_source(casts, q_name))
         if codes is not None and codes.dtype != np.int32:
-            zp = inits[cast_source(casts, n.input[2])] if len(n.input) > 2 and n.input[2] else np.zeros(1, np.int8)
-            out[n.input[0]] = (codes.astype(np.int64), inits[n.input[1]], zp.astype(np.int64))
+            zp = inits[cast_source(casts, zp_name)] if zp_name else np.zeros(1, np.int8)
+            out[q_name] = (codes.astype(np.int64), inits[n.input[1]], zp.astype(np.int64))
     return out
 
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from onnxq.core.weight_cast import folded_casts
+from onnxq.core.weight_cast import folded_constants
 from onnxq.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,8 @@ def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
                     consts[node.output[0]] = attr.t
-    for out, (src, to) in folded_casts(graph).items():
-        value = _to_array(consts[src])
-        if value is not None:
-            consts[out] = numpy_helper.from_array(value.astype(helper.tensor_dtype_to_np_dtype(to)), out)
+    for out, (value, _) in folded_constants(graph).items():
+        consts[out] = numpy_helper.from_array(value, out)
     return consts
 
 

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.qdq import INT32_MAX
 from onnxq.core.spec import is_power_of_two
-from onnxq.core.weight_cast import folded_casts
+from onnxq.core.weight_cast import folded_constants
 from onnxq.targets.profiles import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,11 @@ class QDQGraph:
             for i in node.input:
                 if i:
                     self.consumers.setdefault(i, []).append(node)
-        # Cast(int2 constant) -> DequantizeLinear (onnxq.core.weight_cast) reads as the constant it folds to.
-        for out, (src, to) in folded_casts(g).items():
-            self.consts[out] = self.consts[src].astype(helper.tensor_dtype_to_np_dtype(to))
-            self.const_types[out] = to
+        # Cast(int2/int4 constant) [-> Sub zero-point] -> DequantizeLinear (onnxq.core.weight_cast) reads as
+        # the constant it folds to.
+        for out, (values, kind) in folded_constants(g).items():
+            self.consts[out] = values
+            self.const_types[out] = kind
         self.outputs = {o.name for o in g.output}
         self.nodes = list(g.node)
 

@@ -145,3 +145,26 @@ def test_clip_on_codes_is_exact_and_lets_the_conv_fuse(scale, moved) -> None:
         assert optimized_op_counts(model).get("QLinearConv") is None and ctx.report["clip_on_codes"] == ["relu6"]
         clip = next(n for n in out.graph.node if n.op_type == "Clip")
         assert clip.input[0] == "rq" or clip.input[0].endswith("rq")
+
+
+def test_asymmetric_int4_weights_are_read_centred_without_zero_points(chain) -> None:
+    from onnxq.core.weight_cast import folded_constants
+
+    model, calib = chain
+    cfg = onnxq.Config(weights=onnxq.Weights(bits=4, first_last_bits=None, symmetric=False),
+                       validation=onnxq.Validation(min_top1_agreement=0.0, min_cosine=-1.0))
+    res = onnxq.quantize(model, calib, cfg, validation=calib[:1])
+    folded = folded_constants(res.model.graph)
+    dqs = [n for n in res.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_centred")]
+    assert len(dqs) == 3 and res.report["int4_cast_to_int8"] == 3
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for dq in dqs:
+        codes, kind = folded[dq.input[0]]
+        assert kind == onnx.TensorProto.INT8 and codes.min() >= -15 and codes.max() <= 15
+        assert not np.any(inits[dq.input[2]])  # zero-point 0: the fast kernels
+        assert any(t.data_type == onnx.TensorProto.INT4 for t in res.model.graph.initializer
+                   if dq.input[0].startswith(t.name))  # 4 bits a weight in the file
+    assert optimized_op_counts(res.model).get("QLinearConv") == 2
+    assert check_target(res.model, "ort-cpu") == []
+    np.testing.assert_allclose(run_ort(res.model, calib[0], "all")[0], run_ort(res.model, calib[0], "disable")[0],
+                               rtol=1e-5, atol=1e-4)
