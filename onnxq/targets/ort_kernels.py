@@ -12,8 +12,17 @@ zero-point corrections. What the accumulation does depends on the CPU (:mod:`onn
   then adds those int16 values exactly into int32. A pair saturates when, e.g., ``a_k = a_{k+1} = 255``
   and ``q_k = q_{k+1} = 127``: ``64770 > 32767``.
 
-``k`` runs along the reduction axis in MLAS's packed order, which was read off the kernels by probing
-them one pair at a time on an AVX2 CPU (``tests/targets/test_ort_kernels.py``, under ``qemu -cpu Haswell``):
+Sources (onnxruntime ``core/mlas/lib``): ``platform.cpp`` picks the dispatch by CPUID (AVX-VNNI /
+AVX512-VNNI / AMX before AVX512-Core before AVX2); ``x86_64/QgemmU8X8KernelAvx2.S`` and
+``QgemmU8X8KernelAvx512Core.S`` multiply with ``vpmaddubsw`` + ``vpmaddwd`` on packed quads of K, their
+VNNI variants with ``vpdpbusds``; ``x86_64/ConvSymKernelAvx2.S`` (QLinearConv's symmetric path) pairs the
+same way; ``intrinsics/avx2/qdwconv_avx2.cpp`` widens to int16 products summed in int32; the ARM64
+kernels accumulate with ``sdot``/``udot`` or ``smull``/``sadalp`` into int32. The graph transformer
+``qdq_s8_to_u8.cc`` (x86) rewrites int8 activation Q/DQ pairs to uint8 with a +128 shift, so int8
+activations reach the same u8s8 kernels.
+
+``k`` runs along the reduction axis in MLAS's packed order, confirmed by probing the kernels one pair at
+a time on an AVX2 CPU (``tests/targets/kernel_cases.py``, run under ``qemu -cpu Haswell``):
 
 * Conv (QLinearConv, any group, kernel and stride): per group, ``K = (kh, kw, c)`` with the group's input
   channels innermost (NHWC im2col), i.e. the weight ``W[m, c, kh, kw]`` read as ``W.transpose(0, 2, 3, 1)``.
