@@ -5,7 +5,12 @@ The configuration of ``quantize`` and ``inspect`` comes in layers, each over the
 defaults, ``--preset NAME``, ``--config FILE`` (TOML), the flags of :mod:`onnxq.config.flags`, and
 ``--set SECTION.FIELD=VALUE``. ``--print-config`` shows the resolved result as TOML.
 
-A user mistake (:class:`UserError`) prints one line ``onnxq: error: ...`` and exits with status 2.
+A user mistake (:class:`UserError`), or a file the operating system refuses, prints one line
+``onnxq: error: ...`` and exits with status 2, before any heavy work where it can be known then
+(outputs are checked against every input, the checkpoint folder against files onnxq did not write).
+A failed validation exits 1 without writing the model. An internal error prints one line with the
+path of a file holding its traceback and exits 3; a failed run leaves no new files or folders
+(except a reconstruction checkpoint, kept to resume).
 ``onnxq check`` exits 0 when the model obeys the target, 1 with one line per violation.
 """
 
@@ -15,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -191,6 +197,35 @@ def _with_checkpoint(config: Config, out: Path) -> Config:
     return config.replace(engine=dataclasses.replace(config.engine, checkpoint_dir=str(out) + ".ckpt"))
 
 
+def _input_files(args: argparse.Namespace) -> list[Path]:
+    """Every file the command reads: models (with their external data), data files, a config file."""
+    from onnxq.core.graph import model_files
+
+    files: list[Path] = []
+    for name in ("model", "float_model", "quant_model"):
+        if getattr(args, name, None):
+            files += model_files(getattr(args, name))
+    for name in ("data", "validation", "config"):
+        value = getattr(args, name, None)
+        if value and Path(value).is_dir():
+            files += [p for p in Path(value).rglob("*") if p.is_file()]
+        elif value:
+            files.append(Path(value))
+    return files
+
+
+def _output_guard(outputs: dict[str, Path], args: argparse.Namespace, config: Config | None = None):
+    """Check ``outputs`` against the inputs and the checkpoint folder, create their folders."""
+    from onnxq.blocks.checkpoint import check_folder
+    from onnxq.core.files import OutputGuard
+
+    guard = OutputGuard(outputs, _input_files(args))
+    if config is not None and config.engine.checkpoint_dir:
+        check_folder(config.engine.checkpoint_dir)
+    guard.prepare()
+    return guard
+
+
 def _recipe(text: str | None):
     if text is None:
         return None
@@ -216,29 +251,36 @@ def _quantize(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("quantize needs calibration data: add --calib FILE_OR_FOLDER")
     out = Path(args.output)
-    if out.exists() and out.resolve() == Path(args.model).resolve():
-        raise UserError(f"output path {out} is the input model: choose another -o path")
     if out.suffix != ".onnx":
         raise UserError(f"output path {out} should end in .onnx")
     config = _with_checkpoint(config, out)
     from onnxq.api import quantize
+    from onnxq.pipeline.result import output_files
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = quantize(args.model, args.data, config, validation=args.validation, recipe=_recipe(args.recipe),
-                      batch_size=args.batch_size)
-    val = result.validation
-    if val is not None and not val.ok and not args.allow_degraded:
-        sys.stdout.write(val.summary() + "\n")
-        sys.stderr.write(f"onnxq: error: validation failed, {out} not written: {val.reason} (or pass "
-                         "--allow-degraded to write it anyway)\n")
-        return 1
-    path = result.save(out)
+    guard = _output_guard(output_files(out), args, config)
+    try:
+        result = quantize(args.model, args.data, config, validation=args.validation,
+                          recipe=_recipe(args.recipe), batch_size=args.batch_size)
+        val = result.validation
+        problem = val.reason if val is not None and not val.ok else result.report.get("nothing_quantized")
+        if problem and not args.allow_degraded:
+            if val is not None:
+                sys.stdout.write(val.summary() + "\n")
+            what = "validation failed" if val is not None and not val.ok else "nothing to quantize"
+            sys.stderr.write(f"onnxq: error: {what}, {out} not written: {problem} (or pass "
+                             "--allow-degraded to write it anyway)\n")
+            guard.abandon()
+            return 1
+        path = result.save(out)
+    except BaseException:
+        guard.abandon()
+        raise
     if result.bit_plan is not None:
         p = result.bit_plan
         sys.stdout.write(f"wrote {result.bit_plan_path(path)}: size ratio {p.size_ratio:.4f}, bops ratio "
                          f"{p.bops_ratio:.4f}, predicted {p.measure} {p.degradation:.4g}, widths "
                          f"{p.to_dict()['predicted']['layers_per_width']}\n")
-    sys.stdout.write(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix('.report.json')}\n")
+    sys.stdout.write(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {output_files(path)['report']}\n")
     if result.validation is not None:
         sys.stdout.write(result.validation.summary() + "\n")
     return 0
@@ -261,6 +303,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from onnxq.config import Validation
+    from onnxq.core.files import atomic_write_text
     from onnxq.core.graph import load_model
     from onnxq.data.loaders import load_calibration, model_inputs
     from onnxq.report.validate import validate, write_report
@@ -268,6 +311,9 @@ def _validate(args: argparse.Namespace) -> int:
 
     if not args.data:
         raise UserError("validate needs data: add --data FILE_OR_FOLDER")
+    from onnxq.report.validate import report_path
+
+    _output_guard({"JSON report": Path(args.json)} if args.json else {"report": report_path(args.quant_model)}, args)
     float_model = load_model(args.float_model)
     quant_model = load_model(args.quant_model)
     feeds = load_calibration(args.data, model_inputs(float_model), recipe=_recipe(args.recipe),
@@ -285,7 +331,7 @@ def _validate(args: argparse.Namespace) -> int:
     report = validate(float_model, quant_model, feeds, criteria=criteria)
     sys.stdout.write(report.summary() + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
     else:
         write_report(report.to_dict(), args.quant_model)
     return 0 if report.ok else 1
@@ -329,13 +375,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as exc:
-        sys.stderr.write(f"onnxq: error: {exc}\n")
+        sys.stderr.write(f"onnxq: error: {' '.join(str(exc).split())}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("onnxq: interrupted\n")
         return 130
     except SystemExit as exc:  # --help-all
         return int(exc.code or 0)
+    except OSError as exc:  # the disk, not onnxq: a full disk, a folder made read-only mid-run, ...
+        where = f" {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"onnxq: error: cannot access{where}: {exc.strerror or exc}: check the path, "
+                         "its permissions and free space\n")
+        return 2
+    except Exception as exc:  # an onnxq bug: one line, the traceback kept in a file for the report
+        sys.stderr.write(f"onnxq: internal error ({type(exc).__name__}: {_first_line(exc)}); the traceback "
+                         f"is in {_save_traceback(exc)}: please report it\n")
+        return 3
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "no message")[:200]
+
+
+def _save_traceback(exc: BaseException) -> str:
+    """Write the traceback of ``exc`` to a new file in the temp folder; returns its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="onnxq-error-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(f"onnxq {' '.join(sys.argv[1:])}\n\n")
+        fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return path
 
 
 if __name__ == "__main__":

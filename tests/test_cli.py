@@ -101,7 +101,7 @@ def test_bad_inputs_get_one_line_errors(workdir, capsys):
     _expect_user_error(capsys, ["quantize", str(workdir / "missing.onnx"), "-o", out, "--calib", calib], "not found")
     _expect_user_error(capsys, ["quantize", model, "-o", out, "--calib", str(wrong)], "shape")
     _expect_user_error(capsys, ["quantize", model, "-o", out, "--calib", str(nan)], "NaN")
-    _expect_user_error(capsys, ["quantize", model, "-o", model, "--calib", calib], "input model")
+    _expect_user_error(capsys, ["quantize", model, "-o", model, "--calib", calib], "would overwrite the input")
     _expect_user_error(capsys, ["quantize", model, "-o", out, "--calib", str(workdir / "none.npz")], "none.npz")
     assert _digest(workdir / "m.onnx") == before
     assert not Path(out).exists()

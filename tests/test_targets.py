@@ -77,14 +77,16 @@ def test_resolve_keeps_ort_cpu_and_applies_target_choices_over_defaults():
     assert npu.activations.dtype == "int8" and npu.scale == "pow2"
     a16 = resolve_config(QuantConfig(target="qnn-a16"))
     assert a16.output_opset == 21 and a16.activations.bits == 16
-    # A value the target allows is kept (pow2 scales are fine for TensorRT).
-    assert resolve_config(QuantConfig(target="tensorrt", scale_kind="pow2")).scale == "pow2"
+    # A value the target allows is kept.
+    assert resolve_config(QuantConfig(target="qnn", scale_kind="pow2")).scale == "pow2"
 
 
 @pytest.mark.parametrize("target, kwargs", [
     ("tensorrt", {"weight_bits": 4}),
     ("tensorrt", {"activation_bits": 4}),
     ("qnn", {"activation_dtype": "int8"}),
+    ("tensorrt", {"scale_kind": "pow2"}),  # TensorRT folds float scales; pow2 is the npu-pow2 profile's
+    ("openvino", {"activation_dtype": "int8"}),  # the NNCF mixed preset: uint8 activations
     ("openvino", {"activation_bits": 4}),
     ("npu-pow2", {"first_last_bits": 4, "weight_bits": 4}),
 ])

@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxq.core.files import TEMP_SUFFIX, atomic_write, file_mode
 from onnxq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 11
 _PROTO_LIMIT = 2**31 - 2**20  # a little under 2 GB
 _LOW_BIT = ("int4", "uint4", "int2", "uint2")
+_PACKED_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1", "STRING")
+                 if hasattr(onnx.TensorProto, t)}
 
 
 def is_default_domain(node: gs.Node) -> bool:
@@ -40,7 +43,12 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file (external data included), or raise a one-line UserError."""
+    """Load an ONNX file (external data included), or raise a one-line UserError.
+
+    External data is read only from files inside the model's folder (onnx refuses others) that are
+    not the model file itself; tensors whose bytes do not match their shape, and float weights that
+    are NaN or infinite, are refused here, before any work.
+    """
     p = Path(path)
     if not p.exists():
         raise UserError(f"model file not found: {p}")
@@ -49,7 +57,12 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise UserError(f"{p} is empty: re-export the model")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=False)
+        external = external_data_files(model, p)
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except UserError:
+        raise
     except Exception as exc:  # protobuf DecodeError, external data errors, ...
         raise UserError(f"{p} is not a readable ONNX model ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'}): "
@@ -57,13 +70,70 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if len(model.graph.node) == 0:
         raise UserError(f"{p} holds no graph nodes: it is not an ONNX model or is truncated")
     try:
-        onnx.checker.check_model(model if model.ByteSize() < _PROTO_LIMIT else str(p))
+        onnx.checker.check_model(model if proto_size(model) < _PROTO_LIMIT else str(p))
     except Exception as exc:
         raise UserError(f"{p} fails the ONNX checker ({str(exc).splitlines()[0]}): fix the export first") from None
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise UserError(f"{p} uses opset {opset}; onnxq needs opset >= {MIN_OPSET}: re-export with a newer opset")
+    check_initializers(model, p)
     return model
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The model file and the external data files it names (what a run reads and must never write)."""
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # unreadable: load_model says why
+        return [p]
+    return [p, *external_data_files(model, p)]
+
+
+def external_data_files(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """The distinct external data files of ``model`` (loaded without them) saved at ``path``."""
+    found: dict[Path, None] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        file = path.parent / location
+        if file.exists() and os.path.samefile(file, path):
+            raise UserError(f"{path}: tensor {tensor.name!r} keeps its data in the model file itself "
+                            f"({location!r}): re-export with a separate external data file")
+        found[file] = None
+    return list(found)
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """The serialised size of ``model`` in bytes, also past 2 GB (``ByteSize`` overflows there)."""
+    size = model.ByteSize()
+    if size < 0 or size >= _PROTO_LIMIT:
+        return 2**31
+    return size
+
+
+def check_initializers(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse initializers whose bytes do not fit their shape, and float ones with NaN or infinity."""
+    for init in model.graph.initializer:
+        if not init.HasField("raw_data"):
+            continue
+        if init.data_type in _PACKED_TYPES:
+            continue
+        try:
+            np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+        except (KeyError, TypeError, ValueError):
+            continue  # a type onnxruntime checks itself
+        count = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
+        if len(init.raw_data) != count * np_dtype.itemsize:
+            raise UserError(f"{path}: initializer {init.name!r} holds {len(init.raw_data)} bytes but its shape "
+                            f"{list(init.dims)} needs {count * np_dtype.itemsize}: fix the export")
+        if (np_dtype.kind == "f" or "float" in np_dtype.name) and count:
+            values = np.frombuffer(init.raw_data, dtype=np_dtype)
+            for start in range(0, count, 1 << 24):
+                if not np.isfinite(values[start:start + (1 << 24)]).all():
+                    raise UserError(f"{path}: initializer {init.name!r} holds NaN or infinite values: "
+                                    "fix the trained weights or the export")
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -83,7 +153,7 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference (data propagation on); falls back to the input model on failure."""
     try:
-        if model.ByteSize() >= _PROTO_LIMIT:
+        if proto_size(model) >= _PROTO_LIMIT:
             return model
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # shape inference is a help, never a requirement
@@ -175,23 +245,27 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, source: str | Path |
     if out.is_dir():
         raise UserError(f"output path {out} is a folder: name the .onnx file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() >= _PROTO_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    if proto_size(model) < _PROTO_LIMIT:
+        return atomic_write(out, lambda tmp: onnx.save_model(model, tmp))
+    data_name = external_data_path(out).name
+    staged = out.parent / (data_name + TEMP_SUFFIX)
+
+    def write(tmp: str) -> None:
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=staged.name, size_threshold=1024)
+        os.chmod(staged, file_mode())
+        os.replace(staged, out.parent / data_name)
+        _rename_external_location(tmp, staged.name, data_name)
+
     try:
-        if big:
-            data_name = out.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name + ".tmp", size_threshold=1024)
-            os.replace(out.parent / (data_name + ".tmp"), out.parent / data_name)
-            _rename_external_location(tmp, data_name + ".tmp", data_name)
-        else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, out)
+        return atomic_write(out, write)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        staged.unlink(missing_ok=True)
+
+
+def external_data_path(out: Path) -> Path:
+    """Where :func:`save_model` keeps the weights of a model over 2 GB: ``<name>.onnx.data`` beside it."""
+    return out.with_name(out.name + ".data")
 
 
 def _rename_external_location(model_path: str, old: str, new: str) -> None:
@@ -205,7 +279,7 @@ def _rename_external_location(model_path: str, old: str, new: str) -> None:
 
 def serialize_for_ort(model: onnx.ModelProto) -> bytes | str:
     """What onnxruntime.InferenceSession accepts: bytes, or a temp path for >2 GB models."""
-    if model.ByteSize() < _PROTO_LIMIT:
+    if proto_size(model) < _PROTO_LIMIT:
         return model.SerializeToString()
     folder = tempfile.mkdtemp(prefix="onnxq_")
     path = os.path.join(folder, "model.onnx")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from onnxq.config import Config, QuantConfig, as_config
+from onnxq.core.files import atomic_write_text
 from onnxq.errors import UserError
 from onnxq.mixed.sensitivity import SensitivityTable, measure_sensitivity
 
@@ -94,8 +95,7 @@ class BitPlan:
     def save(self, path: str | Path) -> Path:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return out
+        return atomic_write_text(out, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------- the integer program

@@ -156,9 +156,9 @@ class SensitivityTable:
     def save(self, path: str | Path) -> Path:
         import json
 
-        out = Path(path)
-        out.write_text(json.dumps(self.to_dict(), indent=1))
-        return out
+        from onnxq.core.files import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> SensitivityTable:

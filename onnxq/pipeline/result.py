@@ -9,8 +9,16 @@ from typing import Any
 import onnx
 
 from onnxq.core import graph as g
-from onnxq.report.validate import ValidationReport, write_report
+from onnxq.report.validate import ValidationReport, report_path, write_report
 from onnxq.targets.profiles import get_target
+
+
+def output_files(path: str | Path) -> dict[str, Path]:
+    """Every file :meth:`QuantResult.save` may write for the model path ``path``, by role."""
+    out = Path(path)
+    return {"model": out, "external data": g.external_data_path(out), "report": report_path(out),
+            "encodings": out.with_suffix(".encodings"), "bit plan": out.with_suffix(".bitplan.json"),
+            "MRECG plot": out.with_suffix(".mrecg.png")}
 
 
 @dataclass
@@ -24,24 +32,25 @@ class QuantResult:
     bit_plan: Any = None  # the mixed-precision BitPlan (onnxq.mixed.plan), written as <stem>.bitplan.json
 
     def bit_plan_path(self, path: str | Path) -> Path:
-        return Path(path).with_suffix(".bitplan.json")
+        return output_files(path)["bit plan"]
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically, ``<stem>.report.json`` next to it, and the target's extra
         files (``<stem>.encodings`` for the qnn profiles, :mod:`onnxq.targets.encodings`), and a mixed
         precision run's plan (``<stem>.bitplan.json``)."""
         out = g.save_model(self.model, path, source=self.source)
+        files = output_files(out)
         if self.bit_plan is not None:
             self.bit_plan.save(self.bit_plan_path(out))
         target = (self.report.get("config") or {}).get("target")
         if target and "aimet_encodings" in get_target(target).exporters:
             from onnxq.targets.encodings import write_encodings
 
-            write_encodings(self.model, out.with_suffix(".encodings"))
+            write_encodings(self.model, files["encodings"])
         if self.report.get("mrecg"):  # the loss-along-depth figure, <stem>.mrecg.png
             from onnxq.report.mrecg_plot import plot_mrecg
 
-            png = plot_mrecg(self.report["mrecg"], out.with_suffix(".mrecg.png"))
+            png = plot_mrecg(self.report["mrecg"], files["MRECG plot"])
             self.report["mrecg"]["plot"] = str(png)
         write_report(self.report, out)
         return out

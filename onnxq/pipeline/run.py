@@ -7,6 +7,7 @@ samples. The report records the configuration as asked and as resolved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -21,9 +22,11 @@ from onnxq.config import Config
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
 from onnxq.data.loaders import CalibrationSet, ImageRecipe, load_calibration, model_inputs
+from onnxq.data.sanity import degenerate_inputs
 from onnxq.errors import UserError
 from onnxq.pipeline.build import build_pipeline, prepare_float
 from onnxq.pipeline.result import QuantResult
+from onnxq.report.sessions import DISABLE_ALL, Source, build_session, short_error
 from onnxq.report.validate import ValidationReport, validate
 from onnxq.report.verdict import criteria_for
 from onnxq.targets.profiles import resolve_config
@@ -42,6 +45,40 @@ def load_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Pa
     if isinstance(model, (str, Path)):
         return g.load_model(model), Path(model)
     raise UserError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def nothing_quantized(model: onnx.ModelProto, float_ops: Mapping[str, str]) -> str | None:
+    """A line naming why each op stayed float, when the output holds no quantized op at all."""
+    if any(n.op_type in ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
+           for n in model.graph.node):
+        return None
+    by_reason: dict[str, list[str]] = {}
+    for node, reason in float_ops.items():
+        by_reason.setdefault(reason, []).append(node)
+    detail = "; ".join(f"{reason}: {', '.join(nodes[:3])}{' ...' if len(nodes) > 3 else ''}"
+                       for reason, nodes in by_reason.items()) or "no op onnxq quantizes (Conv, Gemm, MatMul, ...)"
+    return f"nothing was quantized ({detail}): the output is the float model"
+
+
+def check_float_runs(model: onnx.ModelProto, source: Path | None, feed: Mapping[str, np.ndarray]) -> None:
+    """Run the float model once in onnxruntime on the first calibration batch: a model onnxruntime
+    refuses (mismatched types or shapes, duplicate names, an opset it does not know), or that fails
+    or gives NaN on the data, is a one-line error now instead of a failure deep in a pass."""
+    src = Source(source, None, None) if source is not None else Source.of(model, "the model")
+    sess, error = build_session(src, DISABLE_ALL)
+    if sess is None:
+        raise UserError(f"onnxruntime cannot load the float model ({error}): fix the export; onnxq "
+                        "quantizes models onnxruntime runs")
+    try:
+        outputs = sess.run(None, dict(feed))
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot run the float model on the first calibration batch "
+                        f"({short_error(exc)}): check the data's shapes and types, or the export") from None
+    for meta, value in zip(sess.get_outputs(), outputs, strict=True):
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            raise UserError(f"the float model's output {meta.name!r} is NaN or infinite on the first "
+                            "calibration batch: check the data's range and preprocessing")
 
 
 def split_validation(calib_set: CalibrationSet, config: Config) -> tuple[CalibrationSet, CalibrationSet]:
@@ -68,6 +105,10 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
     calib_set = load_calibration(calib, inputs, recipe=recipe, batch_size=batch_size)
     if len(calib_set) == 0:
         raise UserError("the calibration data is empty: give at least one sample")
+    check_float_runs(original, source, calib_set[0])
+    degenerate = degenerate_inputs(calib_set)
+    for line in degenerate:
+        log.warning("calibration data look degenerate: %s", line)
     if validation is None:
         calib_set, val_set = split_validation(calib_set, config)
     else:
@@ -89,9 +130,21 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
         **ctx.report,
     }
     report["target_check"] = _check_output(quantized, ctx)
+    if degenerate:
+        report["calibration_data"] = {"degenerate": degenerate}
+    unquantized = nothing_quantized(quantized, ctx.float_ops)
+    if unquantized:
+        log.warning("%s", unquantized)
+        report["nothing_quantized"] = unquantized
     val = None
     if config.validation.enabled:
         val = validate(original, quantized, val_set, criteria=criteria_for(config))
+        extra = ([unquantized] if unquantized else []) + \
+            ([f"the calibration data look degenerate ({degenerate[0]}); a check held out from them cannot vouch "
+              "for real inputs: pass --validation with real samples"] if degenerate and validation is None else [])
+        val = dataclasses.replace(val, failures=val.failures + tuple(extra),
+                                  data="the --validation data" if validation is not None
+                                  else "samples held out of the calibration data")
         report["validation"] = val.to_dict()
         log.info("validation:\n%s", val.summary())
         if not (val.checker_ok and val.runs_enable_all and val.runs_disable_all):

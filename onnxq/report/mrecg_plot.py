@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from onnxq.core.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ def plot_mrecg(report: dict[str, Any], path: str | Path) -> Path:
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, format="png")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
     log.info("MRECG plot written to %s", path)

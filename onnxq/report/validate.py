@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import numpy as np
 import onnx
 
 from onnxq.core.cpu import describe
+from onnxq.core.files import atomic_write_text
 from onnxq.errors import UserError
 from onnxq.report.kernel_check import saturating_pairs
 from onnxq.report.metrics import (
@@ -108,6 +108,7 @@ class ValidationReport:
     simulation: tuple[OutputFidelity, ...] = ()
     saturating_pairs: dict[str, int] = field(default_factory=dict)
     failures: tuple[str, ...] = ()
+    data: str = "the given samples"  # what the fidelity was measured on (said in the summary)
 
     @property
     def ok(self) -> bool:
@@ -136,6 +137,7 @@ class ValidationReport:
             "runs_disable_all": self.runs_disable_all,
             "levels_max_abs_diff": json_num(self.levels_max_abs_diff, 6),
             "n_samples": self.n_samples,
+            "data": self.data,
             "outputs": [o.to_dict() for o in self.outputs],
             "simulation": [o.to_dict() for o in self.simulation],
             "levels": [o.to_dict() for o in self.levels],
@@ -164,7 +166,7 @@ class ValidationReport:
             f"CPU: {self.cpu}",
             f"ORT CPU: ENABLE_ALL {runs(self.runs_enable_all)}, DISABLE_ALL {runs(self.runs_disable_all)}, "
             f"max |ALL - DISABLE| = {self.levels_max_abs_diff:.4g}",
-            f"samples: {self.n_samples}; judged on the {judged} (runtime {self.criteria.runtime})",
+            f"samples: {self.n_samples} ({self.data}); judged on the {judged} (runtime {self.criteria.runtime})",
         ]
         for lv in self.levels:
             top1 = "" if lv.top1_agreement is None else f", top1 {100 * lv.top1_agreement:.2f}%"
@@ -202,6 +204,12 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def report_path(model_path: str | Path) -> Path:
+    """``<model stem>.report.json`` beside the model."""
+    path = Path(model_path)
+    return path.with_name(path.stem + ".report.json")
+
+
 def write_report(report: Mapping[str, Any] | ValidationReport, model_path: str | Path) -> Path:
     """Write ``<model stem>.report.json`` next to ``model_path`` atomically and return its path.
 
@@ -215,18 +223,9 @@ def write_report(report: Mapping[str, Any] | ValidationReport, model_path: str |
     model_path = Path(model_path)
     if not model_path.parent.is_dir():
         raise UserError(f"directory {model_path.parent} does not exist: create it or fix the model path")
-    target = model_path.with_name(model_path.stem + ".report.json")
+    target = report_path(model_path)
     text = json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, text)
     logger.info("wrote %s", target)
     return target
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnxq.core.files import atomic_write_text
 from onnxq.core.qdq import base_of
 from onnxq.targets.rules import QDQGraph
 
@@ -116,14 +115,7 @@ def write_encodings(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write :func:`encodings_dict` of ``model`` as JSON to ``path`` (atomically); returns the path."""
     out = Path(path)
     data = encodings_dict(model)
-    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, json.dumps(data, indent=2))
     log.info("wrote %s (%d activation, %d param encodings)", out, len(data["activation_encodings"]),
              len(data["param_encodings"]))
     return out

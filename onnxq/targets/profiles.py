@@ -52,6 +52,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from onnxq.config import Activations, Config, QuantConfig, as_config
+from onnxq.config.choices import UNTRAINED_ROUNDING
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.spec import Granularity, QuantSpec, ScaleKind
 from onnxq.errors import UserError
@@ -218,8 +219,9 @@ class Target:
         resolved = replace(config, scale=scale, weights=weights, activations=Activations(dtype=dtype, bits=bits),
                            kernels=config.kernels or self.kernels)
         need = max(self.min_opset, resolved.output_opset)
-        resolved = replace(resolved, opset=need)
-        return resolved.with_rounding_resolved()
+        resolved = replace(resolved, opset=need).with_rounding_resolved()
+        _warn_unused_engine(resolved)
+        return resolved
 
     def _pick(self, name: str, value: object, allowed: tuple) -> object:
         """``value`` when the target allows it, the target's choice when it is unset, else a UserError."""
@@ -229,6 +231,20 @@ class Target:
             raise UserError(f"target {self.name} does not allow {name}={value!r}: use "
                             f"{' or '.join(map(repr, allowed))} (or leave it unset for the target's choice)")
         return value
+
+
+def _warn_unused_engine(config: Config) -> None:
+    """A warning for torch-engine settings that nothing in this run uses (an untrained rounding method
+    and no AdaQuant sensitivity table)."""
+    if config.method not in UNTRAINED_ROUNDING or config.mixed_precision.enabled:
+        return
+    engine = config.engine
+    if engine.device != "cpu":
+        log.warning("engine.device=%r does nothing: rounding method %s runs no torch engine", engine.device,
+                    config.method)
+    if engine.checkpoint_dir:
+        log.warning("engine.checkpoint_dir does nothing: rounding method %s has no blocks to checkpoint",
+                    config.method)
 
 
 ORT_CPU = Target(
@@ -257,6 +273,9 @@ TENSORRT = Target(
     activation_dtypes=("int8",),
     activation_bits=(8,),
     weight_bits=(8,),
+    # TensorRT folds any float scale into its kernels: power-of-two scales would only cost accuracy
+    # (they belong to the npu-pow2 profile).
+    scale_kinds=("float",),
     activation_zero_points=frozenset({0}),
     weighted_output="none",
     activation_op_outputs=False,
@@ -274,6 +293,7 @@ OPENVINO = Target(
     activation_ops=_ORT_ACTIVATION_OPS - {"Softmax"},
     passthrough_ops=_PASSTHROUGH,
     fusable_activations=frozenset({"Relu", "Clip"}),
+    activation_dtypes=("uint8",),
     activation_bits=(8,),
     weight_bits=(8,),
     weighted_output="after_activation",

@@ -37,12 +37,13 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 from onnxq.passes.rounding.reconstruct import ReconstructPass
 
-from onnxq.blocks.checkpoint import fingerprint
+from onnxq.blocks.checkpoint import claim_folder, fingerprint, release_folder
 from onnxq.blocks.mrecg_plan import CAPACITIES, MergePlan, merged_partitioner, plan_merges, proxy_capacity
 from onnxq.blocks.partition import Block, partition
 from onnxq.config.choices import MRECG_ITERS as ITERS
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
+from onnxq.core.files import atomic_write_text
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.qdq import dq_producing
 from onnxq.errors import PassError, UserError
@@ -105,6 +106,8 @@ class MRECGPass(Pass):
                                    act_iters=max(0, round(cfg.act_iters * self.first_fraction)))
 
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        if self.checkpoint_dir is not None:
+            claim_folder(self.checkpoint_dir)
         ok = lambda n: supported(n) is None  # noqa: E731
         blocks = partition(graph, max_chain=self.max_chain, is_supported=ok)
         weighted_ops = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -167,8 +170,12 @@ class MRECGPass(Pass):
         fp = fingerprint(g.to_model(graph).SerializeToString(),
                          {"recon": cfg.__dict__, "blocks": [b.name for b in blocks]})
         if saved is not None and saved.exists():
-            data = json.loads(saved.read_text())
-            if data.get("fingerprint") == fp:
+            try:
+                data = json.loads(saved.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("MRECG: %s is unreadable (%s); running the first pass again", saved, exc)
+                data = {}
+            if data.get("fingerprint") == fp and "losses" in data and "info" in data:
                 log.info("MRECG: first pass losses loaded from %s", saved)
                 return data["losses"], data["info"]
         start = time.perf_counter()
@@ -185,15 +192,9 @@ class MRECGPass(Pass):
         info = {"iters": cfg.iters, "act_iters": cfg.act_iters, "seconds": seconds,
                 "blocks": [{k: e.get(k) for k in keys} for e in rep["blocks"]]}
         if saved is not None:
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"fingerprint": fp, "losses": losses, "info": info}))
+            atomic_write_text(saved, json.dumps({"fingerprint": fp, "losses": losses, "info": info}))
         return losses, info
 
     def _clear_checkpoint(self) -> None:
-        if self.checkpoint_dir is None or not self.checkpoint_dir.exists():
-            return
-        (self.checkpoint_dir / "first_pass.json").unlink(missing_ok=True)
-        try:
-            self.checkpoint_dir.rmdir()
-        except OSError:
-            log.debug("checkpoint folder %s not empty; left in place", self.checkpoint_dir)
+        if self.checkpoint_dir is not None and self.checkpoint_dir.exists():
+            release_folder(self.checkpoint_dir, ["first_pass.json"])
