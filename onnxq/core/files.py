@@ -105,7 +105,8 @@ class OutputGuard:
             too_long = [part for part in out.parts if len(part.encode()) > _name_max(parent)]
             if too_long:
                 raise UserError(f"the {role} path holds a name of {len(too_long[0].encode())} bytes "
-                                f"({too_long[0][:24]}...), longer than the file system allows: choose a shorter -o path")
+                                f"({too_long[0][:24]}...), longer than the file system allows: "
+                                "choose a shorter -o path")
             for src in self.inputs:
                 if same_file(out, src):
                     raise UserError(f"the {role} file {out} would overwrite the input {src}: "
