@@ -21,7 +21,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,6 +275,9 @@ def _quantize(args: argparse.Namespace) -> int:
             return 1
         path = result.save(out)
     except BaseException:
+        from onnxq.blocks.checkpoint import release_if_unused
+
+        release_if_unused(config.engine.checkpoint_dir)
         guard.abandon()
         raise
     if result.bit_plan is not None:
@@ -372,8 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"quantize": _quantize, "inspect": _inspect, "validate": _validate, "check": _check,
                 "presets": _presets}
+    previous = _terminate_cleanly()
     try:
         return handlers[args.command](args)
+    except _Terminated:
+        sys.stderr.write("onnxq: terminated (SIGTERM); run the same command again to resume\n")
+        return 143
     except UserError as exc:
         sys.stderr.write(f"onnxq: error: {' '.join(str(exc).split())}\n")
         return 2
@@ -391,6 +400,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"onnxq: internal error ({type(exc).__name__}: {_first_line(exc)}); the traceback "
                          f"is in {_save_traceback(exc)}: please report it\n")
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files and new folders are cleaned up."""
+
+
+def _terminate_cleanly():
+    """Turn SIGTERM into :class:`_Terminated` (main thread only); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _first_line(exc: BaseException) -> str:

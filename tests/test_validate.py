@@ -461,3 +461,14 @@ def test_cpu_and_criteria_are_reported(good_report: ValidationReport) -> None:
     assert 0 <= d["level_gaps"]["y"] < 1
     assert d["simulation"][0]["top1_agreement"] is not None and d["failures"] == []
     assert f"CPU: {describe()}" in good_report.summary()
+
+
+def test_agreement_a_constant_prediction_reaches_is_judged_by_the_cosine() -> None:
+    # Four samples of one float class: a model with a constant output agrees on all of them.
+    constant = OutputFidelity("y", 0.2, 0.21, 1.0, 1.0, 4, majority=1.0)
+    (line,) = failures(Criteria(), fidelity=(constant,), gaps={}, saturating={}, cpu="vnni")
+    assert "cosine with the float model 0.21000" in line
+    varied = OutputFidelity("y", 20.0, 0.9, 1.0, 1.0, 64, majority=0.1)
+    assert failures(Criteria(), fidelity=(varied,), gaps={}, saturating={}, cpu="vnni") == []
+    # A floor lowered to zero accepts any classifier.
+    assert failures(Criteria(min_top1_agreement=0.0), fidelity=(constant,), gaps={}, saturating={}, cpu="vnni") == []

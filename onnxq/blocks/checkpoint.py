@@ -117,6 +117,19 @@ def release_folder(folder: str | Path, names: Iterable[str]) -> None:
     path.rmdir()
 
 
+def release_if_unused(folder: str | Path | None) -> None:
+    """After a failed run: remove an onnxq checkpoint folder (and its marked subfolders) that holds no
+    finished block, so a run that failed early leaves nothing behind; one with blocks is kept to resume."""
+    if folder is None:
+        return
+    path = Path(folder)
+    if not (path / MARKER).is_file() or any(path.rglob("block_*.npz")) or any(path.rglob("first_pass.json")):
+        return
+    for sub in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+        release_folder(sub, ["state.json"])
+    release_folder(path, ["state.json"])
+
+
 def _readable_npz(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:

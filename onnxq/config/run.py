@@ -81,6 +81,8 @@ class Config:
             raise UserError(f"seed={self.seed!r} must be an integer in 0 .. 2^63 - 1")
         if self.opset is not None:
             check_count("opset", self.opset, minimum=1)
+        if not isinstance(self.exclude, (str, list, tuple)):
+            raise UserError(f"exclude={self.exclude!r} must be a list of node names or op types")
         exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         if not all(isinstance(e, str) and e for e in exclude):
             raise UserError(f"exclude={self.exclude!r} must be node names or op types")

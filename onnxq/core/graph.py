@@ -77,7 +77,38 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if opset < MIN_OPSET:
         raise UserError(f"{p} uses opset {opset}; onnxq needs opset >= {MIN_OPSET}: re-export with a newer opset")
     check_initializers(model, p)
+    check_declared_shapes(model, p)
+    densify_sparse_initializers(model)
     return model
+
+
+def check_declared_shapes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model whose declared tensor shapes contradict what its ops compute (onnxruntime may
+    run it, but every tool that trusts the declarations, ours included, would be misled)."""
+    if proto_size(model) >= _PROTO_LIMIT:
+        return
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        if "existing shape differ" in text or "existing type differ" in text:
+            detail = text.split("Inference error(s): ")[-1][:300]
+            raise UserError(f"{path}: a declared shape or type contradicts the ops ({detail}): fix the "
+                            "graph's declared inputs, outputs or value_info") from None
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> None:
+    """Turn the graph's sparse initializers into dense ones (same name, dtype and shape)."""
+    for sparse in model.graph.sparse_initializer:
+        values = onnx.numpy_helper.to_array(sparse.values)
+        indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dims = tuple(int(d) for d in sparse.dims)
+        if indices.ndim == 2:  # one row of coordinates per value
+            indices = np.ravel_multi_index(indices.T, dims)
+        dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+        dense[indices] = values
+        model.graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(dims), sparse.values.name))
+    del model.graph.sparse_initializer[:]
 
 
 def model_files(path: str | Path) -> list[Path]:
@@ -106,11 +137,13 @@ def external_data_files(model: onnx.ModelProto, path: Path) -> list[Path]:
 
 
 def proto_size(model: onnx.ModelProto) -> int:
-    """The serialised size of ``model`` in bytes, also past 2 GB (``ByteSize`` overflows there)."""
-    size = model.ByteSize()
-    if size < 0 or size >= _PROTO_LIMIT:
+    """The serialised size of ``model`` in bytes, or ``2**31`` past protobuf's 2 GB limit (where
+    ``ByteSize`` raises "Failed to serialize proto" or overflows)."""
+    try:
+        size = model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError
         return 2**31
-    return size
+    return 2**31 if size < 0 or size >= _PROTO_LIMIT else size
 
 
 def check_initializers(model: onnx.ModelProto, path: Path) -> None:

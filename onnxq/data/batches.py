@@ -8,6 +8,17 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+ENGINE_BATCH = 32  # samples per feed the torch engine's passes regroup the calibration data into
+
+
+def engine_batch(input_shapes) -> int:
+    """Samples per re-batched feed for a model whose graph inputs have ``input_shapes``:
+    :data:`ENGINE_BATCH` when every input's leading dimension is free, else 1 (the data's own
+    batches are kept: they already fit a fixed batch dimension)."""
+    free = all(shape is None or (len(shape) > 0 and (not isinstance(shape[0], int) or shape[0] <= 0))
+               for shape in input_shapes)
+    return ENGINE_BATCH if free else 1
+
 
 def count_samples(feeds) -> int:
     """Samples in a sequence of batched feeds (each feed's first input's leading dimension; an

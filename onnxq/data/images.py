@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,13 @@ class ImageRecipe:
             UserError: the file is missing or is not a readable image.
         """
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UserError(f"image '{path}' has more pixels than Pillow's limit ({Image.MAX_IMAGE_PIXELS}), a guard "
+                            "against decompression bombs: downscale it or remove it from the folder") from None
         except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as exc:
             raise UserError(f"cannot read image '{path}': {exc}: remove or replace the file") from exc
         height, width = self.size

@@ -115,8 +115,8 @@ def _open_npz(path: Path) -> dict[str, _LazyArray]:
     """Read the headers of an .npz; stored (uncompressed) members are memory-mapped in place."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"cannot read '{path}' as .npz ({exc}): write it with np.savez") from exc
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot read '{path}' as .npz ({exc}): write it with np.savez") from None
     out: dict[str, _LazyArray] = {}
     with archive, open(path, "rb") as raw:
         for info in archive.infolist():
@@ -127,16 +127,21 @@ def _open_npz(path: Path) -> dict[str, _LazyArray]:
                     reader = _HEADER_READERS.get(version)
                     shape, fortran, dtype = reader(member) if reader else (None, False, None)
                     header = member.tell()
-            except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            except (ValueError, OSError, EOFError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as exc:
                 raise UserError(
-                    f"member '{info.filename}' of '{path}' is not a .npy array ({exc}): use np.savez"
-                ) from exc
+                    f"member '{info.filename}' of '{path}' is not a readable .npy array ({exc}): write it "
+                    "again with np.savez"
+                ) from None
             if shape is None:  # rare header versions: read the whole array
                 array = _npz_key(path, key)
                 out[key] = _LazyArray(array.shape, array.dtype, functools.partial(_same, array))
                 continue
             if dtype.hasobject:
                 raise UserError(f"array '{key}' in '{path}' holds Python objects: save plain numeric arrays")
+            claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if claimed != info.file_size - header:
+                raise UserError(f"array '{key}' in '{path}' claims shape {tuple(shape)} ({claimed} bytes) but holds "
+                                f"{info.file_size - header} bytes: the file is corrupt; write it again with np.savez")
             if info.compress_type == zipfile.ZIP_STORED and int(np.prod(shape)) > 0:
                 raw.seek(info.header_offset)
                 name_len, extra_len = struct.unpack("<HH", raw.read(30)[26:30])
@@ -228,8 +233,10 @@ def from_npy(
         )
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read '{path}' as .npy ({exc}): write it with np.save") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read '{path}' as .npy ({exc}): write it with np.save") from None
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"'{path}' is an .npz archive, not one .npy array: name it .npz")
     lazy = _LazyArray(array.shape, array.dtype, functools.partial(_same, array))
     return _from_arrays({inputs[0].name: lazy}, inputs, batch_size, limit, f"'{path}'")
 

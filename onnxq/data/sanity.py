@@ -7,7 +7,8 @@ data agrees with the model it made, so the check would pass a broken model. The 
 input with at least ``MIN_ELEMENTS`` values per sample (smaller inputs are parameters, masks or
 scalars that may well be constant):
 
-1. every value is the same (a constant, e.g. all zeros);
+1. every value is the same (a constant, e.g. all zeros), or every magnitude is under ``TINY`` or
+   some over ``HUGE`` (a scaling mistake, not data);
 2. every sample is the same (one sample repeated);
 3. for an image-like (N, C, H, W) input with H*W >= ``MIN_PLANE``: more than half of the (sample,
    channel) planes hold at most ``FLAT_PLANE_VALUES`` distinct values (blank images, or images of
@@ -24,6 +25,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 MIN_ELEMENTS = 64
+TINY = 1e-20
+HUGE = 1e15
 MIN_PLANE = 16
 FLAT_PLANE_VALUES = 4
 _MAX_PLANES = 4096  # planes examined for rule 3 (an even sample over the data)
@@ -46,6 +49,10 @@ def _finding(name: str, parts: list[np.ndarray]) -> str | None:
     hi = max(float(np.nanmax(p)) for p in parts)
     if lo == hi:
         return f"input {name!r}: every calibration value is {lo:g}"
+    if max(abs(lo), abs(hi)) < TINY:
+        return f"input {name!r}: every calibration value is under {TINY:g} in magnitude (a scaling mistake?)"
+    if max(abs(lo), abs(hi)) > HUGE:
+        return f"input {name!r}: calibration values reach {max(abs(lo), abs(hi)):.3g} (a scaling mistake?)"
     samples = sum(len(p) for p in parts)
     if samples > 1 and all(np.array_equal(p, first[:1].repeat(len(p), axis=0)) for p in parts):
         return f"input {name!r}: all {samples} calibration samples are the same"

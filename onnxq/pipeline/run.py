@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnxq.config import Config
+from onnxq.config.choices import UNTRAINED_ROUNDING
 from onnxq.core import graph as g
 from onnxq.core.context import QuantContext
 from onnxq.data.loaders import CalibrationSet, ImageRecipe, load_calibration, model_inputs
@@ -26,6 +27,7 @@ from onnxq.data.sanity import degenerate_inputs
 from onnxq.errors import UserError
 from onnxq.pipeline.build import build_pipeline, prepare_float
 from onnxq.pipeline.result import QuantResult
+from onnxq.recon.engine import require_device
 from onnxq.report.sessions import DISABLE_ALL, Source, build_session, short_error
 from onnxq.report.validate import ValidationReport, validate
 from onnxq.report.verdict import criteria_for
@@ -99,6 +101,8 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
     """Quantize ``model`` with ``config`` (see :func:`onnxq.api.quantize`, which adds mixed precision)."""
     requested = config
     config = resolve_config(config)
+    if config.method not in UNTRAINED_ROUNDING or config.mixed_precision.enabled:
+        require_device(config.engine.device)  # before any work
     t0 = time.perf_counter()
     original, source = load_model(model)
     inputs = model_inputs(original)

@@ -46,9 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onnxq.core.qdq import INT32_MAX
-from onnxq.errors import UserError
 from onnxq.recon.batching import cache_layout, take_batch
-from onnxq.recon.engine import BlockResult
+from onnxq.recon.engine import BlockResult, require_device
 from onnxq.recon.fake_quant import MIN_SCALE, fake_quant, round_ste
 from onnxq.recon.loss import output_error
 
@@ -325,10 +324,7 @@ def optimize_layer(module: nn.Module, weights: Mapping[str, AdaQuantWeight],
         trained state stays in the modules whatever the outcome; the caller keeps the better one.
     """
     t0 = time.perf_counter()
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"adaquant device {config.device!r} was asked for but CUDA is not available: "
-                        "use 'cpu'")
-    device = torch.device(config.device)
+    device = require_device(config.device)
     xs = [cache_layout(torch.as_tensor(t).to(device)) for t in inputs]
     ys = [cache_layout(torch.as_tensor(t).to(device)) for t in targets]
     n = int(xs[0].shape[0])

@@ -169,6 +169,18 @@ class _Cache:
     take = staticmethod(take_batch)
 
 
+def require_device(name: str) -> torch.device:
+    """The torch device ``name`` ("cpu", "cuda", "cuda:<k>"), or a UserError when this machine lacks it."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"engine.device {name!r} was asked for but CUDA is not available here: use 'cpu'")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"engine.device {name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s): use 'cuda:0' or 'cpu'")
+    return torch.device(name)
+
+
 def _outputs(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     out = module(*xs)
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -322,9 +334,7 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
         BlockResult with the before/after evaluation losses, history and timing.
     """
     t0 = time.perf_counter()
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"recon device {config.device!r} was asked for but CUDA is not available: use 'cpu'")
-    device = torch.device(config.device)
+    device = require_device(config.device)
     if config.fisher and fisher is None:
         raise ValueError("config.fisher is set but no fisher gradients were given")
     wq, aq = list(weights.values()), list(acts.values())

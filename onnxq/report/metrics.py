@@ -117,6 +117,17 @@ def top1_agreement(ref: np.ndarray, test: np.ndarray) -> float | None:
     return float(np.mean(np.argmax(r, axis=1) == np.argmax(t, axis=1)))
 
 
+def majority_share(ref: np.ndarray) -> float | None:
+    """Share of rows whose float arg-max is the most common class: the top-1 agreement a constant
+    prediction would reach (None where :func:`top1_agreement` is undefined)."""
+    r = np.asarray(ref)
+    if r.ndim == 4 and r.shape[2:] == (1, 1):
+        r = r[:, :, 0, 0]
+    if r.ndim != 2 or r.shape[0] == 0 or r.shape[1] < 2:
+        return None
+    return float(np.bincount(np.argmax(r, axis=1)).max() / r.shape[0])
+
+
 def is_power_of_two(a: np.ndarray) -> np.ndarray:
     """Element-wise test ``a == 2**k`` for an integer ``k`` (negative ``k`` included).
 
@@ -305,6 +316,7 @@ class OutputFidelity:
     max_abs_err: float
     top1_agreement: float | None
     rows: int = 0  # the rows top1_agreement counted (0: no class axis)
+    majority: float | None = None  # majority_share of the float outputs: what a constant prediction agrees
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (SQNR to 0.001 dB, cosine to 8 significant digits)."""
@@ -316,6 +328,7 @@ class OutputFidelity:
             "max_abs_err": json_num(self.max_abs_err, 6),
             "top1_agreement": json_num(self.top1_agreement, 6),
             "rows": self.rows,
+            "majority": json_num(self.majority, 6),
         }
 
 
@@ -363,4 +376,4 @@ def output_fidelity(name: str, refs: list[np.ndarray], tests: list[np.ndarray]) 
     test = stack_samples([t.astype(np.float64) for _, t in pairs])
     top1 = top1_agreement(ref, test)
     return OutputFidelity(name, sqnr_db(ref, test), cosine(ref, test), max_abs_err(ref, test), top1,
-                          ref.shape[0] if top1 is not None else 0)
+                          ref.shape[0] if top1 is not None else 0, majority_share(ref))

@@ -11,7 +11,9 @@ The validator measures three things (:mod:`onnxq.report.validate`):
 * **portability**: the weight pairs that onnxruntime's saturating kernels (x86 without VNNI) would get
   wrong (:mod:`onnxq.report.kernel_check`), read from the file, so it is found on any CPU;
 * **fidelity**: the quantized model against the float one: top-1 agreement for an output with a class
-  axis (``min_top1_agreement``), cosine for the others (``min_cosine``). Agreement measured on ``n``
+  axis (``min_top1_agreement``), cosine for the others (``min_cosine``) and for a class axis on which
+  the float model's most common class already covers the floor's share of the samples (a constant
+  prediction would pass there, so agreement says nothing). Agreement measured on ``n``
   samples fails only when its 95 % upper confidence bound is under the floor (Wilson score:
   ``(p + z^2/2n + z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``, ``z = 1.96``), so one flip in eight
   samples does not fail a good model while a model under the floor on many samples does.
@@ -90,7 +92,11 @@ def failures(criteria: Criteria, *, fidelity: tuple[OutputFidelity, ...], gaps: 
                 out.append(f"output {name}: onnxruntime's fused kernels on this CPU ({cpu}) add {gap:.2f} times the "
                            f"quantization error to the QDQ simulation (tolerance {criteria.levels_max_gap}): {fix}")
     for fid in fidelity:
-        if fid.top1_agreement is not None:
+        # Top-1 agreement judges a classifier only where a constant prediction could not meet the floor
+        # (the float model predicts varied classes on these samples); elsewhere the cosine does.
+        floor = criteria.min_top1_agreement
+        informative = fid.majority is None or fid.majority < floor or floor <= 0
+        if fid.top1_agreement is not None and informative:
             upper = agreement_upper_bound(fid.top1_agreement, fid.rows)
             if upper < criteria.min_top1_agreement:
                 out.append(f"output {fid.name}: top-1 agreement with the float model {100 * fid.top1_agreement:.2f}% "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxq.core.layers import is_excluded, node_key, weighted_reason
+from onnxq.core.layers import WEIGHT_INPUTS, is_excluded, node_key, weighted_reason
 from onnxq.errors import UserError
 from onnxq.targets.profiles import Target
 
@@ -78,3 +78,22 @@ def effective_output(node: gs.Node, target: Target) -> gs.Tensor:
             break
         out = nxt.outputs[0]
     return out
+
+
+def unplan_unpaired_layers(graph: gs.Graph, target: Target, specs: dict, float_ops: dict[str, str],
+                           kept_float: set[str] = frozenset()) -> None:
+    """Keep float (remove from ``specs``, give a reason in ``float_ops``) every weighted layer whose
+    weight is planned but whose activation input is not (a graph input that is also a graph output),
+    or whose input or output is in ``kept_float``: an integer kernel needs both sides quantized, and
+    a dequantized weight beside a float activation is what the target rules refuse."""
+    for node in graph.nodes:
+        if node.op not in WEIGHT_INPUTS or len(node.inputs) < 2 or node.inputs[1].name not in specs:
+            continue
+        act = node.inputs[0]
+        out = weighted_output(node, target)
+        if act.name in specs and act.name not in kept_float and (out is None or out.name not in kept_float):
+            continue
+        for t in node.inputs[1:]:
+            specs.pop(t.name, None)
+        float_ops[node_key(node)] = (f"its input {act.name!r} stays float" if act.name not in specs or
+                                     act.name in kept_float else f"its output {out.name!r} stays float")

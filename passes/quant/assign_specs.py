@@ -49,7 +49,7 @@ from onnxq.core.layers import (
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.spec import INT32_BIAS, Granularity
 from onnxq.errors import PassError, UserError
-from onnxq.targets.placement import check_bit_plan, residual_fused_input, weighted_output
+from onnxq.targets.placement import check_bit_plan, residual_fused_input, unplan_unpaired_layers, weighted_output
 from onnxq.targets.profiles import Target
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class AssignSpecsPass(Pass):
                 ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
 
         self._propagate_passthrough(graph, ctx, target, output_ids)
+        unplan_unpaired_layers(graph, target, ctx.specs, ctx.float_ops)
         if cfg.activations.bits < 8 and cfg.weights.first_last_bits == 8:
             # The network input and the classifier's input stay at 8 bits (BRECQ's convention);
             # a tensor sharing its parameters takes its source (and every other sharer) along.

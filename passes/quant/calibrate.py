@@ -21,13 +21,12 @@ import onnx_graphsurgeon as gs
 from onnxq.core.context import QuantContext
 from onnxq.core.gemm_layout import gemm_layout
 from onnxq.core.graph import to_model
-from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.observers import make_observer
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.data.capture import capture
 from onnxq.data.moments import InputMoments
 from onnxq.errors import PassError, UserError
-from onnxq.targets.placement import weighted_output
+from onnxq.targets.placement import unplan_unpaired_layers
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +58,8 @@ def _drop_huge_ranges(graph: gs.Graph, ctx: QuantContext, observers: dict) -> se
         ctx.float_ops.setdefault(producer, f"output {name!r} reaches |x| > {HUGE_RANGE:.0e} (an additive mask?): "
                                            "one 8-bit scale would flatten it, kept float")
         log.warning("%s: calibrated range beyond %.0e (an additive mask?); kept float", name, HUGE_RANGE)
-    _unplan_layers_on(graph, ctx, huge)
+    unplan_unpaired_layers(graph, ctx.target, ctx.specs, ctx.float_ops, huge)
     return huge
-
-
-def _unplan_layers_on(graph: gs.Graph, ctx: QuantContext, kept_float: set[str]) -> None:
-    """Keep float the weighted layers that read or write a tensor kept float: an integer kernel needs
-    its activation input and output quantized, so their weights (and bias) are unplanned too."""
-    for node in graph.nodes:
-        if node.op not in WEIGHT_INPUTS or not node.inputs:
-            continue
-        out = weighted_output(node, ctx.target)
-        if node.inputs[0].name not in kept_float and (out is None or out.name not in kept_float):
-            continue
-        for t in node.inputs[1:]:
-            ctx.specs.pop(t.name, None)
-        ctx.float_ops[node.name] = f"reads or writes a tensor kept float (|x| > {HUGE_RANGE:.0e})"
 
 
 def layer_moments(graph: gs.Graph, ctx: QuantContext) -> dict[str, tuple[str, InputMoments]]:

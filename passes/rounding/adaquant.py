@@ -40,7 +40,7 @@ from onnxq.blocks.partition import Block
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_model
 from onnxq.core.pass_infra import Pass, PassResult
-from onnxq.data.batches import count_samples, rebatch
+from onnxq.data.batches import count_samples, engine_batch, rebatch
 from onnxq.data.capture import capture
 from onnxq.errors import PassError
 from onnxq.recon.adaquant import AdaQuantConfig, optimize_layer
@@ -94,7 +94,7 @@ class AdaQuantPass(Pass):
         ckpt = Checkpoint(self.checkpoint_dir, fingerprint(to_model(graph).SerializeToString(), settings))
         for index in ckpt.done:
             apply_layer_constants(graph, ctx, ckpt.load(index))
-        feeds = list(rebatch(ctx.calib, 32, limit=cfg.num_samples))
+        feeds = list(rebatch(ctx.calib, engine_batch([t.shape for t in graph.inputs]), limit=cfg.num_samples))
         report = {"method": "adaquant", "mode": cfg.mode, "iters": cfg.iters, "batch_size": cfg.batch_size,
                   "num_samples": cfg.num_samples, "blocks": [], "resumed_blocks": len(ckpt.done)}
         start = time.perf_counter()

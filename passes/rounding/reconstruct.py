@@ -53,7 +53,7 @@ from onnxq.core.graph import to_model
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.qdq import dq_producing
 from onnxq.data.augment import augment_feeds
-from onnxq.data.batches import count_samples, rebatch
+from onnxq.data.batches import count_samples, engine_batch, rebatch
 from onnxq.errors import PassError
 from onnxq.recon import ReconConfig, reconstruct_block
 from onnxq.torchify import supported
@@ -113,7 +113,8 @@ class ReconstructPass(Pass):
         store = TensorStore(self.cache_budget)
         # The calibration samples, re-batched once (every block runs them through both models).
         # With ``cfg.augment``, augmented views of those samples follow them (onnxq.data.augment).
-        originals = list(rebatch(ctx.calib, 32 if self.dynamic_batch else 1, limit=cfg.num_samples))
+        size = engine_batch([t.shape for t in graph.inputs]) if self.dynamic_batch else 1
+        originals = list(rebatch(ctx.calib, size, limit=cfg.num_samples))
         self.feeds = augment_feeds(originals, cfg.augment, cfg.seed, optional=cfg.augment_optional)
         self.n_samples = count_samples(self.feeds)
         views = len(self.feeds) // len(originals) - 1 if originals else 0
