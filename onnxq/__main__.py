@@ -1,5 +1,3 @@
-import sys
+from onnxq.cli import run
 
-from onnxq.cli import main
-
-sys.exit(main())
+run()

@@ -307,22 +307,39 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from onnxq.config import Validation
     from onnxq.core.files import atomic_write_text
     from onnxq.core.graph import load_model
     from onnxq.data.loaders import load_calibration, model_inputs
-    from onnxq.report.validate import validate, write_report
-    from onnxq.report.verdict import Criteria
+    from onnxq.report.validate import report_path, validate, write_report
 
     if not args.data:
         raise UserError("validate needs data: add --data FILE_OR_FOLDER")
-    from onnxq.report.validate import report_path
 
-    _output_guard({"JSON report": Path(args.json)} if args.json else {"report": report_path(args.quant_model)}, args)
-    float_model = load_model(args.float_model)
-    quant_model = load_model(args.quant_model)
-    feeds = load_calibration(args.data, model_inputs(float_model), recipe=_recipe(args.recipe),
-                             batch_size=args.batch_size)
+    outputs = {"JSON report": Path(args.json)} if args.json else {"report": report_path(args.quant_model)}
+    guard = _output_guard(outputs, args)
+    try:
+        float_model = load_model(args.float_model)
+        quant_model = load_model(args.quant_model)
+        feeds = load_calibration(args.data, model_inputs(float_model), recipe=_recipe(args.recipe),
+                                 batch_size=args.batch_size)
+        criteria = _validate_criteria(args)
+        report = validate(float_model, quant_model, feeds, criteria=criteria)
+        sys.stdout.write(report.summary() + "\n")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
+        else:
+            write_report(report.to_dict(), args.quant_model)
+    except BaseException:
+        guard.abandon()
+        raise
+    return 0 if report.ok else 1
+
+
+def _validate_criteria(args: argparse.Namespace):
+    """The validator's criteria from ``onnxq validate``'s flags (defaults: :class:`onnxq.config.Validation`)."""
+    from onnxq.config import Validation
+    from onnxq.report.verdict import Criteria
+
     defaults = Validation()
     try:
         floors = Validation(min_top1_agreement=defaults.min_top1_agreement if args.min_top1 is None else args.min_top1,
@@ -330,16 +347,8 @@ def _validate(args: argparse.Namespace) -> int:
     except UserError as exc:
         raise UserError(str(exc).replace("validation.min_top1_agreement", "--min-top1")
                         .replace("validation.min_cosine", "--min-cosine")) from None
-    criteria = Criteria(min_top1_agreement=floors.min_top1_agreement, min_cosine=floors.min_cosine,
-                        levels_max_gap=floors.levels_max_gap, runtime=args.runtime,
-                        portable=not args.not_portable)
-    report = validate(float_model, quant_model, feeds, criteria=criteria)
-    sys.stdout.write(report.summary() + "\n")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
-    else:
-        write_report(report.to_dict(), args.quant_model)
-    return 0 if report.ok else 1
+    return Criteria(min_top1_agreement=floors.min_top1_agreement, min_cosine=floors.min_cosine,
+                    levels_max_gap=floors.levels_max_gap, runtime=args.runtime, portable=not args.not_portable)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -391,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # --help-all
         return int(exc.code or 0)
+    except BrokenPipeError:  # the reader of our output went away (onnxq presets | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the disk, not onnxq: a full disk, a folder made read-only mid-run, ...
         where = f" {exc.filename}" if exc.filename else ""
         sys.stderr.write(f"onnxq: error: cannot access{where}: {exc.strerror or exc}: check the path, "
@@ -437,5 +449,13 @@ def _save_traceback(exc: BaseException) -> str:
     return path
 
 
+def run() -> typing.NoReturn:
+    """The ``onnxq`` command: :func:`main`, then exit with its status. Once the status is decided, a
+    late Ctrl-C no longer turns a finished run (or a one-line error) into a signal exit."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

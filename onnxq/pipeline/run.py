@@ -147,7 +147,7 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
             ([f"the calibration data look degenerate ({degenerate[0]}); a check held out from them cannot vouch "
               "for real inputs: pass --validation with real samples"] if degenerate and validation is None else [])
         val = dataclasses.replace(val, failures=val.failures + tuple(extra),
-                                  data="the --validation data" if validation is not None
+                                  data="the validation data given" if validation is not None
                                   else "samples held out of the calibration data")
         report["validation"] = val.to_dict()
         log.info("validation:\n%s", val.summary())
