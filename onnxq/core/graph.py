@@ -101,12 +101,12 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> None:
     """Turn the graph's sparse initializers into dense ones (same name, dtype and shape)."""
     for sparse in model.graph.sparse_initializer:
         values = onnx.numpy_helper.to_array(sparse.values)
-        indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+        coords = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
         dims = tuple(int(d) for d in sparse.dims)
-        if indices.ndim == 2:  # one row of coordinates per value
-            indices = np.ravel_multi_index(indices.T, dims)
+        # 1-D: linear indices; 2-D: one row of coordinates per value.
+        flat = np.asarray(np.ravel_multi_index(tuple(coords.T), dims) if coords.ndim == 2 else coords)
         dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
-        dense[indices] = values
+        dense[flat] = values
         model.graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(dims), sparse.values.name))
     del model.graph.sparse_initializer[:]
 
