@@ -184,14 +184,38 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference (data propagation on); falls back to the input model on failure."""
+    """ONNX shape inference (data propagation on); falls back to the input model on failure.
+
+    A model over 2 GB cannot be serialised for the inference: it runs on a skeleton (the graph with
+    each initializer's name, type and shape but no data) and the inferred ``value_info`` is copied
+    back into ``model``, which is returned (changed in place).
+    """
     try:
-        if proto_size(model) >= _PROTO_LIMIT:
-            return model
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if proto_size(model) < _PROTO_LIMIT:
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
+        known = {v.name for v in model.graph.value_info}
+        model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+        return model
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("shape inference failed (%s); continuing without it", str(exc).splitlines()[0])
         return model
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without tensor data: initializers keep name, type and shape (marked external, so no
+    tool reads their missing bytes)."""
+    inits = []
+    for init in model.graph.initializer:
+        meta = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+        meta.data_location = onnx.TensorProto.EXTERNAL
+        meta.external_data.add(key="location", value="skeleton-has-no-data")
+        inits.append(meta)
+    g = model.graph
+    graph = onnx.helper.make_graph(g.node, g.name, g.input, g.output, inits, value_info=g.value_info)
+    skeleton = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    skeleton.functions.extend(model.functions)
+    return skeleton
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

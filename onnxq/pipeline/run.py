@@ -142,7 +142,7 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
         report["nothing_quantized"] = unquantized
     val = None
     if config.validation.enabled:
-        val = validate(original, quantized, val_set, criteria=criteria_for(config))
+        val = validate(source if source is not None else original, quantized, val_set, criteria=criteria_for(config))
         extra = ([unquantized] if unquantized else []) + \
             ([f"the calibration data look degenerate ({degenerate[0]}); a check held out from them cannot vouch "
               "for real inputs: pass --validation with real samples"] if degenerate and validation is None else [])
