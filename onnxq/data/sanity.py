@@ -7,12 +7,16 @@ data agrees with the model it made, so the check would pass a broken model. The 
 input with at least ``MIN_ELEMENTS`` values per sample (smaller inputs are parameters, masks or
 scalars that may well be constant):
 
-1. every value is the same (a constant, e.g. all zeros), or every magnitude is under ``TINY`` or
-   some over ``HUGE`` (a scaling mistake, not data);
+1. every value is the same (a constant, e.g. all zeros), or every magnitude is under ``TINY``, or
+   the median magnitude is over ``HUGE`` (a scaling mistake, not data);
 2. every sample is the same (one sample repeated);
 3. for an image-like (N, C, H, W) input with H*W >= ``MIN_PLANE``: more than half of the (sample,
    channel) planes hold at most ``FLAT_PLANE_VALUES`` distinct values (blank images, or images of
    one or two pixels upscaled).
+
+An input that is constant or the same in every sample, beside another float input whose samples
+differ, is not a finding (an attention mask of ones, a fixed flag): rules 1 (its constant case) and 2
+apply when no judged input varies from sample to sample.
 
 A finding is a warning; the run then validates only on data the user gives (``--validation``): a
 check held out from degenerate data fails with the finding as its reason.
@@ -40,7 +44,15 @@ def degenerate_inputs(batches: Iterable[Mapping[str, np.ndarray]]) -> list[str]:
             arr = np.asarray(value)
             if arr.dtype.kind == "f" and arr.ndim >= 1 and arr[0].size >= MIN_ELEMENTS:
                 per_input.setdefault(name, []).append(arr)
-    return [line for name, parts in per_input.items() if (line := _finding(name, parts))]
+    findings = {name: _finding(name, parts) for name, parts in per_input.items()}
+    fixed = {name for name, parts in per_input.items() if _same_samples(parts)}
+    return [line for name, line in findings.items() if line and not (name in fixed and len(fixed) < len(per_input))]
+
+
+def _same_samples(parts: list[np.ndarray]) -> bool:
+    """Every sample of the input equals the first one (a constant input included)."""
+    first = parts[0][:1]
+    return all(np.array_equal(p, first.repeat(len(p), axis=0)) for p in parts)
 
 
 def _finding(name: str, parts: list[np.ndarray]) -> str | None:
@@ -51,10 +63,11 @@ def _finding(name: str, parts: list[np.ndarray]) -> str | None:
         return f"input {name!r}: every calibration value is {lo:g}"
     if max(abs(lo), abs(hi)) < TINY:
         return f"input {name!r}: every calibration value is under {TINY:g} in magnitude (a scaling mistake?)"
-    if max(abs(lo), abs(hi)) > HUGE:
-        return f"input {name!r}: calibration values reach {max(abs(lo), abs(hi)):.3g} (a scaling mistake?)"
+    typical = float(np.nanmedian(np.abs(first)))
+    if typical > HUGE:  # most values, not a few (an additive mask holds 0 and -1e30 on purpose)
+        return f"input {name!r}: the typical calibration value is {typical:.3g} in magnitude (a scaling mistake?)"
     samples = sum(len(p) for p in parts)
-    if samples > 1 and all(np.array_equal(p, first[:1].repeat(len(p), axis=0)) for p in parts):
+    if samples > 1 and _same_samples(parts):
         return f"input {name!r}: all {samples} calibration samples are the same"
     if first.ndim == 4 and first.shape[2] * first.shape[3] >= MIN_PLANE:
         flat, total = _flat_planes(parts)

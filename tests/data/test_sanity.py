@@ -35,3 +35,22 @@ def test_degenerate_data_is_named(data, fragment):
 ])
 def test_real_looking_data_passes(data):
     assert degenerate_inputs(_batches(data)) == []
+
+
+def test_scaling_mistakes_but_not_additive_masks():
+    x = RNG.normal(size=(16, 128)).astype(np.float32)
+    assert "typical calibration value" in degenerate_inputs(_batches(x * 1e30))[0]
+    assert "under 1e-20" in degenerate_inputs(_batches(x * 1e-30))[0]
+    mask = np.where(RNG.random((16, 128)) < 0.2, np.float32(-1e30), np.float32(0))
+    assert degenerate_inputs(_batches(mask)) == []
+
+
+def test_a_constant_mask_beside_varying_data_is_not_a_finding():
+    x = RNG.normal(size=(16, 128)).astype(np.float32)
+    feeds = [{"x": x[i:i + 4], "mask": np.ones((4, 128), np.float32)} for i in range(0, 16, 4)]
+    assert degenerate_inputs(feeds) == []
+    pattern = np.repeat((np.arange(128) < 100)[None].astype(np.float32), 4, axis=0)  # one padding for all
+    feeds = [{"x": x[i:i + 4], "mask": pattern} for i in range(0, 16, 4)]
+    assert degenerate_inputs(feeds) == []
+    zeros = [{"x": np.zeros((4, 128), np.float32), "mask": np.ones((4, 128), np.float32)}]
+    assert [line.split(":")[0] for line in degenerate_inputs(zeros)] == ["input 'x'", "input 'mask'"]
