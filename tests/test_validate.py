@@ -241,7 +241,7 @@ def test_user_errors_on_models_and_options(tmp_path: Path, monkeypatch: pytest.M
         validate(tmp_path / "missing.onnx", qdq_model(), feeds(1))
     with pytest.raises(UserError, match="max_samples"):
         validate(float_model(), qdq_model(), feeds(1), max_samples=0)
-    monkeypatch.setattr(sessions, "_TWO_GB", 1000)  # pretend the tiny proto is over protobuf's limit
+    monkeypatch.setattr(sessions, "PROTO_LIMIT", 1000)  # pretend the tiny proto is over protobuf's limit
     with pytest.raises(UserError, match="save_as_external_data"):
         validate(float_model(), qdq_model(), feeds(1))
     monkeypatch.undo()

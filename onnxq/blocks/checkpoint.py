@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxq.core.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_write
+from onnxq.core.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, atomic_write_text
 from onnxq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def claim_folder(folder: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not (path / MARKER).exists():
-            atomic_write(path / MARKER, lambda tmp: Path(tmp).write_text(_MARKER_TEXT))
+            atomic_write_text(path / MARKER, _MARKER_TEXT)
     except OSError as exc:
         raise UserError(f"cannot create the checkpoint folder {path} ({exc.strerror or exc}): "
                         "choose a writable --checkpoint-dir") from None
@@ -186,7 +186,7 @@ class Checkpoint:
             return
         atomic_write(self._block_file(index), lambda tmp: _save_npz(tmp, constants))
         state = {"fingerprint": self.fp, "done": self.done, "results": self.results}
-        atomic_write(self.folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
+        atomic_write_text(self.folder / "state.json", json.dumps(state, indent=1))
 
     def clear(self) -> None:
         """Delete this run's files (state and blocks), then the folder if onnxq made it and it is empty."""

@@ -18,13 +18,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxq.core.files import TEMP_SUFFIX, atomic_write, file_mode
+from onnxq.core.files import TEMP_SUFFIX, atomic_write, file_mode, same_file
 from onnxq.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 11
-_PROTO_LIMIT = 2**31 - 2**20  # a little under 2 GB
+PROTO_LIMIT = 2**31 - 2**20  # a little under 2 GB
 _LOW_BIT = ("int4", "uint4", "int2", "uint2")
 _PACKED_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1", "STRING")
                  if hasattr(onnx.TensorProto, t)}
@@ -69,24 +69,25 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                         "check the file is a complete .onnx export") from None
     if len(model.graph.node) == 0:
         raise UserError(f"{p} holds no graph nodes: it is not an ONNX model or is truncated")
+    small = proto_size(model) < PROTO_LIMIT
     try:
-        onnx.checker.check_model(model if proto_size(model) < _PROTO_LIMIT else str(p))
+        onnx.checker.check_model(model if small else str(p))
     except Exception as exc:
         raise UserError(f"{p} fails the ONNX checker ({str(exc).splitlines()[0]}): fix the export first") from None
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise UserError(f"{p} uses opset {opset}; onnxq needs opset >= {MIN_OPSET}: re-export with a newer opset")
     check_initializers(model, p)
-    check_declared_shapes(model, p)
+    if small:  # shape inference needs the serialised model
+        check_declared_shapes(model, p)
     densify_sparse_initializers(model)
     return model
 
 
 def check_declared_shapes(model: onnx.ModelProto, path: Path) -> None:
     """Refuse a model whose declared tensor shapes contradict what its ops compute (onnxruntime may
-    run it, but every tool that trusts the declarations, ours included, would be misled)."""
-    if proto_size(model) >= _PROTO_LIMIT:
-        return
+    run it, but every tool that trusts the declarations, ours included, would be misled). For models
+    under protobuf's 2 GB limit."""
     try:
         onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -129,7 +130,7 @@ def external_data_files(model: onnx.ModelProto, path: Path) -> list[Path]:
             continue
         location = onnx.external_data_helper.ExternalDataInfo(tensor).location
         file = path.parent / location
-        if file.exists() and os.path.samefile(file, path):
+        if same_file(file, path):
             raise UserError(f"{path}: tensor {tensor.name!r} keeps its data in the model file itself "
                             f"({location!r}): re-export with a separate external data file")
         found[file] = None
@@ -143,7 +144,7 @@ def proto_size(model: onnx.ModelProto) -> int:
         size = model.ByteSize()
     except Exception:  # google.protobuf.message.EncodeError
         return 2**31
-    return 2**31 if size < 0 or size >= _PROTO_LIMIT else size
+    return 2**31 if size < 0 or size >= PROTO_LIMIT else size
 
 
 def check_initializers(model: onnx.ModelProto, path: Path) -> None:
@@ -191,7 +192,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     back into ``model``, which is returned (changed in place).
     """
     try:
-        if proto_size(model) < _PROTO_LIMIT:
+        if proto_size(model) < PROTO_LIMIT:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
         inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
         known = {v.name for v in model.graph.value_info}
@@ -296,13 +297,13 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
 def save_model(model: onnx.ModelProto, path: str | Path, *, source: str | Path | None = None) -> Path:
     """Write ``model`` to ``path`` atomically; refuses to overwrite ``source`` (the input model)."""
     out = Path(path)
-    if source is not None and out.exists() and out.resolve() == Path(source).resolve():
+    if source is not None and out.exists() and same_file(out, Path(source)):
         raise UserError(f"output path {out} is the input model: choose another -o path "
                         "(the input is never overwritten)")
     if out.is_dir():
         raise UserError(f"output path {out} is a folder: name the .onnx file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if proto_size(model) < _PROTO_LIMIT:
+    if proto_size(model) < PROTO_LIMIT:
         return atomic_write(out, lambda tmp: onnx.save_model(model, tmp))
     data_name = external_data_path(out).name
     staged = out.parent / (data_name + TEMP_SUFFIX)
@@ -336,7 +337,7 @@ def _rename_external_location(model_path: str, old: str, new: str) -> None:
 
 def serialize_for_ort(model: onnx.ModelProto) -> bytes | str:
     """What onnxruntime.InferenceSession accepts: bytes, or a temp path for >2 GB models."""
-    if proto_size(model) < _PROTO_LIMIT:
+    if proto_size(model) < PROTO_LIMIT:
         return model.SerializeToString()
     folder = tempfile.mkdtemp(prefix="onnxq_")
     path = os.path.join(folder, "model.onnx")

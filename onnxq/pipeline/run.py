@@ -28,6 +28,7 @@ from onnxq.errors import UserError
 from onnxq.pipeline.build import build_pipeline, prepare_float
 from onnxq.pipeline.result import QuantResult
 from onnxq.recon.engine import require_device
+from onnxq.report.metrics import INTEGER_KERNELS
 from onnxq.report.sessions import DISABLE_ALL, Source, build_session, short_error
 from onnxq.report.validate import ValidationReport, validate
 from onnxq.report.verdict import criteria_for
@@ -51,7 +52,7 @@ def load_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Pa
 
 def nothing_quantized(model: onnx.ModelProto, float_ops: Mapping[str, str]) -> str | None:
     """A line naming why each op stayed float, when the output holds no quantized op at all."""
-    if any(n.op_type in ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
+    if any(n.op_type == "DequantizeLinear" or n.op_type.startswith("QLinear") or n.op_type in INTEGER_KERNELS
            for n in model.graph.node):
         return None
     by_reason: dict[str, list[str]] = {}
@@ -66,8 +67,7 @@ def check_float_runs(model: onnx.ModelProto, source: Path | None, feed: Mapping[
     """Run the float model once in onnxruntime on the first calibration batch: a model onnxruntime
     refuses (mismatched types or shapes, duplicate names, an opset it does not know), or that fails
     or gives NaN on the data, is a one-line error now instead of a failure deep in a pass."""
-    src = Source(source, None, None) if source is not None else Source.of(model, "the model")
-    sess, error = build_session(src, DISABLE_ALL)
+    sess, error = build_session(Source.of(source if source is not None else model, "the float model"), DISABLE_ALL)
     if sess is None:
         raise UserError(f"onnxruntime cannot load the float model ({error}): fix the export; onnxq "
                         "quantizes models onnxruntime runs")

@@ -16,12 +16,12 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
+from onnxq.core.graph import PROTO_LIMIT, proto_size
 from onnxq.errors import UserError
 from onnxq.report.metrics import count_ops
 
 ENABLE_ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-_TWO_GB = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,9 @@ class Source:
     @staticmethod
     def of(model: str | Path | onnx.ModelProto, what: str) -> Source:
         if isinstance(model, onnx.ModelProto):
-            try:
-                size = model.ByteSize()
-            except Exception:  # some protobuf builds refuse to size a message over 2 GB
-                size = _TWO_GB + 1
-            if size > _TWO_GB:
-                raise UserError(f"{what} is a {size / 2**30:.1f} GB ModelProto, over protobuf's 2 GB "
-                                "limit: save it with onnx.save(model, path, save_as_external_data=True) "
-                                "and pass the path")
+            if proto_size(model) >= PROTO_LIMIT:
+                raise UserError(f"{what} is a ModelProto over protobuf's 2 GB limit: save it with "
+                                "onnx.save(model, path, save_as_external_data=True) and pass the path")
             if any(uses_external_data(t) for t in model.graph.initializer):
                 raise UserError(f"{what} references external data that is not loaded: pass the model's path, "
                                 "or load it with onnx.load(path) (load_external_data=True)")
