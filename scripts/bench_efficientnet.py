@@ -309,7 +309,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"torch {meta['torch']}, numpy {meta['numpy']}.",
         f"- Latency: CPUExecutionProvider, ORT_ENABLE_ALL, default threads; median of "
         f"{meta['latency_runs']} (batch 1) / {meta['latency_runs_b32']} (batch 32) runs after "
-        f"warmup, the models' runs interleaved in up to 5 rounds; ratios are to FP32. Load average "
+        f"warmup, the models interleaved run by run; ratios are to FP32. Load average "
         f"(1 min) {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end.",
         "- Accuracy: top-1 with batch-32 sessions; agreement = same top-1 class as FP32 (at "
         "ORT_ENABLE_ALL); \"calib images\": the agreement on the calibration images the quantizer saw "
@@ -347,25 +347,22 @@ def _timed_runs(sess, feed: dict[str, np.ndarray], runs: int) -> list[float]:
     return times
 
 
-def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int,
-                    rounds: int = 5) -> dict[str, float]:
-    """Median latency (ms) per model, with the models' runs interleaved.
+def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int) -> dict[str, float]:
+    """Median latency (ms) per model, the models' runs fully interleaved.
 
-    Each of ``rounds`` rounds gives every model one warmup run and then ``ceil(runs / rounds)``
-    timed runs, so that slow drifts in machine load hit all models alike; the median is over
-    all timed runs of a model.
+    After two warmup runs each (arena allocation, kernel selection), every one of ``runs`` rounds times
+    one run of every model in turn, so that drifts in machine load hit all models alike. At batch 1 a
+    run takes milliseconds and single runs spread by half their time on a shared 2-core machine: take
+    a hundred or more (the scripts' default) for ratios stable to about 0.02.
     """
     feed = {INPUT: np.ascontiguousarray(x[:batch])}
     sessions = {name: _session(p) for name, p in paths.items()}
-    rounds = max(1, min(rounds, runs))
-    per_round = max(1, -(-runs // rounds))
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for name, sess in sessions.items():  # first warmup (arena allocation, kernel selection)
-        _timed_runs(sess, feed, 2 if batch == 1 else 1)
-    for _ in range(rounds):
+    for sess in sessions.values():
+        _timed_runs(sess, feed, 2)
+    for _ in range(max(1, runs)):
         for name, sess in sessions.items():
-            _timed_runs(sess, feed, 1)
-            times[name] += _timed_runs(sess, feed, per_round)
+            times[name] += _timed_runs(sess, feed, 1)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -603,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "build" / "bench")
     ap.add_argument("--only", help="comma-separated config names (FP32 always runs)")
-    ap.add_argument("--latency-runs", type=int, default=30, help="timed runs at batch 1")
+    ap.add_argument("--latency-runs", type=int, default=200, help="timed runs at batch 1")
     ap.add_argument("--latency-runs-b32", type=int, default=10, help="timed runs at batch 32")
     ap.add_argument("--limit", type=int, help="use only the first N evaluation images")
     ap.add_argument("--calib-limit", type=int, help="use only the first N calibration images")

@@ -192,7 +192,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines += ["", f"- Machine: {meta['nproc']} CPUs, {meta['cpu']} (flags: {', '.join(meta['cpu_flags'])}); "
               f"{meta['date']}; onnxruntime {meta['onnxruntime']}.",
               f"- Latency: median of {meta['latency_runs']} (batch 1) / {meta['latency_runs_b32']} (batch 32) runs "
-              "after warmup, models interleaved; ratios to FP32.",
+              "after warmup, models interleaved run by run; ratios to FP32.",
               f"- Whole run: {meta['total_s']:.0f} s. Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--haswell", type=int, default=0, help="validation images to run under qemu -cpu Haswell")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate the models already in --out-dir (with their .info.json) instead of quantizing")
-    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--latency-runs-b32", type=int, default=10)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", nargs="?", const="-", metavar="PATH")

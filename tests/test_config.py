@@ -187,3 +187,17 @@ def test_configs_are_frozen() -> None:
         config.seed = 3  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.weights.bits = 4  # type: ignore[misc]
+
+
+def test_range_methods_follow_the_scale_kind_unless_set() -> None:
+    """Unset range methods resolve by scale kind (minmax for float scales, mse for power-of-two ones,
+    whose ceil-rounded min/max scale is up to twice too coarse); a method the user set is kept."""
+    def methods(config: Config) -> tuple[str | None, str | None]:
+        resolved = resolve_config(config)
+        return resolved.weights.range_method, resolved.calibration.method
+
+    assert methods(Config()) == ("minmax", "minmax")
+    assert methods(Config(scale="pow2")) == ("mse", "mse")
+    assert methods(Config(target="npu-pow2")) == ("mse", "mse")
+    assert methods(Config(scale="pow2", weights=onnxq.Weights(range_method="minmax"),
+                          calibration=onnxq.Calibration(method="percentile"))) == ("minmax", "percentile")

@@ -27,6 +27,10 @@ FIRST_LAST_BITS = (8, 4)
 #: Per-layer widths of a bit plan.
 PLAN_BITS = (8, 4, 2)
 WEIGHT_RANGE_METHODS = ("minmax", "mse")
+#: The range methods (weights, activations) when the user sets none, by scale kind: a power-of-two
+#: scale rounded up from the min/max range is up to twice too coarse, so pow2 grids choose between
+#: the powers of two around it by the L_p error (docs/defaults.md).
+RANGE_METHODS_BY_SCALE = {"float": ("minmax", "minmax"), "pow2": ("mse", "mse")}
 ACTIVATION_DTYPES = ("uint8", "int8")
 ACTIVATION_BITS = (8, 4)
 SCALE_KINDS = ("float", "pow2")

@@ -58,8 +58,8 @@ class QuantConfig:
     activation_dtype: str = "uint8"
     activation_bits: int = 8
     scale_kind: str = "float"
-    calib_method: str = "minmax"
-    weight_method: str = "minmax"
+    calib_method: str | None = None
+    weight_method: str | None = None
     percentile: float = 99.999
     calib_samples: int | None = None
     first_last_bits: int | None = 8

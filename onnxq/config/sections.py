@@ -54,7 +54,8 @@ class Weights:
         symmetric: zero-points 0. False: each channel's grid fitted to its [min, max] with an integer
             zero-point (BRECQ's and QDrop's quantizers); only targets whose kernels take weight
             zero-points allow it (ort-cpu). Ternary codes are always symmetric.
-        range_method: how a channel's range is chosen: "minmax" or "mse" (the L2.4-optimal clip).
+        range_method: how a channel's range is chosen: "minmax" or "mse" (the L2.4-optimal clip); None:
+            the scale kind's choice (minmax for float scales, mse for power-of-two ones).
         first_last_bits: width of the first and last weighted layers when ``bits`` < 8 (None: ``bits``).
         bit_plan: per-layer widths ``((node name, bits), ...)`` (8, 4 or 2) that win over ``bits`` and
             ``first_last_bits``; written by mixed precision (``<output stem>.bitplan.json``).
@@ -66,7 +67,7 @@ class Weights:
     storage: str = "auto"
     per_channel: bool = True
     symmetric: bool = True
-    range_method: str = "minmax"
+    range_method: str | None = None
     first_last_bits: int | None = 8
     bit_plan: tuple[tuple[str, int], ...] = ()
 
@@ -78,7 +79,7 @@ class Weights:
         check_choice("weights.storage", self.storage, TWO_BIT_STORAGES)
         check_bool("weights.per_channel", self.per_channel)
         check_bool("weights.symmetric", self.symmetric)
-        check_choice("weights.range_method", self.range_method, WEIGHT_RANGE_METHODS)
+        check_choice("weights.range_method", self.range_method, (*WEIGHT_RANGE_METHODS, None))
         check_choice("weights.first_last_bits", self.first_last_bits, (*FIRST_LAST_BITS, None))
         if self.int2_grid == "uniform" and self.symmetric:
             raise UserError("the 4-level INT2 grid [-2, 1] has zero-points: set weights.symmetric = false "
@@ -133,17 +134,18 @@ class Calibration:
     """How activation ranges are found.
 
     Attributes:
-        method: minmax, percentile, mse (the L_p-optimal clip) or entropy (KL).
+        method: minmax, percentile, mse (the L_p-optimal clip) or entropy (KL); None: the scale kind's
+            choice (minmax for float scales, mse for power-of-two ones).
         percentile: the kept percentile of ``method = "percentile"``, in (50, 100].
         samples: use at most this many calibration samples (None: all).
     """
 
-    method: str = "minmax"
+    method: str | None = None
     percentile: float = 99.999
     samples: int | None = None
 
     def __post_init__(self) -> None:
-        check_choice("calibration.method", self.method, CALIB_METHODS)
+        check_choice("calibration.method", self.method, (*CALIB_METHODS, None))
         check_number("calibration.percentile", self.percentile, minimum=50.0, strict=True, maximum=100.0)
         if self.samples is not None:
             check_count("calibration.samples", self.samples, minimum=1)

@@ -52,7 +52,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from onnxq.config import Activations, Config, QuantConfig, as_config
-from onnxq.config.choices import UNTRAINED_ROUNDING
+from onnxq.config.choices import RANGE_METHODS_BY_SCALE, UNTRAINED_ROUNDING
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.spec import Granularity, QuantSpec, ScaleKind
 from onnxq.errors import UserError
@@ -213,10 +213,13 @@ class Target:
         if w.first_last_bits is not None and w.first_last_bits not in self.weight_bits:
             raise UserError(f"target {self.name} does not allow weights.first_last_bits={w.first_last_bits}: "
                             f"use {' or '.join(map(str, self.weight_bits))}")
-        weights = w
+        weight_range, calib_method = RANGE_METHODS_BY_SCALE[str(scale)]
+        weights = replace(w, range_method=w.range_method or weight_range)
+        calibration = replace(config.calibration, method=config.calibration.method or calib_method)
         if w.uses_two_bits:
-            weights = replace(w, storage=resolve_storage(self.name, self.weight_bits, w.storage))
-        resolved = replace(config, scale=scale, weights=weights, activations=Activations(dtype=dtype, bits=bits),
+            weights = replace(weights, storage=resolve_storage(self.name, self.weight_bits, w.storage))
+        resolved = replace(config, scale=scale, weights=weights, calibration=calibration,
+                           activations=Activations(dtype=dtype, bits=bits),
                            kernels=config.kernels or self.kernels)
         need = max(self.min_opset, resolved.output_opset)
         resolved = replace(resolved, opset=need).with_rounding_resolved()
