@@ -372,8 +372,10 @@ def _check(args: argparse.Namespace) -> int:
 def _presets(args: argparse.Namespace) -> int:
     from onnxq.config.presets import preset_description, preset_names
 
-    for name in preset_names():
-        sys.stdout.write(f"{name:14s} {preset_description(name)}\n")
+    names = preset_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        sys.stdout.write(f"{name:{width}s}  {preset_description(name)}\n")
     return 0
 
 

@@ -37,6 +37,7 @@ out every real score; and the residual-stream Adds carry outlier channels that p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -90,6 +91,9 @@ CONFIGS: dict[str, Row] = {
     "w8a8_plain": Row({"weight_bits": 8}, uses_exclude=False),
     "w8a8": Row({"weight_bits": 8}),
     "w4a8": Row({"weight_bits": 4}),
+    # SmoothQuant (``--smooth``: activation outliers moved into the next MatMul's weights, alpha searched).
+    "w8a8_smooth": Row({"weight_bits": 8, "float_phase": {"smooth": True}}),
+    "w8a8_plain_smooth": Row({"weight_bits": 8, "float_phase": {"smooth": True}}, uses_exclude=False),
     # Learned rounding on the transformer (fast schedule): layer-wise AdaRound, BRECQ's blocks (one
     # attention or FFN sub-layer, closed at its residual Add + LayerNorm) and QDrop. Reconstruction
     # needs calibration sentences of one length, so these rows and their RTN baseline pad every
@@ -158,8 +162,13 @@ def quantize_row(name: str, params: dict[str, Any], model: Path, calib: list, va
     """Quantize with onnxq; returns (row, quantized ModelProto) or raises ``_Skip``."""
     import onnxq
 
+    params = dict(params)
+    float_phase = params.pop("float_phase", None)  # a Config section QuantConfig does not have
     try:
         cfg = onnxq.QuantConfig(**params)
+        if float_phase:
+            cfg = cfg.to_config()
+            cfg = dataclasses.replace(cfg, float_phase=dataclasses.replace(cfg.float_phase, **float_phase))
     except (TypeError, onnxq.UserError) as exc:  # e.g. ternary_method before it existed
         raise _Skip(f"QuantConfig({params}) not available: {exc}") from None
     t0 = time.perf_counter()

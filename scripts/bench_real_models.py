@@ -5,6 +5,7 @@ same held-out evaluation feeds go through:
 
 * ``onnxq``: ``onnxq.quantize(path, calib, Config() (the default W8A8), validation=eval)`` (skipped with a note while
   the API is not available);
+* ``onnxq+smooth``: the same with ``FloatPhase(smooth=True)`` (``--smooth``, SmoothQuant);
 * ``ort``: ``onnxruntime.quantization.quantize_static`` on the model as shipped (QDQ, per-channel,
   QUInt8 activations, QInt8 weights, MinMax);
 * ``ort+pre``: the same after ORT's recommended ``quant_pre_process`` (shape inference + ORT basic
@@ -269,10 +270,11 @@ def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], p
 
 
 def quantize_onnxq(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]],
-                   valid: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+                   valid: list[dict[str, np.ndarray]], *, smooth: bool = False) -> dict[str, Any]:
     import onnxq
 
-    result = onnxq.quantize(str(fp_path), calib, onnxq.Config(), validation=valid)  # the default W8A8
+    config = onnxq.Config(float_phase=onnxq.FloatPhase(smooth=True)) if smooth else onnxq.Config()
+    result = onnxq.quantize(str(fp_path), calib, config, validation=valid)  # the default W8A8 (+ --smooth)
     result.save(str(out))
     report = result.report
     return {"onnxq_float_ops": report.get("float_ops"), "onnxq_validation": report.get("validation")}
@@ -294,8 +296,8 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
     row: dict[str, Any] = {"model": key, "method": method}
     start = time.perf_counter()
     try:
-        if method == "onnxq":
-            row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"]))
+        if method in ("onnxq", "onnxq+smooth"):
+            row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"], smooth=method == "onnxq+smooth"))
         else:
             row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method,
                                     op13="+op13" in method))
@@ -382,8 +384,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     notes = []
-    if "onnxq" in methods and (why := onnxq_available()):
-        methods.remove("onnxq")
+    if {"onnxq", "onnxq+smooth"} & set(methods) and (why := onnxq_available()):
+        methods = [m for m in methods if not m.startswith("onnxq")]
         notes.append(f"onnxq skipped: {why}")
         print(f"NOTE: {notes[-1]}", flush=True)
     rows: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 import onnxq
 from onnxq.core.weight_cast import cast_source, folded_casts
 from onnxq.errors import UserError
+from onnxq.targets.ort_kernels import saturates
 from onnxq.targets.profiles import resolve_config
 from onnxq.targets.rules import check_target
 from tests.helpers import run_ort
@@ -51,7 +52,11 @@ def test_asymmetric_grid_uses_both_ends_and_validates(calib, bits):
     # ranges, tests/targets/test_weight_codes.py)
     cfg = onnxq.QuantConfig(weight_bits=bits, first_last_bits=None, weight_symmetric=False).to_config()
     res = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, cfg.replace(kernels="int32"))
-    assert res.validation.ok and check_target(res.model, "ort-cpu") == []
+    assert check_target(res.model, "ort-cpu") == []
+    if bits == 8 and saturates("auto"):  # unfitted 8-bit codes on an x86 CPU without VNNI: the validator says so
+        assert not res.validation.ok and "--kernels portable" in res.validation.reason
+    else:
+        assert res.validation.ok
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     weights = _weights(res.model)
     assert weights and any(np.any(z != 0) for _, _, z in weights.values())

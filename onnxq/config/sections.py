@@ -162,18 +162,26 @@ class FloatPhase:
             (function-preserving) or "replace" it by Relu (changes the float function, as DFQ did).
         bias_absorb: high-bias absorption across Relu: None, "bn" (from folded BatchNorm statistics)
             or "data" (from calibration data).
+        smooth: SmoothQuant: move activation outliers into the weights of the MatMul/Gemm ops they
+            feed (per-channel factors, function-preserving).
+        smooth_alpha: the migration strength in [0, 1]; None: searched per tensor on calibration data.
     """
 
     fold_batchnorm: bool = True
     equalize: bool = False
     relu6: str = "skip"
     bias_absorb: str | None = None
+    smooth: bool = False
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         check_bool("float_phase.fold_batchnorm", self.fold_batchnorm)
         check_bool("float_phase.equalize", self.equalize)
         check_choice("float_phase.relu6", self.relu6, RELU6_MODES)
         check_choice("float_phase.bias_absorb", self.bias_absorb, (*BIAS_ABSORB_SOURCES, None))
+        check_bool("float_phase.smooth", self.smooth)
+        if self.smooth_alpha is not None:
+            check_number("float_phase.smooth_alpha", self.smooth_alpha, minimum=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)

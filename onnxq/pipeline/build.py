@@ -41,6 +41,7 @@ from onnxq.passes.float.absorb_bias import AbsorbBiasPass
 from onnxq.passes.float.canonicalize import CanonicalizePass
 from onnxq.passes.float.equalize_weights import EqualizeWeightsPass
 from onnxq.passes.float.fold_batchnorm import FoldBatchNormPass
+from onnxq.passes.float.smooth_activations import SmoothActivationsPass
 from onnxq.passes.quant.align_scales import AlignScalesPass
 from onnxq.passes.quant.assign_specs import AssignSpecsPass
 from onnxq.passes.quant.calibrate import CalibratePass
@@ -56,6 +57,10 @@ def _float(config: Config) -> list[Pass]:
         passes.append(EqualizeWeightsPass(relu6=config.float_phase.relu6))
     if config.float_phase.bias_absorb is not None:
         passes.append(AbsorbBiasPass(source=config.float_phase.bias_absorb))
+    if config.float_phase.smooth:
+        passes.append(SmoothActivationsPass(alpha=config.float_phase.smooth_alpha,
+                                            activation_bits=config.activations.bits or 8,
+                                            weight_bits=config.weights.bits))
     return passes
 
 

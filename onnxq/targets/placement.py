@@ -67,6 +67,85 @@ def residual_fused_input(node: gs.Node, target: Target, excluded: set[str]) -> g
     return None
 
 
+def float_output_matmuls(graph: gs.Graph, target: Target, specs: dict, float_ops: dict[str, str]) -> list[str]:
+    """With ``target.float_matmul_outputs``: drop the output spec of every planned weight MatMul whose
+    output only float ops read (each in ``float_ops``; a graph output counts as float); returns their
+    names.
+
+    onnxruntime fuses ``DQ(x), DQ(W) -> MatMul`` with a float consumer into MatMulIntegerToFloat
+    (u8 x s8 products summed in int32, scaled to float): the integer kernel stays and the output is
+    not rounded to a per-tensor grid, which transformers' outlier channels make coarse. Only where
+    onnxruntime keeps the MatMul: a 2-D MatMul followed by an Add of a constant is first fused into a
+    float Gemm, so such MatMuls keep their output Q (and QLinearMatMul).
+    """
+    dropped = []
+    for node in graph.nodes:
+        if node.op != "MatMul" or len(node.inputs) < 2 or node.inputs[1].name not in specs:
+            continue
+        out = node.outputs[0]
+        if out.name not in specs or weighted_output(node, target) is not out:
+            continue
+        readers = list(out.outputs)
+        if any(node_key(r) not in float_ops for r in readers):
+            continue
+        shape = node.inputs[0].shape
+        bias_add = any(r.op == "Add" and any(isinstance(t, gs.Constant) for t in r.inputs) for r in readers)
+        if bias_add and (shape is None or len(shape) < 3):
+            continue
+        del specs[out.name]
+        dropped.append(node_key(node))
+    return dropped
+
+
+ISOLATED = "no input comes from an integer op (quantizing its inputs would only add rounding)"
+
+
+def float_isolated_ops(graph: gs.Graph, target: Target, specs: dict, float_ops: dict[str, str]) -> list[str]:
+    """Keep float every planned activation op (Add, Mul, Softmax, ...) none of whose quantized inputs
+    is produced by an op that runs on integers; returns their names.
+
+    Its inputs arrive in float, so an integer kernel would need a Q on each of them: rounding to
+    per-tensor grids (which transformers' outlier channels make coarse: residual Adds, GELU's inner
+    Mul, Softmax between float attention MatMuls) for no saving, since the float op plus the Q of
+    its output, where an integer reader wants one, costs no more. Its output keeps its spec where an
+    integer op reads it; an input keeps its spec where another integer op reads it. Repeated until
+    nothing changes (keeping one op float can leave its reader without integer inputs).
+    """
+    integer_ops = target.weight_ops | target.activation_ops | target.passthrough_ops | target.fusable_activations
+
+    def integer(n: gs.Node) -> bool:
+        if n.op not in integer_ops or node_key(n) in float_ops:
+            return False
+        if n.op in target.passthrough_ops:  # moves integers only where its data input is quantized
+            return bool(n.inputs) and n.inputs[0].name in specs
+        if n.op in target.fusable_activations:  # fused into the weighted op it follows
+            src = n.inputs[0].inputs[0] if n.inputs and n.inputs[0].inputs else None
+            return src is not None and (src.op in target.weight_ops or src.op in target.fusable_activations) \
+                and integer(src)
+        return True
+
+    kept: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            if node.op not in target.activation_ops or node.op in target.weight_ops or not integer(node):
+                continue
+            acts = [t for t in node.inputs if t.name in specs and not isinstance(t, gs.Constant)]
+            if not acts or any(t.inputs and integer(t.inputs[0]) for t in acts):
+                continue
+            float_ops[node_key(node)] = ISOLATED
+            for t in acts:
+                if not any(integer(r) for r in t.outputs if r is not node):
+                    specs.pop(t.name, None)
+            for o in node.outputs:
+                if not any(integer(r) for r in o.outputs):
+                    specs.pop(o.name, None)
+            kept.append(node_key(node))
+            changed = True
+    return kept
+
+
 def effective_output(node: gs.Node, target: Target) -> gs.Tensor:
     """The output after a single-consumer chain of fusable activations (Relu, constant Clip)."""
     out = node.outputs[0]

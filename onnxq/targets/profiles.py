@@ -107,6 +107,9 @@ class Target:
             export moves an activation it cannot drop onto the codes,
             :mod:`onnxq.passes.export.clip_on_codes`) or "none" (never: the consumers' inputs decide,
             as TensorRT fuses them).
+        float_matmul_outputs: a weight MatMul whose output only float ops read keeps that output
+            float (no Q): onnxruntime runs it as MatMulIntegerToFloat, integer products with a float
+            result, so the output takes no rounding (:func:`onnxq.targets.placement.float_output_matmuls`).
         activation_op_outputs: whether the outputs of activation ops are quantized (False:
             only their inputs, TensorRT style).
         add_inputs: "all" float inputs of an Add get Q/DQ, or "residual": the input that comes
@@ -144,6 +147,7 @@ class Target:
     activation_zero_points: frozenset[int] | None = None
     weight_zero_points: frozenset[int] | None = frozenset({0})
     weighted_output: str = "after_activation"
+    float_matmul_outputs: bool = False
     activation_op_outputs: bool = True
     add_inputs: str = "all"
     align_concat: bool = False
@@ -261,6 +265,7 @@ ORT_CPU = Target(
     passthrough_ops=_PASSTHROUGH,
     fusable_activations=frozenset({"Relu", "Clip"}),
     weight_bits=(8, 4, 2),
+    float_matmul_outputs=True,
     allowed_domains=frozenset({"", "ai.onnx", "com.microsoft"}),
     kernels="portable",
     runtime="ort-cpu",

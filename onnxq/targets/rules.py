@@ -19,7 +19,8 @@ per broken rule and node. It needs no calibration data and runs no inference. Ru
 ``wrapped``     a quantized compute op (Conv, ConvTranspose, Gemm, MatMul whose weight comes from a
                 DQ) has a DQ on its activation input and, unless ``target.weighted_output`` is
                 "none" or the output is an unquantized graph output, a Q on its output (directly or
-                after a single-consumer chain of the target's fusable activations).
+                after a single-consumer chain of the target's fusable activations); a MatMul may
+                have a float output where ``target.float_matmul_outputs``.
 ``bias``        a DQ'd bias is int32 with zero-point 0, |codes| <= 2^31 - 1 and scale s_in * s_w
                 (relative error <= 1e-6). A float bias is not a violation.
 ``concat``      with ``target.align_concat``: the DQ'd inputs of a Concat and its output Q share one
@@ -247,7 +248,8 @@ class _Checker:
         if x_dq is None:
             self.flag("wrapped", node, "weight is dequantized but the activation input has no "
                       "DequantizeLinear")
-        if self.target.weighted_output != "none" and not self.output_quantized(node):
+        float_out = node.op_type == "MatMul" and self.target.float_matmul_outputs
+        if self.target.weighted_output != "none" and not float_out and not self.output_quantized(node):
             self.flag("wrapped", node, "output has no QuantizeLinear (directly or after Relu/Clip)")
         if b_idx is None or len(node.input) <= b_idx or not node.input[b_idx]:
             return

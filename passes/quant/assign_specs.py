@@ -16,6 +16,8 @@ kernels; the target's fields change them for other runtimes, see :mod:`onnxq.tar
   * activation ops (Add, Mul, Concat, pooling, Sigmoid, ...): every non-constant float input and
     (``target.activation_op_outputs``) the output are quantized; with ``add_inputs="residual"``
     the Add input coming straight from a weighted op stays float (:func:`residual_fused_input`);
+  * an activation op none of whose inputs comes from an integer op stays float (:func:`float_isolated_ops`):
+    Q on its inputs would only round (GELU's inner Mul, a transformer's residual Adds);
   * passthrough ops (MaxPool, Reshape, Transpose, Resize, ...): when the input is quantized the
     output reuses the input's parameters (s_out = s_in, z_out = z_in), so the Q/DQ pair is dropped
     and the op runs on integers;
@@ -49,7 +51,14 @@ from onnxq.core.layers import (
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.spec import INT32_BIAS, Granularity
 from onnxq.errors import PassError, UserError
-from onnxq.targets.placement import check_bit_plan, residual_fused_input, unplan_unpaired_layers, weighted_output
+from onnxq.targets.placement import (
+    check_bit_plan,
+    float_isolated_ops,
+    float_output_matmuls,
+    residual_fused_input,
+    unplan_unpaired_layers,
+    weighted_output,
+)
 from onnxq.targets.profiles import Target
 
 log = logging.getLogger(__name__)
@@ -121,6 +130,8 @@ class AssignSpecsPass(Pass):
             elif node.op not in target.passthrough_ops and node.op not in target.fusable_activations:
                 ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
 
+        isolated = float_isolated_ops(graph, target, ctx.specs, ctx.float_ops)
+        float_out = float_output_matmuls(graph, target, ctx.specs, ctx.float_ops) if target.float_matmul_outputs else []
         self._propagate_passthrough(graph, ctx, target, output_ids)
         unplan_unpaired_layers(graph, target, ctx.specs, ctx.float_ops)
         if cfg.activations.bits < 8 and cfg.weights.first_last_bits == 8:
@@ -137,6 +148,8 @@ class AssignSpecsPass(Pass):
             "activations": len([n for n in ctx.specs if not isinstance(tensors.get(n), gs.Constant)]),
             "shared": len(ctx.shared),
             "float_ops": len(ctx.float_ops),
+            "float_matmul_outputs": float_out,
+            "isolated_float": isolated,
         }
         return PassResult(graph, False)
 

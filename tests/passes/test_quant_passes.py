@@ -288,3 +288,68 @@ def test_additive_attention_mask_stays_float():
     feeds = feed(99)
     ref, got = run_ort(model, feeds)[0], run_ort(q, feeds)[0]
     assert _sqnr(ref, got) > 25
+
+
+TRANSFORMER_FFN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,T,8] x) => (float[N,T,8] y) <float[8] gam, float[8] bet, float[8,16] w1, float[16] b1, float[16,8] w2,
+                                         float[8] b2> {
+    h = LayerNormalization <axis=-1> (x, gam, bet)
+    m = MatMul (h, w1)
+    a = Add (m, b1)
+    c1 = Constant <value = float {1.0}> ()
+    c2 = Constant <value = float {1.4142135}> ()
+    d = Div (a, c2)
+    e = Erf (d)
+    e1 = Add (e, c1)
+    gl = Mul (a, e1)
+    z = MatMul (gl, w2)
+    zb = Add (z, b2)
+    y = Add (zb, x)
+}"""
+
+
+def test_weight_matmul_read_only_by_float_ops_keeps_a_float_output():
+    """A 3-D MatMul whose output only a float bias Add reads: no output Q; onnxruntime runs it as
+    MatMulIntegerToFloat (integer products, float result), the same at both optimisation levels."""
+    from onnxq.report.validate import optimized_op_counts
+
+    model = make_model(TRANSFORMER_FFN)
+    q, ctx = _quantize(model, QuantConfig())
+    assert "m" not in ctx.specs and "z" not in ctx.specs
+    assert set(ctx.report["plan"]["float_matmul_outputs"]) == {"MatMul(m)", "MatMul(z)"}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("m", "z") for n in q.graph.node)
+    counts = optimized_op_counts(q)
+    assert counts.get("MatMulIntegerToFloat", 0) == 2, counts
+    feeds = random_feeds(model, seed=5, batch=3, dims={"T": 4})
+    np.testing.assert_allclose(run_ort(q, feeds, "all")[0], run_ort(q, feeds, "disable")[0], rtol=1e-4, atol=1e-4)
+
+
+def test_two_d_matmul_with_a_bias_add_keeps_its_output_q():
+    """onnxruntime fuses a 2-D MatMul + constant Add into a float Gemm before its QDQ fusion, so there
+    the output Q stays (QLinearMatMul)."""
+    model = make_model("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,8] x) => (float[N,4] y) <float[8,4] w, float[4] b> {
+            m = MatMul (x, w)
+            y = Add (m, b)
+        }""")
+    _, ctx = _quantize(model, QuantConfig())
+    assert "m" in ctx.specs and not ctx.report["plan"]["float_matmul_outputs"]
+
+
+def test_elementwise_ops_between_float_ops_stay_float():
+    """GELU's inner Mul and the residual Add read only float producers: quantizing their inputs would
+    round without gaining a kernel, so they stay float (the Mul's output stays quantized for the MatMul)."""
+    from onnxq.targets.placement import ISOLATED
+
+    model = make_model(TRANSFORMER_FFN)
+    q, ctx = _quantize(model, QuantConfig())
+    isolated = set(ctx.report["plan"]["isolated_float"])
+    assert isolated == {"Add(e1)", "Mul(gl)", "Add(y)"}, isolated
+    assert sum(reason == ISOLATED for reason in ctx.float_ops.values()) == len(isolated)
+    # the MatMul inputs stay quantized (h, and gl, which the second MatMul reads)
+    assert "h" in ctx.specs and "gl" in ctx.specs and "a" not in ctx.specs and "y" not in ctx.specs
+    # a residual Add between two convolutions is not isolated: it still runs as QLinearAdd (CNN test)
+    _, cnn_ctx = _quantize(make_model(CNN), QuantConfig())
+    assert not cnn_ctx.report["plan"]["isolated_float"]
