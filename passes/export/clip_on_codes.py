@@ -10,7 +10,9 @@ Conv (two to three times slower than the float model). Quantization is monotone,
 
 and this pass rewrites ``op -> act(lo, hi) -> Q(s, z) -> DQ`` into ``op -> Q(s, z) -> Clip(Q(lo), Q(hi))
 -> DQ``: the same codes (an integer Clip on the codes, as 4-bit activations already use), and
-onnxruntime fuses ``op -> Q`` into its integer kernel. For int8 activations (onnxruntime rewrites
+onnxruntime fuses ``op -> Q`` into its integer kernel. Where ``[Q(lo), Q(hi)]`` is the whole code range
+(the Q's range lies inside the bounds, but onnxruntime does not fold the activation, as into an opset-21
+Q) that Clip is the identity and is not written: the Q's saturation does the clipping. For int8 activations (onnxruntime rewrites
 each int8 ``Q -> DQ`` pair to uint8, which needs the Q next to its DQ) it inserts ``Q(s, z) -> DQ``
 before the activation instead: ``Q(act(DQ(Q(v)))) = Q(act(v))`` by the same monotonicity.
 
@@ -50,18 +52,21 @@ class ClipOnCodesPass(Pass):
                 continue
             codes_lo, codes_hi = self._codes(q, lo), self._codes(q, hi)
             q.inputs[0] = op.outputs[0]  # op -> Q directly
+            clip_name = f"{act.name or act.outputs[0].name}_on_codes"
+            act.outputs.clear()
+            act.inputs.clear()
+            moved.append(act.name or op.name)
+            if (int(codes_lo), int(codes_hi)) == self._zero_and_range(q)[1]:
+                continue  # a Clip over the whole code range is the identity: the Q's saturation clips alone
             quantized = q.outputs[0]
             clipped = gs.Variable(f"{quantized.name}_clipped", dtype=quantized.dtype, shape=quantized.shape)
             readers = list(quantized.outputs)
-            graph.nodes.append(gs.Node("Clip", name=f"{act.name or act.outputs[0].name}_on_codes",
+            graph.nodes.append(gs.Node("Clip", name=clip_name,
                                        inputs=[quantized, constant(f"{clipped.name}_lo", codes_lo),
                                                constant(f"{clipped.name}_hi", codes_hi)],
                                        outputs=[clipped]))
             for reader in readers:
                 reader.inputs = [clipped if t is quantized else t for t in reader.inputs]
-            act.outputs.clear()
-            act.inputs.clear()
-            moved.append(act.name or op.name)
         if moved:
             graph.cleanup().toposort()
             ctx.report["clip_on_codes"] = moved

@@ -168,3 +168,25 @@ def test_asymmetric_int4_weights_are_read_centred_without_zero_points(chain) -> 
     assert check_target(res.model, "ort-cpu") == []
     np.testing.assert_allclose(run_ort(res.model, calib[0], "all")[0], run_ort(res.model, calib[0], "disable")[0],
                                rtol=1e-5, atol=1e-4)
+
+
+def test_clip_inside_the_q_range_at_opset_21_is_dropped_not_moved() -> None:
+    """onnxruntime 1.31 did not fold a ReLU6 into an opset-21 Q even when the Q's range [0, 6] lies inside it;
+    the Clip on the codes would be [0, 255], the identity, so the pass drops the activation instead:
+    the same codes, one QLinearConv and no Clip left."""
+    from onnxq.passes.export.clip_on_codes import ClipOnCodesPass
+
+    from onnxq.core.context import QuantContext
+    from onnxq.core.graph import to_graph, to_model
+    from onnxq.targets.profiles import get_target, resolve_config
+
+    model = _relu6_qdq(6.0 / 255, opset=21)
+    ctx = QuantContext(config=resolve_config(onnxq.Config()), target=get_target("ort-cpu"))
+    graph = to_graph(model)
+    assert ClipOnCodesPass().call(graph, ctx).modified and ctx.report["clip_on_codes"] == ["relu6"]
+    out = to_model(graph)
+    assert not any(n.op_type == "Clip" for n in out.graph.node)
+    x = {"x": np.random.default_rng(6).uniform(-1, 3, (2, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run_ort(out, x, "disable")[0], run_ort(model, x, "disable")[0])  # exact
+    counts = optimized_op_counts(out)
+    assert counts.get("QLinearConv") == 1 and "Clip" not in counts
