@@ -127,6 +127,35 @@ def embed(model, batches: list[dict[str, np.ndarray]], disabled_optimizers: Sequ
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
+def measure_latency(model: Path, rows: list[dict[str, Any]], evaluation: list[dict[str, np.ndarray]],
+                    runs: int) -> None:
+    """Median latency of each row's file as a ratio to FP32's (``row["latency"]``), at batch 1 (the first
+    evaluation sentence) and 16 (the first batch), the models' runs interleaved run by run;
+    onnxruntime CPU, ORT_ENABLE_ALL, default threads."""
+    import onnxruntime as ort
+
+    timed = [r for r in rows if (r.get("path") and not r.get("int2")) or r["name"] == "fp32"]
+    paths = {r["name"]: Path(r["path"]) if r.get("path") else model for r in timed}
+    first = evaluation[0]
+    cases = {"b1": ({k: v[:1] for k, v in first.items()}, runs), "b16": (first, max(1, runs // 10))}
+    for key, (feed, n) in cases.items():
+        sessions = {name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                    for name, p in paths.items()}
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for sess in sessions.values():
+            sess.run(None, feed)
+            sess.run(None, feed)
+        for _ in range(n):
+            for name, sess in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[name].append(time.perf_counter() - t0)
+        base = float(np.median(times["fp32"]))
+        for r in timed:
+            r.setdefault("latency", {})[key] = float(np.median(times[r["name"]])) / base
+            r["latency"][f"{key}_fp32_ms"] = base * 1e3
+
+
 def similarity_metrics(e: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """cos to FP32 (mean/min/p5), Spearman of pairwise similarities, nearest-neighbour agreement."""
     from scipy.stats import spearmanr
@@ -194,8 +223,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"### all-MiniLM-L6-v2 sentence embeddings ({meta['n_eval']} evaluation sentences, "
              f"{meta['n_calib']} calibration sentences)", "",
              "| model | cos mean | cos min | cos p5 | Spearman | NN@1 % | W-only cos | W-only Spearman "
-             "| sparsity | ternary bytes / FP32 | size MB | quant s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| sparsity | ternary bytes / FP32 | size MB | quant s | b1 x FP32 | b16 x FP32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     nan = float("nan")
     for r in rows:
         if "skip" in r or "error" in r:
@@ -209,8 +238,13 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                  f"{t['sparsity']:.3f}" if t else "-",
                  (f"{t['file_bytes'] / 1e6:.2f} / {t['fp32_bytes'] / 1e6:.1f} MB = {t['file_vs_fp32']:.3f} "
                   f"({'/'.join(t['containers'])})") if t else "-",
-                 f"{r['size_bytes'] / 1e6:.1f}", "-" if r.get("quant_s") is None else f"{r['quant_s']:.1f}"]
+                 f"{r['size_bytes'] / 1e6:.1f}", "-" if r.get("quant_s") is None else f"{r['quant_s']:.1f}",
+                 *(f"{r['latency'][b]:.2f}" if r.get("latency") else "-" for b in ("b1", "b16"))]
         lines.append("| " + " | ".join(cells) + " |")
+    if meta.get("fp32_ms"):
+        lines.append(f"\nLatency: onnxruntime CPU, ORT_ENABLE_ALL, default threads; median of {meta['latency_runs']} "
+                     f"runs at batch 1 and {max(1, meta['latency_runs'] // 10)} at batch 16, the models interleaved "
+                     f"run by run; ratio to FP32 ({meta['fp32_ms']['b1']:.1f} / {meta['fp32_ms']['b16']:.1f} ms).")
     lines += ["", f"- Model: `{meta['model']}` (opset {meta['fp32_opset']}; graph output = mean-pooled, "
               "L2-normalised embedding). `w8a8_plain`: onnxq's default with nothing excluded; every other "
               f"quantized row keeps `{','.join(meta['exclude']) or '(nothing)'}` in float.",
@@ -247,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="first/last weighted layers at 8 bits (default) or at the row's width")
     ap.add_argument("--calib-batch", type=int, default=8)
     ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--latency-runs", type=int, default=100,
+                    help="timed runs per model at batch 1 (a tenth of them at batch 16), interleaved; 0: none")
     ap.add_argument("--limit", type=int, help="score only the first N evaluation sentences")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a QuantConfig field in every row (repeatable; VALUE is JSON, else a "
@@ -306,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             row, qmodel = quantize_row(name, params, model, calib_same if spec.same_length else calib,
                                        evaluation[:2], args.out_dir)
             row["metrics"] = similarity_metrics(embed(Path(row["path"]), evaluation, off), ref)
+            row["int2"] = spec.int2  # runs only without the QDQ fusion: no latency
             if weights_only is not None:
                 row["weights_only"] = similarity_metrics(embed(weights_only(qmodel), evaluation, off), ref)
         except _Skip as exc:
@@ -325,13 +362,17 @@ def main(argv: list[str] | None = None) -> None:
               f"| {row['quant_s']:.1f} s, {row['size_bytes'] / 1e6:.1f} MB", flush=True)
         rows.append(row)
 
+    if args.latency_runs:
+        measure_latency(model, rows, evaluation, args.latency_runs)
     total_s = time.perf_counter() - t_start
     shown = model.relative_to(REPO_ROOT) if model.is_relative_to(REPO_ROOT) else model
     meta = {**machine_info(), "command": command, "model": str(shown),
             "fp32_opset": max(o.version for o in fp32.opset_import if o.domain in ("", "ai.onnx")),
             "n_eval": len(eval_s), "n_calib": len(calib_s), "calib_batch": args.calib_batch,
             "calib_method": args.calib_method, "exclude": exclude, "float_ops": meta_float_ops,
-            "first_last": "8-bit" if args.first_last == "8" else "same as the row", "total_s": total_s}
+            "first_last": "8-bit" if args.first_last == "8" else "same as the row", "total_s": total_s,
+            "latency_runs": args.latency_runs,
+            "fp32_ms": {k: rows[0]["latency"][f"{k}_fp32_ms"] for k in ("b1", "b16")} if args.latency_runs else None}
     print(f"total wall time {total_s:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
