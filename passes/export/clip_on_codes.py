@@ -11,10 +11,11 @@ Conv (two to three times slower than the float model). Quantization is monotone,
 and this pass rewrites ``op -> act(lo, hi) -> Q(s, z) -> DQ`` into ``op -> Q(s, z) -> Clip(Q(lo), Q(hi))
 -> DQ``: the same codes (an integer Clip on the codes, as 4-bit activations already use), and
 onnxruntime fuses ``op -> Q`` into its integer kernel. Where ``[Q(lo), Q(hi)]`` is the whole code range
-(the Q's range lies inside the bounds, but onnxruntime does not fold the activation, as into an opset-21
-Q) that Clip is the identity and is not written: the Q's saturation does the clipping. For int8 activations (onnxruntime rewrites
-each int8 ``Q -> DQ`` pair to uint8, which needs the Q next to its DQ) it inserts ``Q(s, z) -> DQ``
-before the activation instead: ``Q(act(DQ(Q(v)))) = Q(act(v))`` by the same monotonicity.
+(the Q's range lies inside the bounds, but onnxruntime might not fold the activation: 1.31 did not fold
+into an opset-21 Q) that Clip is the identity and is not written: the Q's saturation does the clipping.
+For int8 activations (onnxruntime rewrites each int8 ``Q -> DQ`` pair to uint8, which needs the Q next
+to its DQ) it inserts ``Q(s, z) -> DQ`` before the activation instead: ``Q(act(DQ(Q(v)))) = Q(act(v))``
+by the same monotonicity.
 
 It applies where the op is a Conv / Gemm / MatMul reading a quantized input, the activation (Relu, or
 Clip with constant bounds) is the op's only consumer and a single Q its only consumer, and onnxruntime
