@@ -107,6 +107,9 @@ class Target:
             export moves an activation it cannot drop onto the codes,
             :mod:`onnxq.passes.export.clip_on_codes`) or "none" (never: the consumers' inputs decide,
             as TensorRT fuses them).
+        float_isolated_ops: an activation op none of whose quantized inputs comes from an integer op stays
+            float (:func:`onnxq.targets.placement.float_isolated_ops`): right where the runtime runs float
+            ops beside integer kernels anyway (onnxruntime CPU); an NPU toolchain wants every op quantized.
         float_matmul_outputs: a weight MatMul whose output only float ops read keeps that output
             float (no Q): onnxruntime runs it as MatMulIntegerToFloat, integer products with a float
             result, so the output takes no rounding (:func:`onnxq.targets.placement.float_output_matmuls`).
@@ -147,6 +150,7 @@ class Target:
     activation_zero_points: frozenset[int] | None = None
     weight_zero_points: frozenset[int] | None = frozenset({0})
     weighted_output: str = "after_activation"
+    float_isolated_ops: bool = False
     float_matmul_outputs: bool = False
     activation_op_outputs: bool = True
     add_inputs: str = "all"
@@ -265,6 +269,7 @@ ORT_CPU = Target(
     passthrough_ops=_PASSTHROUGH,
     fusable_activations=frozenset({"Relu", "Clip"}),
     weight_bits=(8, 4, 2),
+    float_isolated_ops=True,
     float_matmul_outputs=True,
     allowed_domains=frozenset({"", "ai.onnx", "com.microsoft"}),
     kernels="portable",

@@ -16,8 +16,9 @@ kernels; the target's fields change them for other runtimes, see :mod:`onnxq.tar
   * activation ops (Add, Mul, Concat, pooling, Sigmoid, ...): every non-constant float input and
     (``target.activation_op_outputs``) the output are quantized; with ``add_inputs="residual"``
     the Add input coming straight from a weighted op stays float (:func:`residual_fused_input`);
-  * an activation op none of whose inputs comes from an integer op stays float (:func:`float_isolated_ops`):
-    Q on its inputs would only round (GELU's inner Mul, a transformer's residual Adds);
+  * where ``target.float_isolated_ops`` (onnxruntime CPU), an activation op none of whose inputs comes from
+    an integer op stays float (:func:`float_isolated_ops`): Q on its inputs would only round (GELU's inner
+    Mul, a transformer's residual Adds);
   * passthrough ops (MaxPool, Reshape, Transpose, Resize, ...): when the input is quantized the
     output reuses the input's parameters (s_out = s_in, z_out = z_in), so the Q/DQ pair is dropped
     and the op runs on integers;
@@ -130,7 +131,7 @@ class AssignSpecsPass(Pass):
             elif node.op not in target.passthrough_ops and node.op not in target.fusable_activations:
                 ctx.float_ops[node_key(node)] = f"{node.op} has no integer kernel on target {target.name}"
 
-        isolated = float_isolated_ops(graph, target, ctx.specs, ctx.float_ops)
+        isolated = float_isolated_ops(graph, target, ctx.specs, ctx.float_ops) if target.float_isolated_ops else []
         float_out = float_output_matmuls(graph, target, ctx.specs, ctx.float_ops) if target.float_matmul_outputs else []
         self._propagate_passthrough(graph, ctx, target, output_ids)
         unplan_unpaired_layers(graph, target, ctx.specs, ctx.float_ops)

@@ -353,3 +353,6 @@ def test_elementwise_ops_between_float_ops_stay_float():
     # a residual Add between two convolutions is not isolated: it still runs as QLinearAdd (CNN test)
     _, cnn_ctx = _quantize(make_model(CNN), QuantConfig())
     assert not cnn_ctx.report["plan"]["isolated_float"]
+    # an NPU toolchain wants every op quantized: the rule is onnxruntime CPU's only
+    _, npu_ctx = _quantize(model, QuantConfig(target="qnn"))
+    assert not npu_ctx.report["plan"]["isolated_float"] and "Add(y)" not in npu_ctx.float_ops and "zb" in npu_ctx.specs
