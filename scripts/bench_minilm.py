@@ -81,6 +81,7 @@ class Row:
     run without ``--only`` (the reconstruction rows take minutes each, so they need naming)."""
 
     params: dict[str, Any]
+    ort: str | None = None
     uses_exclude: bool = True
     int2: bool = False
     same_length: bool = False
@@ -94,6 +95,11 @@ CONFIGS: dict[str, Row] = {
     # SmoothQuant (``--smooth``: activation outliers moved into the next MatMul's weights, alpha searched).
     "w8a8_smooth": Row({"weight_bits": 8, "float_phase": {"smooth": True}}),
     "w8a8_plain_smooth": Row({"weight_bits": 8, "float_phase": {"smooth": True}}, uses_exclude=False),
+    # onnxruntime's own quantizers on the same data (QUInt8 activations, QInt8 weights, MatMuls only as
+    # its transformer users run them): dynamic per-tensor and per-channel, and static QDQ per-channel MinMax.
+    "ort_dynamic": Row({}, ort="dynamic", uses_exclude=False),
+    "ort_dynamic_per_channel": Row({}, ort="dynamic_per_channel", uses_exclude=False),
+    "ort_static": Row({}, ort="static", uses_exclude=False),
     # Learned rounding on the transformer (fast schedule): layer-wise AdaRound, BRECQ's blocks (one
     # attention or FFN sub-layer, closed at its residual Add + LayerNorm) and QDrop. Reconstruction
     # needs calibration sentences of one length, so these rows and their RTN baseline pad every
@@ -184,6 +190,36 @@ def float_op_summary(report: dict[str, Any], op_of: dict[str, str]) -> list[str]
         by_reason.setdefault(reason, Counter())[op_of.get(node, node.split("(")[0])] += 1
     return [f"{reason}: " + ", ".join(f"{op} x{n}" for op, n in c.most_common())
             for reason, c in sorted(by_reason.items())]
+
+
+def quantize_ort_row(name: str, kind: str, model: Path, calib: list, out_dir: Path) -> dict[str, Any]:
+    """onnxruntime's quantize_dynamic / quantize_static on the FP32 model (weight MatMuls only)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    out = out_dir / f"{name}.onnx"
+    t0 = time.perf_counter()
+    if kind.startswith("dynamic"):
+        quantize_dynamic(str(model), str(out), per_channel=kind.endswith("per_channel"), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"])
+    else:
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter(calib)
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["MatMul"])
+    return {"name": name, "path": str(out), "quant_s": time.perf_counter() - t0, "size_bytes": file_bytes(out)}
 
 
 def quantize_row(name: str, params: dict[str, Any], model: Path, calib: list, val: list,
@@ -337,13 +373,16 @@ def main(argv: list[str] | None = None) -> None:
         off = INT2_DISABLED_OPTIMIZERS if spec.int2 else ()
         if args.first_last == "same":
             params["first_last_bits"] = None
-        print(f"[{name}] quantizing {params}", flush=True)
+        print(f"[{name}] quantizing {spec.ort or params}", flush=True)
         try:
-            row, qmodel = quantize_row(name, params, model, calib_same if spec.same_length else calib,
-                                       evaluation[:2], args.out_dir)
+            if spec.ort:
+                row, qmodel = quantize_ort_row(name, spec.ort, model, calib, args.out_dir), None
+            else:
+                row, qmodel = quantize_row(name, params, model, calib_same if spec.same_length else calib,
+                                           evaluation[:2], args.out_dir)
             row["metrics"] = similarity_metrics(embed(Path(row["path"]), evaluation, off), ref)
             row["int2"] = spec.int2  # runs only without the QDQ fusion: no latency
-            if weights_only is not None:
+            if weights_only is not None and qmodel is not None:
                 row["weights_only"] = similarity_metrics(embed(weights_only(qmodel), evaluation, off), ref)
         except _Skip as exc:
             print(f"  SKIP {name}: {exc}")
@@ -353,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  FAILED {name}: {type(exc).__name__}: {exc}")
             rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
             continue
-        if name == "w8a8" or not meta_float_ops:
+        if "report" in row and (name == "w8a8" or not meta_float_ops):
             meta_float_ops = float_op_summary(row["report"], op_of)
         m, w = row["metrics"], row.get("weights_only", {})
         print(f"  cos mean {m['cos_mean']:.4f} min {m['cos_min']:.4f} p5 {m['cos_p5']:.4f} "
