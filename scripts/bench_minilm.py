@@ -95,6 +95,10 @@ CONFIGS: dict[str, Row] = {
     # SmoothQuant (``--smooth``: activation outliers moved into the next MatMul's weights, alpha searched).
     "w8a8_smooth": Row({"weight_bits": 8, "float_phase": {"smooth": True}}),
     "w8a8_plain_smooth": Row({"weight_bits": 8, "float_phase": {"smooth": True}}, uses_exclude=False),
+    # Dynamic MatMul inputs (``--dynamic``), with and without SmoothQuant.
+    "w8a8_dynamic": Row({"weight_bits": 8, "activations": {"dynamic": True}}, uses_exclude=False),
+    "w8a8_dynamic_smooth": Row({"weight_bits": 8, "activations": {"dynamic": True}, "float_phase": {"smooth": True}},
+                               uses_exclude=False),
     # onnxruntime's own quantizers on the same data (QUInt8 activations, QInt8 weights, MatMuls only as
     # its transformer users run them): dynamic per-tensor and per-channel, and static QDQ per-channel MinMax.
     "ort_dynamic": Row({}, ort="dynamic", uses_exclude=False),
@@ -228,12 +232,13 @@ def quantize_row(name: str, params: dict[str, Any], model: Path, calib: list, va
     import onnxq
 
     params = dict(params)
-    float_phase = params.pop("float_phase", None)  # a Config section QuantConfig does not have
+    sections = {k: params.pop(k) for k in ("float_phase", "activations") if k in params}  # Config-only fields
     try:
         cfg = onnxq.QuantConfig(**params)
-        if float_phase:
+        if sections:
             cfg = cfg.to_config()
-            cfg = dataclasses.replace(cfg, float_phase=dataclasses.replace(cfg.float_phase, **float_phase))
+            cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v)
+                                              for k, v in sections.items()})
     except (TypeError, onnxq.UserError) as exc:  # e.g. ternary_method before it existed
         raise _Skip(f"QuantConfig({params}) not available: {exc}") from None
     t0 = time.perf_counter()

@@ -124,6 +124,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=C.RELU6_MODES),
     Flag("--bias-absorb", "float_phase.bias_absorb", "high-bias absorption across Relu",
          choices=C.BIAS_ABSORB_SOURCES),
+    Flag("--dynamic", "activations.dynamic", "weight MatMuls quantize their input at run time (onnxruntime CPU)",
+         switch=True),
     Flag("--smooth", "float_phase.smooth", "SmoothQuant: move activation outliers into the next MatMul weights",
          switch=True),
     Flag("--smooth-alpha", "float_phase.smooth_alpha", "SmoothQuant strength in [0, 1] (default: searched)",

@@ -119,14 +119,18 @@ class Activations:
         bits: 8 or 4 (4-bit grids stored as Q -> Clip -> DQ in 8-bit containers; the network input and
             the last layer's input stay at 8 bits when ``weights.first_last_bits`` is 8); None: the
             target's choice (8, or 16 for qnn-a16).
+        dynamic: weight MatMuls quantize their input at run time (DynamicQuantizeLinear + MatMulInteger,
+            onnxruntime's DynamicQuantizeMatMul) instead of with a calibrated range; onnxruntime CPU only.
     """
 
     dtype: str | None = None
     bits: int | None = None
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         check_choice("activations.dtype", self.dtype, (*ACTIVATION_DTYPES, None))
         check_choice("activations.bits", self.bits, (*ACTIVATION_BITS, 16, None))
+        check_bool("activations.dynamic", self.dynamic)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from onnxq.core.pass_infra import ModelPass, Pass, PassManager
 from onnxq.errors import UserError
 from onnxq.passes.export.cleanup import CleanupPass
 from onnxq.passes.export.clip_on_codes import ClipOnCodesPass
+from onnxq.passes.export.dynamic_matmul import DynamicMatMulPass
 from onnxq.passes.export.fit_kernels import FitKernelsPass
 from onnxq.passes.export.keep_float import KeepFloatPass
 from onnxq.passes.export.two_bit import ExportTwoBitPass
@@ -126,7 +127,7 @@ def _tuning(config: Config) -> list[Pass]:
 
 
 def _export(config: Config) -> list[Pass]:
-    return [FitKernelsPass(), ClipOnCodesPass(), KeepFloatPass(), CleanupPass()]
+    return [FitKernelsPass(), ClipOnCodesPass(), KeepFloatPass(), DynamicMatMulPass(), CleanupPass()]
 
 
 _BUILDERS: dict[str, Callable[[Config], list[Pass]]] = {

@@ -226,8 +226,12 @@ class Target:
         calibration = replace(config.calibration, method=config.calibration.method or calib_method)
         if w.uses_two_bits:
             weights = replace(weights, storage=resolve_storage(self.name, self.weight_bits, w.storage))
+        if a.dynamic and (self.runtime != "ort-cpu" or dtype != "uint8" or bits != 8 or scale != "float"):
+            raise UserError(f"dynamic MatMul activations are onnxruntime CPU's uint8 kernels: target {self.name} "
+                            f"with {dtype} {bits}-bit {scale} activations cannot run them; drop --dynamic or use "
+                            "--target ort-cpu with 8-bit uint8 float-scale activations")
         resolved = replace(config, scale=scale, weights=weights, calibration=calibration,
-                           activations=Activations(dtype=dtype, bits=bits),
+                           activations=Activations(dtype=dtype, bits=bits, dynamic=a.dynamic),
                            kernels=config.kernels or self.kernels)
         need = max(self.min_opset, resolved.output_opset)
         resolved = replace(resolved, opset=need).with_rounding_resolved()

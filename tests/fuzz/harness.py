@@ -100,7 +100,8 @@ class Problem:
 
 
 # ------------------------------------------------------------------------------------------ snapshots
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read in 1 MB chunks (files of any size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -125,7 +126,7 @@ def snapshot(root: Path) -> dict[str, Entry]:
                 out[rel] = Entry("dir")
             elif p.is_file():
                 try:
-                    digest = _sha256(p)
+                    digest = sha256_of(p)
                 except OSError as exc:
                     digest = f"unreadable: {exc}"
                 out[rel] = Entry("file", digest, st.st_mtime_ns, st.st_size)

@@ -190,3 +190,35 @@ def test_clip_inside_the_q_range_at_opset_21_is_dropped_not_moved() -> None:
     np.testing.assert_array_equal(run_ort(out, x, "disable")[0], run_ort(model, x, "disable")[0])  # exact
     counts = optimized_op_counts(out)
     assert counts.get("QLinearConv") == 1 and "Clip" not in counts
+
+
+def test_dynamic_matmul_activations_fuse_and_match_both_levels() -> None:
+    """--dynamic: each weight MatMul quantizes its input per call (DynamicQuantizeLinear + MatMulInteger);
+    onnxruntime fuses that into DynamicQuantizeMatMul, the same at both levels, close to the float model."""
+    from tests.helpers import make_model, random_feeds
+
+    model = make_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,T,16] x) => (float[N,T,8] y) <float[16] gam, float[16] bet, float[16,32] w1, float[32] b1,
+                                                   float[32,8] w2> {
+            h = LayerNormalization <axis=-1> (x, gam, bet)
+            m = MatMul (h, w1)
+            a = Add (m, b1)
+            r = Relu (a)
+            y = MatMul (r, w2)
+        }""")
+    calib = [random_feeds(model, seed=i, batch=4, dims={"T": 5}) for i in range(6)]
+    res = onnxq.quantize(model, calib, onnxq.Config(activations=onnxq.Activations(dynamic=True)),
+                         validation=calib[:2])
+    q = res.model
+    assert len(res.report["dynamic_matmuls"]) == 2
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    counts = optimized_op_counts(q)
+    assert counts.get("DynamicQuantizeMatMul", 0) + counts.get("MatMulIntegerToFloat", 0) == 2, counts
+    feeds = random_feeds(model, seed=9, batch=3, dims={"T": 5})
+    ref, fused, simulated = (run_ort(model, feeds)[0], run_ort(q, feeds, "all")[0], run_ort(q, feeds, "disable")[0])
+    np.testing.assert_allclose(fused, simulated, rtol=1e-4, atol=1e-4)
+    assert float(np.sum((fused - ref) ** 2) / np.sum(ref ** 2)) < 1e-3
+    with pytest.raises(onnxq.UserError, match="dynamic MatMul activations"):
+        onnxq.quantize(model, calib, onnxq.Config(target="qnn", activations=onnxq.Activations(dynamic=True)))
