@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import constant
-from onnxq.core.layers import WEIGHT_INPUTS
+from onnxq.core.layers import WEIGHT_INPUTS, node_key
 from onnxq.core.observers import weight_qparams
 from onnxq.core.pass_infra import Pass, PassResult
 from onnxq.core.qdq import QDQNames, bias_codes, bias_scale, bias_spec, fit_weight_scale
@@ -73,15 +73,27 @@ def container_spec(spec: QuantSpec) -> QuantSpec:
     return replace(spec, bits=8, narrow=False) if spec.bits < 8 else spec
 
 
-def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, qp: QParams) -> None:
-    """t -> QuantizeLinear -> DequantizeLinear -> consumers of t (graph outputs keep their name).
+def _float_readers(t: gs.Tensor, ctx: QuantContext) -> list[gs.Node]:
+    """The readers of ``t`` that stay float, where ``t`` itself comes from a float op or the graph input:
+    they read ``t`` unrounded at no cost (a float producer's output is float anyway; an integer producer's
+    output must feed its Q alone, or onnxruntime cannot fuse the producer)."""
+    src = t.inputs[0] if t.inputs else None
+    if src is not None and node_key(src) not in ctx.float_ops:
+        return []
+    return [r for r in t.outputs if node_key(r) in ctx.float_ops]
+
+
+def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, qp: QParams,
+                          float_readers: list[gs.Node] = ()) -> None:
+    """t -> QuantizeLinear -> DequantizeLinear -> consumers of t (graph outputs keep their name); the
+    ``float_readers`` keep reading ``t`` (a LayerNorm output feeding both MatMuls and a float residual Add).
 
     Sub-8-bit activations are stored as Q -> Clip(qmin, qmax) -> DQ in an 8-bit container
     ("QCDQ"): onnxruntime's QDQ propagation moves Q/DQ through MaxPool/Reshape/... and cannot run
     those ops on int4 tensors, while 8-bit containers run everywhere and still fuse into integer
     kernels (values restricted to the 4-bit grid).
     """
-    consumers = list(tensor.outputs)
+    consumers = [c for c in tensor.outputs if not any(c is r for r in float_readers)]
     name = tensor.name
     names = QDQNames(name)
     store = container_spec(qp.spec)
@@ -146,7 +158,7 @@ class InsertQDQPass(Pass):
                 continue
             if name not in ctx.qparams:
                 raise PassError(f"activation {name} is planned but was not calibrated")
-            insert_activation_qdq(graph, t, ctx.qparams[name])
+            insert_activation_qdq(graph, t, ctx.qparams[name], float_readers=_float_readers(t, ctx))
             modified = True
         return PassResult(graph, modified)
 

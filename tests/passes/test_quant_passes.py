@@ -356,3 +356,23 @@ def test_elementwise_ops_between_float_ops_stay_float():
     # an NPU toolchain wants every op quantized: the rule is onnxruntime CPU's only
     _, npu_ctx = _quantize(model, QuantConfig(target="qnn"))
     assert not npu_ctx.report["plan"]["isolated_float"] and "Add(y)" not in npu_ctx.float_ops and "zb" in npu_ctx.specs
+
+
+def test_float_readers_of_a_float_producers_output_read_it_unrounded():
+    """A LayerNorm output feeds a quantized MatMul and a float residual Add: the MatMul reads DQ(Q(h)), the
+    Add reads h itself (no rounding, no kernel lost: the LayerNorm is float anyway)."""
+    model = make_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,T,8] x) => (float[N,T,8] y) <float[8] gam, float[8] bet, float[8,8] w, float[8] b> {
+            h = LayerNormalization <axis=-1> (x, gam, bet)
+            m = MatMul (h, w)
+            a = Add (m, b)
+            y = Add (a, h)
+        }""")
+    q, ctx = _quantize(model, QuantConfig())
+    assert "h" in ctx.specs
+    matmul = next(n for n in q.graph.node if n.op_type == "MatMul")
+    residual = next(n for n in q.graph.node if n.op_type == "Add" and "y" in n.output)
+    assert matmul.input[0] != "h" and "h" in residual.input
+    feeds = random_feeds(model, seed=3, batch=2, dims={"T": 4})
+    np.testing.assert_allclose(run_ort(q, feeds, "all")[0], run_ort(q, feeds, "disable")[0], rtol=1e-4, atol=1e-4)
