@@ -348,14 +348,19 @@ def _timed_runs(sess, feed: dict[str, np.ndarray], runs: int) -> list[float]:
 
 
 def measure_latency(paths: dict[str, Path], x: np.ndarray, batch: int, runs: int) -> dict[str, float]:
-    """Median latency (ms) per model, the models' runs fully interleaved.
+    """Median latency (ms) per model at ``batch`` images (:func:`interleaved_latency`)."""
+    return interleaved_latency(paths, {INPUT: np.ascontiguousarray(x[:batch])}, runs)
+
+
+def interleaved_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Median latency (ms) per model on ``feed``, the models' runs fully interleaved (onnxruntime CPU,
+    ORT_ENABLE_ALL, default threads).
 
     After two warmup runs each (arena allocation, kernel selection), every one of ``runs`` rounds times
     one run of every model in turn, so that drifts in machine load hit all models alike. At batch 1 a
     run takes milliseconds and single runs spread by half their time on a shared 2-core machine: take
     a hundred or more (the scripts' default) for ratios stable to about 0.02.
     """
-    feed = {INPUT: np.ascontiguousarray(x[:batch])}
     sessions = {name: _session(p) for name, p in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for sess in sessions.values():

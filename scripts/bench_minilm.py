@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_efficientnet import machine_info, parse_overrides  # noqa: E402
+from bench_efficientnet import interleaved_latency, machine_info, parse_overrides  # noqa: E402
 from export_minilm import (  # noqa: E402
     DEFAULT_OUT,
     INSTALL_HINT,
@@ -140,30 +140,17 @@ def embed(model, batches: list[dict[str, np.ndarray]], disabled_optimizers: Sequ
 def measure_latency(model: Path, rows: list[dict[str, Any]], evaluation: list[dict[str, np.ndarray]],
                     runs: int) -> None:
     """Median latency of each row's file as a ratio to FP32's (``row["latency"]``), at batch 1 (the first
-    evaluation sentence) and 16 (the first batch), the models' runs interleaved run by run;
-    onnxruntime CPU, ORT_ENABLE_ALL, default threads."""
-    import onnxruntime as ort
-
+    evaluation sentence) and 16 (the first batch) (:func:`bench_efficientnet.interleaved_latency`)."""
     timed = [r for r in rows if (r.get("path") and not r.get("int2")) or r["name"] == "fp32"]
     paths = {r["name"]: Path(r["path"]) if r.get("path") else model for r in timed}
     first = evaluation[0]
     cases = {"b1": ({k: v[:1] for k, v in first.items()}, runs), "b16": (first, max(1, runs // 10))}
     for key, (feed, n) in cases.items():
-        sessions = {name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                    for name, p in paths.items()}
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for sess in sessions.values():
-            sess.run(None, feed)
-            sess.run(None, feed)
-        for _ in range(n):
-            for name, sess in sessions.items():
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times[name].append(time.perf_counter() - t0)
-        base = float(np.median(times["fp32"]))
+        medians = interleaved_latency(paths, feed, n)
+        base = medians["fp32"]
         for r in timed:
-            r.setdefault("latency", {})[key] = float(np.median(times[r["name"]])) / base
-            r["latency"][f"{key}_fp32_ms"] = base * 1e3
+            r.setdefault("latency", {})[key] = medians[r["name"]] / base
+            r["latency"][f"{key}_fp32_ms"] = base
 
 
 def similarity_metrics(e: np.ndarray, ref: np.ndarray) -> dict[str, float]:

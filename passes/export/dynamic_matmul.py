@@ -12,9 +12,9 @@ written as ``DynamicQuantizeLinear(x) -> MatMulInteger(q_x, q_W, z_x) -> Cast(fl
 which onnxruntime fuses into ``DynamicQuantizeMatMul`` (the uint8 x int8 GEMM with the scale applied to
 the int32 result). The weight codes are those the static pipeline wrote (GPTQ, fitted to the pair limit
 of :mod:`onnxq.targets.ort_kernels`, which holds for any uint8 activation code), so the same file runs
-without saturating on every CPU. Ops that stay float and read the input's static ``DQ(Q(x))`` (a
-residual Add beside the MatMuls) read ``x`` itself, and that ``Q -> DQ`` is dropped where no integer op
-reads it; the MatMul's output keeps whatever the static plan gave it.
+without saturating on every CPU. The input's static ``Q -> DQ`` is dropped where nothing else reads it
+(float readers of a float op's output already read it unrounded: InsertQDQPass); the MatMul's output keeps
+whatever the static plan gave it.
 
 Applies to every ``MatMul`` whose weight is ``DQ(int8 codes, s_W[, 0])`` per column or per tensor and
 whose input is a dequantized activation. Runs for targets whose runtime is onnxruntime on CPU (the
@@ -27,25 +27,23 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.core.context import QuantContext
-from onnxq.core.graph import FreshNames, constant
-from onnxq.core.layers import node_key
+from onnxq.core.graph import FreshNames
 from onnxq.core.pass_infra import Pass, PassResult
-from onnxq.core.qdq import activation_qdq, constant_dq, dq_producing, quantized_source
+from onnxq.core.qdq import constant_dq, dq_producing, quantized_source
 
 
 class DynamicMatMulPass(Pass):
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
-        if not getattr(ctx.config.activations, "dynamic", False):
+        if not ctx.config.activations.dynamic:
             return PassResult(graph, False)
         names = FreshNames(graph)
         dynamic: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}  # x -> (q_x, s_x, z_x)
-        sources: dict[str, gs.Tensor] = {}
         rewritten = []
         for node in list(graph.nodes):
             match = _match(node)
             if match is None:
                 continue
-            x, codes, scale = match
+            x, codes, scale = match  # the weight DQ's own constants
             if x.name not in dynamic:
                 q_x = gs.Variable(names.fresh(f"{x.name}_dynamic_quantized"), dtype=np.uint8)
                 s_x = gs.Variable(names.fresh(f"{x.name}_dynamic_scale"), dtype=np.float32, shape=[])
@@ -53,7 +51,6 @@ class DynamicMatMulPass(Pass):
                 graph.nodes.append(gs.Node("DynamicQuantizeLinear", names.fresh(f"{x.name}_DynamicQuantizeLinear"),
                                            inputs=[x], outputs=[q_x, s_x, z_x]))
                 dynamic[x.name] = (q_x, s_x, z_x)
-                sources[x.name] = x
             q_x, s_x, z_x = dynamic[x.name]
             base = node.name or node.outputs[0].name
             acc = gs.Variable(names.fresh(f"{base}_int32"), dtype=np.int32)
@@ -61,37 +58,21 @@ class DynamicMatMulPass(Pass):
             s_xw = gs.Variable(names.fresh(f"{base}_scale"), dtype=np.float32)
             out = node.outputs[0]
             graph.nodes += [
-                gs.Node("MatMulInteger", names.fresh(f"{base}_MatMulInteger"),
-                        inputs=[q_x, constant(names.fresh(f"{base}_codes"), codes), z_x], outputs=[acc]),
+                gs.Node("MatMulInteger", names.fresh(f"{base}_MatMulInteger"), inputs=[q_x, codes, z_x], outputs=[acc]),
                 gs.Node("Cast", names.fresh(f"{base}_Cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-                gs.Node("Mul", names.fresh(f"{base}_scales"),
-                        inputs=[s_x, constant(names.fresh(f"{base}_weight_scale"), scale)], outputs=[s_xw]),
+                gs.Node("Mul", names.fresh(f"{base}_scales"), inputs=[s_x, scale], outputs=[s_xw]),
             ]
             node.op, node.inputs, node.attrs = "Mul", [acc_f, s_xw], {}
             node.name = names.fresh(f"{base}_rescale")
             node.outputs = [out]
             rewritten.append(base)
-        for x in sources.values():
-            self._float_readers_read_float(x, ctx)
         if rewritten:
             graph.cleanup().toposort()
             ctx.report["dynamic_matmuls"] = rewritten
         return PassResult(graph, bool(rewritten))
 
 
-    @staticmethod
-    def _float_readers_read_float(x: gs.Tensor, ctx: QuantContext) -> None:
-        """Ops that stay float and read ``DQ(Q(x))`` (a residual Add beside the MatMuls) read ``x`` itself:
-        with the MatMuls quantizing ``x`` at run time that static rounding serves no integer kernel."""
-        for dq in activation_qdq(x):
-            if dq.op != "DequantizeLinear":
-                continue
-            for reader in list(dq.outputs[0].outputs):
-                if node_key(reader) in ctx.float_ops:
-                    reader.inputs = [x if t is dq.outputs[0] else t for t in reader.inputs]
-
-
-def _match(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
+def _match(node: gs.Node) -> tuple[gs.Tensor, gs.Constant, gs.Constant] | None:
     """(float input, int8 codes [K, N], float32 scale [N] or []) of a rewritable MatMul, or None."""
     if node.op != "MatMul" or len(node.inputs) != 2:
         return None
@@ -100,12 +81,14 @@ def _match(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
     if w_dq is None or x_dq is None or constant_dq(node.inputs[0]) is not None:
         return None
     x = quantized_source(x_dq)
-    codes = np.asarray(w_dq.inputs[0].values)
-    if x is None or codes.dtype != np.int8 or codes.ndim != 2:
+    codes, scale = w_dq.inputs[0], w_dq.inputs[1]
+    values = np.asarray(codes.values)
+    if x is None or values.dtype != np.int8 or values.ndim != 2:
         return None
     if len(w_dq.inputs) > 2 and w_dq.inputs[2].name and np.any(np.asarray(w_dq.inputs[2].values)):
         return None  # weight zero-points: not the symmetric grid this rewrite assumes
-    scale = np.asarray(w_dq.inputs[1].values, dtype=np.float32)
-    if scale.size not in (1, codes.shape[1]) or (scale.size > 1 and int(w_dq.attrs.get("axis", 1)) not in (1, -1)):
+    s = np.asarray(scale.values)
+    if s.dtype != np.float32 or s.size not in (1, values.shape[1]) or \
+            (s.size > 1 and (s.ndim != 1 or int(w_dq.attrs.get("axis", 1)) not in (1, -1))):
         return None
-    return x, codes, scale.reshape(()) if scale.size == 1 else scale
+    return x, codes, scale

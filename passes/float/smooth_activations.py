@@ -38,14 +38,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import FreshNames, const_value, constant, consumers, is_graph_output, producer, to_model
+from onnxq.core.observers import weight_qparams
 from onnxq.core.pass_infra import Pass, PassResult
+from onnxq.core.spec import INT8_WEIGHT_PC, UINT8_ACT, fake_quantize, qparams_from_range
 from onnxq.data.capture import capture
 from onnxq.errors import UserError
 
@@ -137,29 +139,17 @@ def factors(a_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1.0 / LIMIT, LIMIT)
 
 
-def _fake_quant_rows(x: np.ndarray, bits: int) -> np.ndarray:
-    """Per-tensor asymmetric min/max grid (the activation proxy)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / (2 ** bits - 1) or 1.0
-    zero = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
-
-
-def _fake_quant_columns(w: np.ndarray, bits: int) -> np.ndarray:
-    """Symmetric per-output-column min/max grid (the weight proxy)."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = np.max(np.abs(w), axis=0, keepdims=True) / qmax
-    scale = np.where(scale > 0, scale, 1.0)
-    return np.clip(np.round(w / scale), -qmax, qmax) * scale
-
-
 def _error(rows: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray, a_bits: int, w_bits: int) -> float:
-    """Relative output error ``sum ||Q(X/s) Q(sW) - XW||^2 / sum ||XW||^2`` over the group's weights."""
-    xq = _fake_quant_rows(rows / s, a_bits)
+    """Relative output error ``sum ||Q(X/s) Q(sW) - XW||^2 / sum ||XW||^2`` over the group's weights, with
+    ``Q`` the activations' per-tensor asymmetric min/max grid and symmetric per-column min/max weights."""
+    x = rows / s
+    xq = fake_quantize(x, qparams_from_range(x.min(), x.max(), replace(UINT8_ACT, bits=a_bits)))
+    w_spec = replace(INT8_WEIGHT_PC, bits=w_bits).with_axis(1)
     num = den = 0.0
     for w in weights:
         y = rows @ w
-        yq = xq @ _fake_quant_columns(w * s[:, None], w_bits)
+        ws = w * s[:, None]
+        yq = xq @ fake_quantize(ws, weight_qparams(ws, w_spec))
         num += float(np.sum((yq - y) ** 2))
         den += float(np.sum(y ** 2))
     return num / den if den > 0 else 0.0
