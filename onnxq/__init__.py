@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from onnxq.config import (
     BRECQ,
     GPTQ,
+    AccuracyTarget,
     Activations,
     AdaQuant,
     AdaRound,
@@ -34,8 +35,8 @@ from onnxq.config import (
 from onnxq.errors import UserError
 
 __all__ = [
-    "BRECQ", "GPTQ", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine", "FloatPhase",
-    "MRECGMerge",
+    "BRECQ", "GPTQ", "AccuracyTarget", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine",
+    "FloatPhase", "MRECGMerge",
     "MixedPrecision", "QDrop", "QuantConfig", "QuantResult", "RoundToNearest", "Tuning", "UserError", "Validation",
     "Weights", "__version__", "quantize", "validate",
 ]

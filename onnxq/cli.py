@@ -182,8 +182,8 @@ def build_config(args: argparse.Namespace) -> Config:
         layer = merge(layer, load_toml(args.config))
     given = {f.name: getattr(args, "flag" + f.name.replace("-", "_"), None) for f in FLAGS}
     layer = merge(layer, flag_layer({k: v for k, v in given.items() if v is not None}))
-    if getattr(args, "exclude", None) is not None:
-        layer = merge(layer, {"exclude": list(args.exclude)})
+    if getattr(args, "exclude", None) is not None:  # with --float-plan: both lists
+        layer = merge(layer, {"exclude": list(dict.fromkeys([*layer.get("exclude", []), *args.exclude]))})
     if getattr(args, "no_validate", False):
         layer = merge(layer, {"validation": {"enabled": False}})
     for text in args.set:
@@ -285,6 +285,11 @@ def _quantize(args: argparse.Namespace) -> int:
         sys.stdout.write(f"wrote {result.bit_plan_path(path)}: size ratio {p.size_ratio:.4f}, bops ratio "
                          f"{p.bops_ratio:.4f}, predicted {p.measure} {p.degradation:.4g}, widths "
                          f"{p.to_dict()['predicted']['layers_per_width']}\n")
+    if result.float_plan is not None:
+        t = result.report["accuracy_target"]
+        sys.stdout.write(f"wrote {output_files(path)['float plan']}: {len(result.float_plan.nodes)} ops kept float, "
+                         f"drop ({t['metric']}) {t['drop']['quantized']} -> {t['drop']['planned']} on the search "
+                         f"samples, {t['drop']['validation']} on the validation samples (--max-drop {t['max_drop']})\n")
     sys.stdout.write(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {output_files(path)['report']}\n")
     if result.validation is not None:
         sys.stdout.write(result.validation.summary() + "\n")

@@ -92,6 +92,12 @@ def _w4():
     return onnxq.Weights(bits=4)
 
 
+def _half_point_target():
+    import onnxq
+
+    return onnxq.AccuracyTarget(max_drop=0.5)
+
+
 def _int8_act():
     import onnxq
 
@@ -104,6 +110,7 @@ ENTRIES = (
     Entry("onnxq_w8a8_unfitted", "--method rtn --kernels int32 (the output before the kernel fit)",
           _onnxq(rounding=_rtn, kernels="int32")),
     Entry("onnxq_w8a8_pow2", "--scale pow2", _onnxq(scale="pow2")),
+    Entry("onnxq_w8a8_target", "--max-drop 0.5 (top-1 agreement)", _onnxq(accuracy=_half_point_target)),
     Entry("onnxq_w8a8_int8act", "--activations int8", _onnxq(activations=_int8_act)),
     Entry("onnxq_w8a8_int8act_unfitted", "--activations int8 --method rtn --kernels int32",
           _onnxq(activations=_int8_act, rounding=_rtn, kernels="int32")),
@@ -145,8 +152,11 @@ def _quantize(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, 
     seconds = time.perf_counter() - t0
     result.save(str(out))
     val = result.validation
+    target = result.report.get("accuracy_target")
     return {"quant_s": seconds, "validation": None if val is None else (val.reason or "OK"),
-            "weight_rounding": result.report.get("weight_rounding")}
+            "weight_rounding": result.report.get("weight_rounding"),
+            **({"accuracy_target": {"drop": target["drop"], "kept": [k["node"] for k in target["kept_float"]]}}
+               if target else {})}
 
 
 def _quantized(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, out: Path,
@@ -159,6 +169,14 @@ def _quantized(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray,
     info = _quantize(entry, fp32, x_cal, holdout, out)
     info_path.write_text(json.dumps(info, default=str))
     return info
+
+
+def _target_text(row: dict[str, Any]) -> str:
+    t = row.get("accuracy_target")
+    if not t:
+        return ""
+    return (f"; drop {t['drop']['quantized']} -> {t['drop']['planned']} (search), {t['drop']['validation']} "
+            f"(holdout); kept float: {', '.join(t['kept']) or 'nothing'}")
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -188,7 +206,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                      f"{pair('agree_eval')} | {r.get('pairs', '-')} | {has}{r['lat_b1_ratio']:.2f} | "
                      f"{r['lat_b32_ratio']:.2f} | {q} | {kernels} |")
     lines += ["", "| model | what | validation |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {r['what']} | {r.get('validation') or '-'} |" for r in rows if "error" not in r]
+    lines += [f"| {r['name']} | {r['what']}{_target_text(r)} | {r.get('validation') or '-'} |"
+              for r in rows if "error" not in r]
     lines += ["", f"- Machine: {meta['nproc']} CPUs, {meta['cpu']} (flags: {', '.join(meta['cpu_flags'])}); "
               f"{meta['date']}; onnxruntime {meta['onnxruntime']}.",
               f"- Latency: median of {meta['latency_runs']} (batch 1) / {meta['latency_runs_b32']} (batch 32) runs "

@@ -99,6 +99,11 @@ CONFIGS: dict[str, Row] = {
     "w8a8_dynamic": Row({"weight_bits": 8, "activations": {"dynamic": True}}, uses_exclude=False),
     "w8a8_dynamic_smooth": Row({"weight_bits": 8, "activations": {"dynamic": True}, "float_phase": {"smooth": True}},
                                uses_exclude=False),
+    # The accuracy target (``--max-drop``, cosine of the embeddings): the fewest ops kept float that bring the
+    # model within 0.2 points (cosine 0.998) of FP32; with SmoothQuant first, within 0.1.
+    "w8a8_target": Row({"weight_bits": 8, "accuracy": {"max_drop": 0.2, "metric": "cosine"}}, uses_exclude=False),
+    "w8a8_smooth_target": Row({"weight_bits": 8, "float_phase": {"smooth": True},
+                               "accuracy": {"max_drop": 0.1, "metric": "cosine"}}, uses_exclude=False),
     # onnxruntime's own quantizers on the same data (QUInt8 activations, QInt8 weights, MatMuls only as
     # its transformer users run them): dynamic per-tensor and per-channel, and static QDQ per-channel MinMax.
     "ort_dynamic": Row({}, ort="dynamic", uses_exclude=False),
@@ -219,7 +224,7 @@ def quantize_row(name: str, params: dict[str, Any], model: Path, calib: list, va
     import onnxq
 
     params = dict(params)
-    sections = {k: params.pop(k) for k in ("float_phase", "activations") if k in params}  # Config-only fields
+    sections = {k: params.pop(k) for k in ("float_phase", "activations", "accuracy") if k in params}  # Config only
     try:
         cfg = onnxq.QuantConfig(**params)
         if sections:
@@ -236,6 +241,10 @@ def quantize_row(name: str, params: dict[str, Any], model: Path, calib: list, va
     row: dict[str, Any] = {"name": name, "path": str(path), "quant_s": seconds,
                            "size_bytes": file_bytes(path),
                            "opset": report.get("opset"), "report": report}
+    target = report.get("accuracy_target")
+    if target:
+        row["accuracy_target"] = {"drop": target["drop"], "kept": [k["node"] for k in target["kept_float"]],
+                                  "seconds": target["seconds"]}
     tern = (report.get("ternary") or {}).get("total")
     if tern:
         row["ternary"] = {k: tern.get(k) for k in ("layers", "sparsity", "fp32_bytes", "effective_bytes",
@@ -288,6 +297,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
               "onnxq's validation, which refuses int2 on this onnxruntime. The word-embedding table "
               "(Gather, 30522 x 384 = 46.9 MB FP32) is not quantized, "
               "so it dominates every file size.",
+              *(f"- `{r['name']}` (accuracy target): drop {r['accuracy_target']['drop']}, "
+                f"{len(r['accuracy_target']['kept'])} ops kept float "
+                f"({', '.join(r['accuracy_target']['kept']) or 'none'}), "
+                f"search {r['accuracy_target']['seconds']:.0f} s."
+                for r in rows if r.get("accuracy_target")),
               "- Ops kept float in `w8a8` (report float_ops): " + "; ".join(meta.get("float_ops", [])) + ".",
               f"- Machine: {meta['nproc']} CPUs, {meta['cpu']}; {meta['date']}; onnxruntime "
               f"{meta['onnxruntime']}, onnx {meta['onnx']}, torch {meta['torch']}. "

@@ -6,6 +6,8 @@ same held-out evaluation feeds go through:
 * ``onnxq``: ``onnxq.quantize(path, calib, Config() (the default W8A8), validation=eval)`` (skipped with a note while
   the API is not available);
 * ``onnxq+smooth``: the same with ``FloatPhase(smooth=True)`` (``--smooth``, SmoothQuant);
+* ``onnxq+target``: the default with an accuracy target, ``AccuracyTarget(max_drop=--max-drop, ops=--max-drop-ops)``
+  (``onnxq quantize --max-drop``; the drop in points of cosine of the outputs);
 * ``ort``: ``onnxruntime.quantization.quantize_static`` on the model as shipped (QDQ, per-channel,
   QUInt8 activations, QInt8 weights, MinMax);
 * ``ort+pre``: the same after ORT's recommended ``quant_pre_process`` (shape inference + ORT basic
@@ -270,14 +272,20 @@ def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], p
 
 
 def quantize_onnxq(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]],
-                   valid: list[dict[str, np.ndarray]], *, smooth: bool = False) -> dict[str, Any]:
+                   valid: list[dict[str, np.ndarray]], *, smooth: bool = False,
+                   target: tuple[float, str] | None = None) -> dict[str, Any]:
     import onnxq
 
-    config = onnxq.Config(float_phase=onnxq.FloatPhase(smooth=True)) if smooth else onnxq.Config()
-    result = onnxq.quantize(str(fp_path), calib, config, validation=valid)  # the default W8A8 (+ --smooth)
+    config = onnxq.Config(float_phase=onnxq.FloatPhase(smooth=smooth))
+    if target is not None:
+        config = config.replace(accuracy=onnxq.AccuracyTarget(max_drop=target[0], metric="cosine", ops=target[1]))
+    result = onnxq.quantize(str(fp_path), calib, config, validation=valid)  # the default W8A8 (+ options)
     result.save(str(out))
     report = result.report
-    return {"onnxq_float_ops": report.get("float_ops"), "onnxq_validation": report.get("validation")}
+    kept = report.get("accuracy_target")
+    return {"onnxq_float_ops": report.get("float_ops"), "onnxq_validation": report.get("validation"),
+            **({"onnxq_target": {"drop": kept["drop"], "kept": [k["node"] for k in kept["kept_float"]]}}
+               if kept else {})}
 
 
 def onnxq_available() -> str | None:
@@ -296,8 +304,10 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
     row: dict[str, Any] = {"model": key, "method": method}
     start = time.perf_counter()
     try:
-        if method in ("onnxq", "onnxq+smooth"):
-            row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"], smooth=method == "onnxq+smooth"))
+        if method.startswith("onnxq"):
+            target = (args.max_drop, args.max_drop_ops) if method == "onnxq+target" else None
+            row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"], smooth=method == "onnxq+smooth",
+                                      target=target))
         else:
             row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method,
                                     op13="+op13" in method))
@@ -363,7 +373,10 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {r['method']} | {_fmt_counts(r.get('int_kernels'))} | "
                          f"{_fmt_counts(r.get('float_ops'))} | {r.get('qdq_left', '-')} | "
                          f"{r.get('runtime_quantized_constants', '-')} |")
-    notes = [f"- {r['model']}/{r['method']}: quant_pre_process failed ({r['pre_error']}); "
+    notes = [f"- {r['model']}/{r['method']}: accuracy target (--max-drop {header.get('max_drop')}, ops "
+             f"{header.get('max_drop_ops')}): drop {r['onnxq_target']['drop']}, kept float: "
+             f"{', '.join(r['onnxq_target']['kept']) or 'nothing'}" for r in rows if r.get("onnxq_target")]
+    notes += [f"- {r['model']}/{r['method']}: quant_pre_process failed ({r['pre_error']}); "
              "retried with skip_symbolic_shape=True" for r in rows if r.get("pre_error")]
     notes += [f"- {r['model']}/{r['method']}: {r['traceback'].strip().splitlines()[-1]}" for r in rows
               if r.get("traceback")]
@@ -379,12 +392,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--max-drop", type=float, default=0.5, help="onnxq+target: points of cosine")
+    parser.add_argument("--max-drop-ops", default="activations", choices=("all", "activations"),
+                        help="onnxq+target: which ops may stay float")
     parser.add_argument("--md", type=Path, help="also write the markdown here")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     notes = []
-    if {"onnxq", "onnxq+smooth"} & set(methods) and (why := onnxq_available()):
+    if any(m.startswith("onnxq") for m in methods) and (why := onnxq_available()):
         methods = [m for m in methods if not m.startswith("onnxq")]
         notes.append(f"onnxq skipped: {why}")
         print(f"NOTE: {notes[-1]}", flush=True)
@@ -409,6 +425,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}, "
                    f"Python {platform.python_version()}",
         "threads": args.threads,
+        "max_drop": args.max_drop,
+        "max_drop_ops": args.max_drop_ops,
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "command": "python scripts/bench_real_models.py " + " ".join(sys.argv[1:]),
         "feeds": f"{args.calib_n} calib samples; eval samples: "

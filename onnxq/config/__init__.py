@@ -13,6 +13,7 @@ from onnxq.config.legacy import QuantConfig, as_config
 from onnxq.config.rounding import BRECQ, GPTQ, AdaQuant, AdaRound, MRECGMerge, QDrop, Rounding, RoundToNearest
 from onnxq.config.run import Config
 from onnxq.config.sections import (
+    AccuracyTarget,
     Activations,
     Calibration,
     Engine,
@@ -24,8 +25,8 @@ from onnxq.config.sections import (
 )
 
 __all__ = [
-    "BRECQ", "GPTQ", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine", "FloatPhase",
-    "MRECGMerge",
+    "BRECQ", "GPTQ", "AccuracyTarget", "Activations", "AdaQuant", "AdaRound", "Calibration", "Config", "Engine",
+    "FloatPhase", "MRECGMerge",
     "MixedPrecision", "QDrop", "QuantConfig", "RoundToNearest", "Rounding", "Tuning", "Validation", "Weights",
     "as_config",
 ]

@@ -53,6 +53,10 @@ ADAQUANT_MODES = ("parallel", "sequential")
 MRECG_CAPACITIES = ("data", "proxy")
 MRECG_ITERS = ("per_unit", "per_block")
 MP_MEASURES = ("mse", "cosine", "fisher")
+#: What the accuracy target (``accuracy.max_drop``) measures: :mod:`onnxq.fallback.score`.
+DROP_METRICS = ("auto", "agreement", "cosine", "metric")
+#: Which ops the accuracy target may keep float: any quantized op, or only ops without a weight.
+FALLBACK_OPS = ("all", "activations")
 #: How a mixed-precision sensitivity table's weights at each width are made (onnxq.mixed.sensitivity).
 MP_RECONSTRUCT = ("rtn", "adaquant")
 DEVICES = ("cpu", "cuda")

@@ -141,16 +141,35 @@ def _value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def load_bit_plan(path: str | Path) -> tuple[tuple[str, int], ...]:
-    """The ``layers`` of a bit-plan JSON file as ``Config.weights.bit_plan`` pairs."""
+def _read_plan(path: str | Path, what: str, missing: str, example: str) -> tuple[Path, Any]:
+    """The parsed JSON of a plan file, or a one-line error naming ``what`` it should be."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        return p, json.loads(p.read_text())
     except FileNotFoundError:
-        raise UserError(f"bit plan {p} does not exist: give the path of a JSON plan") from None
+        raise UserError(f"{what} {p} does not exist: give the path of {missing}") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"bit plan {p} is not readable JSON ({exc}): give a file like "
-                        '{"layers": {"node": 4, ...}}') from None
+        raise UserError(f"{what} {p} is not readable JSON ({exc}): give a file like {example}") from None
+
+
+def load_float_plan(path: str | Path) -> tuple[str, ...]:
+    """The nodes of a float-plan JSON file (:mod:`onnxq.fallback.plan`: ``{"keep_float": [{"node": ...}]}``)."""
+    p, data = _read_plan(path, "float plan", "a written OUTPUT.floatplan.json", '{"keep_float": [{"node": "name"}]}')
+    entries = data.get("keep_float") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise UserError(f'float plan {p} has no "keep_float" list: write {{"keep_float": [{{"node": "name"}}]}}')
+    nodes = []
+    for i, entry in enumerate(entries):
+        node = entry.get("node") if isinstance(entry, dict) else entry
+        if not isinstance(node, str) or not node:
+            raise UserError(f'float plan {p}: entry {i} names no node: write {{"node": "node name"}}')
+        nodes.append(node)
+    return tuple(dict.fromkeys(nodes))
+
+
+def load_bit_plan(path: str | Path) -> tuple[tuple[str, int], ...]:
+    """The ``layers`` of a bit-plan JSON file as ``Config.weights.bit_plan`` pairs."""
+    p, data = _read_plan(path, "bit plan", "a JSON plan", '{"layers": {"node": 4, ...}}')
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, dict) or not layers:
         raise UserError(f'bit plan {p} has no "layers" mapping: write {{"layers": {{"node name": bits, ...}}}}')

@@ -78,6 +78,12 @@ def _widths(text: str) -> dict[str, Any]:
         raise UserError(f"--mp-widths {text!r} is not a comma-separated list of widths: e.g. 8,4,2") from None
 
 
+def _float_plan(path: str) -> dict[str, Any]:
+    from onnxq.config.files import load_float_plan
+
+    return {"exclude": list(load_float_plan(path))}
+
+
 def _bit_plan(path: str) -> dict[str, Any]:
     from onnxq.config.files import load_bit_plan
 
@@ -102,7 +108,7 @@ FLAGS: tuple[Flag, ...] = (
          choices=(*C.ROUNDING_METHODS, "mrecg"), common=True),
     Flag("--schedule", "rounding.schedule", "fast: sized for a 2-core CPU; long: 1000 iterations on each image "
          "and 3 views of it; paper: the papers' 20k iterations (for a GPU)", choices=C.SCHEDULES, common=True),
-    Flag("--seed", "seed", "seed of everything random", type=int, common=True),
+    Flag("--seed", "seed", "seed of everything random", type=int),
     # ---- weights
     Flag("--ternary-method", "weights.ternary_method", "ternary operator of --weights ternary",
          choices=(*C.TERNARY_METHODS, *C.TERNARY_ALIASES)),
@@ -186,6 +192,16 @@ FLAGS: tuple[Flag, ...] = (
          choices=C.MP_RECONSTRUCT),
     Flag("--mp-holdout", "mixed_precision.holdout", "calibration samples held out for the sensitivity", type=int,
          metavar="N"),
+    # ---- accuracy target
+    Flag("--max-drop", "accuracy.max_drop", "keep the most sensitive ops float until the model is within this many "
+         "points of the float one (--drop-metric); writes OUTPUT.floatplan.json", type=float, metavar="POINTS",
+         common=True),
+    Flag("--drop-metric", "accuracy.metric", "what --max-drop measures: top-1 agreement, cosine, or auto (agreement "
+         "for a classifier)", choices=tuple(m for m in C.DROP_METRICS if m != "metric")),
+    Flag("--max-drop-ops", "accuracy.ops", "which ops --max-drop may keep float: all, or activations (every "
+         "weighted op stays integer)", choices=C.FALLBACK_OPS),
+    Flag("--float-plan", "exclude", 'keep these ops float: a JSON plan {"keep_float": [{"node": name}, ...]} (e.g. a '
+         "written OUTPUT.floatplan.json)", metavar="FILE", to_settings=_float_plan),
 )
 
 

@@ -2,7 +2,7 @@
 
 ``Config()`` is W8A8 for onnxruntime on CPU with GPTQ-rounded weights that no CPU kernel saturates. Sections:
 ``weights``, ``activations``, ``calibration``, ``float_phase``, ``rounding`` (one type per method,
-:mod:`onnxq.config.rounding`), ``tuning``, ``engine``, ``mixed_precision``, ``validation``
+:mod:`onnxq.config.rounding`), ``tuning``, ``engine``, ``mixed_precision``, ``validation``, ``accuracy``
 (:mod:`onnxq.config.sections`). A few values are ``None``/"auto" until the run resolves them once
 against the target and the other settings (:func:`onnxq.targets.resolve_config`); the report
 records both what was asked and what was resolved.
@@ -23,6 +23,7 @@ from typing import Any
 from onnxq.config.choices import KERNELS, SCALE_KINDS, check_choice, check_count
 from onnxq.config.rounding import GPTQ, Rounding, method_name, rounding_from_dict, rounding_to_dict
 from onnxq.config.sections import (
+    AccuracyTarget,
     Activations,
     Calibration,
     Engine,
@@ -71,6 +72,7 @@ class Config:
     engine: Engine = field(default_factory=Engine)
     mixed_precision: MixedPrecision = field(default_factory=MixedPrecision)
     validation: Validation = field(default_factory=Validation)
+    accuracy: AccuracyTarget = field(default_factory=AccuracyTarget)
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str):
@@ -176,6 +178,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "weights": Weights, "activations": Activations, "calibration": Calibration, "float_phase": FloatPhase,
     "tuning": Tuning, "engine": Engine, "mixed_precision": MixedPrecision, "validation": Validation,
+    "accuracy": AccuracyTarget,
 }
 
 

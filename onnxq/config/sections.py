@@ -17,6 +17,8 @@ from onnxq.config.choices import (
     BIAS_ABSORB_SOURCES,
     BIAS_CORRECTION_SOURCES,
     CALIB_METHODS,
+    DROP_METRICS,
+    FALLBACK_OPS,
     FIRST_LAST_BITS,
     INT2_GRIDS,
     MP_MEASURES,
@@ -293,6 +295,38 @@ class MixedPrecision:
 
 
 @dataclass(frozen=True)
+class AccuracyTarget:
+    """Quantize everything, then keep the fewest ops float that bring the model within ``max_drop`` of the
+    float one (:mod:`onnxq.fallback`); the kept ops are written to ``<output stem>.floatplan.json``, which
+    ``--float-plan`` applies again.
+
+    Attributes:
+        max_drop: the largest drop allowed, in percentage points of ``metric`` (None: no target).
+        metric: "agreement" (top-1 agreement with the float model, for classifier outputs), "cosine" (of
+            the outputs with the float ones), "metric" (the Python API's ``metric`` callable on the first
+            output, higher is better, its own units) or "auto" (agreement for a classifier, else cosine).
+        samples: calibration samples the search measures on (validation samples are never searched on).
+        rounds: re-quantizations at most while the target is not met on those samples.
+        ops: which ops may be kept float: "all", or "activations" (every Conv, Gemm and weight MatMul stays
+            integer, for speed; only Add, Mul, Softmax, activation MatMuls, ... may run float).
+    """
+
+    max_drop: float | None = None
+    metric: str = "auto"
+    samples: int = 64
+    rounds: int = 3
+    ops: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.max_drop is not None:
+            check_number("accuracy.max_drop", self.max_drop)
+        check_choice("accuracy.metric", self.metric, DROP_METRICS)
+        check_count("accuracy.samples", self.samples, minimum=1)
+        check_count("accuracy.rounds", self.rounds, minimum=1)
+        check_choice("accuracy.ops", self.ops, FALLBACK_OPS)
+
+
+@dataclass(frozen=True)
 class Validation:
     """The check of the written model in onnxruntime against the float model.
 
@@ -303,6 +337,9 @@ class Validation:
 
     Attributes:
         enabled: run it.
+        details: also measure, for the report page, each quantized tensor's error along depth and calibrated
+            range on the first validation samples and a quick latency check (:mod:`onnxq.report.layers`,
+            :mod:`onnxq.report.latency`; models under 2 GB).
         holdout_fraction / holdout_min / holdout_max: without separate validation data, this fraction
             of the calibration samples, at least ``holdout_min`` (at most a quarter of them) and at most
             ``holdout_max``, is held out of calibration to validate on.
@@ -315,6 +352,7 @@ class Validation:
     """
 
     enabled: bool = True
+    details: bool = True
     holdout_fraction: float = 0.125
     holdout_min: int = 32
     holdout_max: int = 64
@@ -324,6 +362,7 @@ class Validation:
 
     def __post_init__(self) -> None:
         check_bool("validation.enabled", self.enabled)
+        check_bool("validation.details", self.details)
         check_number("validation.holdout_fraction", self.holdout_fraction, maximum=0.5)
         check_count("validation.holdout_min", self.holdout_min, minimum=1)
         check_count("validation.holdout_max", self.holdout_max, minimum=1)

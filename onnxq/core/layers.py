@@ -50,8 +50,8 @@ def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
 
 
 def is_excluded(node: gs.Node, excluded: set[str] | frozenset[str]) -> bool:
-    """The user asked to keep ``node`` float, by its name or its op type."""
-    return node.name in excluded or node.op in excluded
+    """The user asked to keep ``node`` float, by its name, its :func:`node_key` (an unnamed node) or its op type."""
+    return node.name in excluded or node.op in excluded or (not node.name and node_key(node) in excluded)
 
 
 def weighted_reason(node: gs.Node) -> str | None:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,26 @@ def split_validation(calib_set: CalibrationSet, config: Config) -> tuple[Calibra
     return calib_set.split(max(1, min(len(calib_set) // 2, round(wanted / per_batch))))
 
 
-def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Config, *,
-                 validation: CalibSource | None = None, recipe: ImageRecipe | None = None,
-                 batch_size: int = 1) -> QuantResult:
-    """Quantize ``model`` with ``config`` (see :func:`onnxq.api.quantize`, which adds mixed precision)."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """What every quantization of one run starts from: the model, its data split and the resolved config."""
+
+    requested: Config
+    config: Config
+    original: onnx.ModelProto
+    source: Path | None
+    calib_set: CalibrationSet
+    val_set: CalibrationSet
+    validation_given: bool
+    degenerate: tuple[str, ...]
+    started: float
+
+
+def prepare_run(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Config, *,
+                validation: CalibSource | None = None, recipe: ImageRecipe | None = None,
+                batch_size: int = 1) -> PreparedRun:
+    """Resolve ``config``, load the model and the data, check that onnxruntime runs the float model and
+    hold validation samples out (the steps before any pass runs)."""
     requested = config
     config = resolve_config(config)
     if config.method not in UNTRAINED_ROUNDING or config.mixed_precision.enabled:
@@ -117,23 +134,47 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
         calib_set, val_set = split_validation(calib_set, config)
     else:
         val_set = load_calibration(validation, inputs, recipe=recipe, batch_size=batch_size)
+    return PreparedRun(requested, config, original, source, calib_set, val_set, validation is not None,
+                       tuple(degenerate), t0)
 
-    reference, ctx = prepare_float(original, config, calib_set)
+
+def quantize_prepared(run: PreparedRun, config: Config | None = None) -> tuple[onnx.ModelProto, QuantContext]:
+    """The quantized model and the run's context, with ``config`` (resolved; default: the run's)."""
+    config = config or run.config
+    reference, ctx = prepare_float(run.original, config, run.calib_set)
     ctx.reference = reference
-    quantized = build_pipeline(config, first="plan").export(g.to_graph(reference), ctx, template=original)
-    seconds = time.perf_counter() - t0
+    quantized = build_pipeline(config, first="plan").export(g.to_graph(reference), ctx, template=run.original)
+    return quantized, ctx
 
+
+def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Config, *,
+                 validation: CalibSource | None = None, recipe: ImageRecipe | None = None,
+                 batch_size: int = 1) -> QuantResult:
+    """Quantize ``model`` with ``config`` (see :func:`onnxq.api.quantize`, which adds mixed precision and
+    the accuracy target)."""
+    run = prepare_run(model, calib, config, validation=validation, recipe=recipe, batch_size=batch_size)
+    quantized, ctx = quantize_prepared(run)
+    return finish_run(run, quantized, ctx)
+
+
+def finish_run(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext, *,
+               extra_report: Mapping[str, Any] | None = None, extra_failures: tuple[str, ...] = ()) -> QuantResult:
+    """Report, check against the target's rules and validate ``quantized`` (``extra_failures`` join the
+    validation's failures)."""
+    config, source = ctx.config, run.source
     report: dict[str, Any] = {
         "onnxq_version": _version(),
         "config": config.to_dict(),
-        "config_requested": requested.to_dict(),
+        "config_requested": run.requested.to_dict(),
         "source": str(source) if source else None,
-        "quantize_seconds": round(seconds, 2),
+        "quantize_seconds": round(time.perf_counter() - run.started, 2),
         "opset": g.default_opset(quantized),
         "float_ops": dict(sorted(ctx.float_ops.items())),
         **ctx.report,
+        **(extra_report or {}),
     }
     report["target_check"] = _check_output(quantized, ctx)
+    degenerate = list(run.degenerate)
     if degenerate:
         report["calibration_data"] = {"degenerate": degenerate}
     unquantized = nothing_quantized(quantized, ctx.float_ops)
@@ -142,19 +183,39 @@ def run_quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config
         report["nothing_quantized"] = unquantized
     val = None
     if config.validation.enabled:
-        val = validate(source if source is not None else original, quantized, val_set, criteria=criteria_for(config))
+        val = validate(source if source is not None else run.original, quantized, run.val_set,
+                       criteria=criteria_for(config))
         extra = ([unquantized] if unquantized else []) + \
             ([f"the calibration data look degenerate ({degenerate[0]}); a check held out from them cannot vouch "
-              "for real inputs: pass --validation with real samples"] if degenerate and validation is None else [])
+              "for real inputs: pass --validation with real samples"] if degenerate and not run.validation_given
+             else []) + list(extra_failures)
         val = dataclasses.replace(val, failures=val.failures + tuple(extra),
-                                  data="the validation data given" if validation is not None
+                                  data="the validation data given" if run.validation_given
                                   else "samples held out of the calibration data")
         report["validation"] = val.to_dict()
         log.info("validation:\n%s", val.summary())
         if not (val.checker_ok and val.runs_enable_all and val.runs_disable_all):
             raise RuntimeError("the quantized model failed validation: " + "; ".join(val.errors))
+        if config.validation.details:
+            report.update(_details(run, quantized, ctx))
     _two_bit_report(quantized, ctx, val, report)
     return QuantResult(quantized, json.loads(json.dumps(report, default=_json_default)), source, val)
+
+
+def _details(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:
+    """The report page's measurements: per-tensor error along depth and ranges, a quick latency check."""
+    from onnxq.report.latency import quick_latency
+    from onnxq.report.layers import layer_errors
+
+    reference = ctx.reference
+    if reference is None or max(g.proto_size(quantized), g.proto_size(reference)) >= g.PROTO_LIMIT:
+        return {"details_skipped": "a model over 2 GB: no per-tensor errors or latency"}
+    t0 = time.perf_counter()
+    feeds = list(run.val_set)
+    out = {"layers": layer_errors(reference, quantized, feeds),
+           "latency": quick_latency(run.source if run.source is not None else run.original, quantized, feeds[0])}
+    log.debug("report details in %.1f s", time.perf_counter() - t0)
+    return out
 
 
 def _check_output(model: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 def _check_exclude(graph: gs.Graph, exclude: tuple[str, ...]) -> None:
     """A one-line UserError for an ``exclude`` entry that is neither a node name nor an op type here."""
-    names = {n.name for n in graph.nodes if n.name}
+    names = {node_key(n) for n in graph.nodes}
     ops = {n.op for n in graph.nodes}
     for entry in exclude:
         if entry in names or entry in ops:

@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from onnxq.pipeline.result import output_files
+
 REPO = Path(__file__).resolve().parents[2]
 VERIFY = Path(__file__).with_name("verify.py")
-#: the declared outputs of ``-o OUT.onnx`` (``OUT`` = the path without its last suffix)
-OUTPUT_SUFFIXES = (".onnx", ".report.json", ".onnx.data", ".encodings", ".bitplan.json", ".mrecg.png")
 MIN_COSINE = 0.9
 DEFAULT_TIMEOUT = 60.0
 
@@ -254,15 +254,14 @@ def declared_outputs(words: Sequence[str], folder: Path) -> tuple[set[str], set[
     if command == "quantize":
         out = _rel(folder, _option(words, "-o", "--output"))
         if out:
-            stem = out[: -len(Path(out).suffix)] if Path(out).suffix else out
-            outputs |= {out} | {stem + s for s in OUTPUT_SUFFIXES} | {out + ".data"}
+            outputs |= {out} | {str(p) for p in output_files(out).values()} | {out + ".data"}
             if "--keep-checkpoint" in words:
                 roots.add(out + ".ckpt")
         ckpt = _rel(folder, _checkpoint_dir(words))
         if ckpt is not None:
             roots.add(ckpt)
         candidates = _positionals(words) + [_option(words, n) or "" for n in
-                                            ("--calib", "--validation", "--config", "--bit-plan")]
+                                            ("--calib", "--validation", "--config", "--bit-plan", "--float-plan")]
     elif command == "validate":
         json_out = _rel(folder, _option(words, "--json"))
         pos = _positionals(words)

@@ -1,0 +1,108 @@
+"""Which ops to keep float: per-op sensitivity, then a greedy choice until the target is met.
+
+On the switch model (:mod:`onnxq.fallback.switches`) and the search samples ``X``:
+
+1. **Sensitivity.** ``base = score(no switch)``; for every candidate ``n``,
+   ``gain(n) = error(base) - error(keep n alone)`` (:mod:`onnxq.fallback.score`): one run over ``X`` per
+   candidate, the ranking the issue's "one pass per candidate" asks for, on one session.
+2. **Greedy choice.** Candidates with ``gain > 0`` in decreasing gain: each joins the kept set ``K``
+   only if ``score(K + n)`` is better than ``score(K)`` (a lower error or a lower judged drop), and the
+   search stops as soon as ``score(K)`` meets the target. An op whose effect the others already cover
+   is left quantized, so the plan stays small; every kept op records the drop before and after it
+   joined (what it bought).
+
+Cost: ``1 + |candidates| + |tried|`` runs over ``X``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxq.core.graph import serialize_for_ort
+from onnxq.fallback.plan import KeptOp
+from onnxq.fallback.score import Score, Scorer
+from onnxq.fallback.switches import SwitchModel
+from onnxq.report.sessions import DISABLE_ALL, threads
+
+log = logging.getLogger(__name__)
+
+#: A candidate joins only if it lowers the ranking error by more than this fraction (or the judged drop).
+_MIN_IMPROVEMENT = 1e-3
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """One candidate's score when it alone is kept float."""
+
+    key: str
+    op: str
+    score: Score
+    gain: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    base: Score
+    kept: tuple[KeptOp, ...]
+    predicted: Score
+    ranking: tuple[Sensitivity, ...]
+    evaluations: int
+
+
+class SwitchRunner:
+    """Runs the switch model over the search feeds for a set of kept keys and scores the outputs."""
+
+    def __init__(self, switch: SwitchModel, feeds: Sequence[dict[str, np.ndarray]], scorer: Scorer) -> None:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = DISABLE_ALL
+        so.intra_op_num_threads = threads()
+        so.log_severity_level = 4
+        self.session = ort.InferenceSession(serialize_for_ort(switch.model), so, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.switch, self.feeds, self.scorer = switch, feeds, scorer
+        self.evaluations = 0
+
+    def __call__(self, keep: set[str] | frozenset[str]) -> Score:
+        flags = self.switch.feed(keep)
+        outs = []
+        for feed in self.feeds:
+            outs.append(self.session.run(None, {**{k: v for k, v in feed.items() if k in self.inputs}, **flags}))
+        self.evaluations += 1
+        return self.scorer(outs)
+
+
+def search(runner: SwitchRunner, max_drop: float, round_no: int = 1) -> SearchResult:
+    """Rank the candidates of ``runner``'s switch model and choose the kept set (module docstring)."""
+    base = runner(frozenset())
+    candidates = runner.switch.candidates
+    ranking: list[Sensitivity] = []
+    t0 = time.perf_counter()
+    for i, c in enumerate(candidates):
+        s = runner({c.key})
+        ranking.append(Sensitivity(c.key, c.op, s, base.error - s.error))
+        done = i + 1
+        if done % 10 == 0 or done == len(candidates):
+            spent = time.perf_counter() - t0
+            log.info("accuracy target: sensitivity of %d/%d ops (ETA %.0f s)", done, len(candidates),
+                     spent / done * (len(candidates) - done))
+    ranking.sort(key=lambda r: -r.gain)
+    kept: list[KeptOp] = []
+    current, keys = base, set()
+    for r in ranking:
+        if current.meets(max_drop) or r.gain <= 0:
+            break
+        trial = runner(keys | {r.key})
+        better = trial.error < current.error * (1 - _MIN_IMPROVEMENT) or trial.judged < current.judged
+        if better:
+            kept.append(KeptOp(r.key, r.op, r.score.judged, current.judged, trial.judged, round_no))
+            keys.add(r.key)
+            current = trial
+            log.info("accuracy target: keep %s float (%s): drop %.4g -> %.4g", r.key, r.op, kept[-1].before,
+                     kept[-1].after)
+    return SearchResult(base, tuple(kept), current, tuple(ranking), runner.evaluations)
