@@ -27,7 +27,8 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class KeptOp:
-    """One op kept float: its key, op type, the drop with it alone kept, and the drop before and after it joined."""
+    """One op kept float: its key, op type, the drop with it alone kept (on the ranking samples), and the drop
+    before and after it joined (on all search samples)."""
 
     node: str
     op: str

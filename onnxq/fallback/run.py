@@ -83,18 +83,20 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
         switch = build_switch_model(quantized, ctx.reference, frozenset(ctx.config.exclude),
                                     weighted=target.ops == "all")
         result = search(SwitchRunner(switch, feeds, scorer), target.max_drop, round_no)
+        if result.kept:
+            kept += result.kept
+            config_r = dataclasses.replace(run.config, exclude=tuple(dict.fromkeys([*run.config.exclude,
+                                                                                    *(k.node for k in kept)])))
+            quantized, ctx = quantize_prepared(run, config_r)
+            score = scorer(run_outputs(quantized, level, feeds))
+        rounds.append({"round": round_no, "candidates": len(switch.candidates), "evaluations": result.evaluations,
+                       "kept": len(result.kept), "predicted_drop": _num(result.predicted.judged),
+                       "drop": _num(score.judged),
+                       "most_sensitive": [{"node": r.key, "op": r.op, "drop_alone": _num(r.score.judged),
+                                           "gain": _num(r.gain)} for r in result.ranking[:20]]})
         if not result.kept:
             log.warning("accuracy target: no op left whose float run lowers the error")
             break
-        kept += result.kept
-        config_r = dataclasses.replace(run.config, exclude=tuple(dict.fromkeys([*run.config.exclude,
-                                                                                *(k.node for k in kept)])))
-        quantized, ctx = quantize_prepared(run, config_r)
-        score = scorer(run_outputs(quantized, level, feeds))
-        rounds.append({"round": round_no, "candidates": len(switch.candidates), "evaluations": result.evaluations,
-                       "predicted_drop": _num(result.predicted.judged), "drop": _num(score.judged),
-                       "most_sensitive": [{"node": r.key, "op": r.op, "drop_alone": _num(r.score.judged),
-                                           "gain": _num(r.gain)} for r in result.ranking[:20]]})
         log.info("accuracy target: round %d kept %d ops, drop %.4g", round_no, len(result.kept), score.judged)
     for k in kept:
         ctx.float_ops[k.node] = KEPT_REASON

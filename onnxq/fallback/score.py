@@ -64,6 +64,7 @@ class Scorer:
         ``output 0``, ...)."""
         if not reference:
             raise UserError("the accuracy target needs samples to measure on: give more calibration data")
+        self.reference, self.metric = reference, metric
         self.names = list(names) if names is not None else [f"output {i}" for i in range(len(reference[0]))]
         self.ref = [stack_samples([np.asarray(r[i], dtype=np.float64) for r in reference])
                     for i in range(len(self.names))]
@@ -72,6 +73,12 @@ class Scorer:
         self.user_metric = user_metric
         self.metrics = [self._metric_of(metric, r) for r in self.ref]
         self.user_reference = float(user_metric(self.ref[0])) if metric == "metric" and user_metric else 0.0
+
+    def first(self, batches: int) -> Scorer:
+        """A scorer of the first ``batches`` batches only, with the same per-output metrics."""
+        sub = Scorer(self.reference[:batches], self.metric, self.user_metric, self.names)
+        sub.metrics = list(self.metrics)
+        return sub
 
     @staticmethod
     def _metric_of(metric: str, ref: np.ndarray) -> str:

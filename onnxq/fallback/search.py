@@ -2,16 +2,17 @@
 
 On the switch model (:mod:`onnxq.fallback.switches`) and the search samples ``X``:
 
-1. **Sensitivity.** ``base = score(no switch)``; for every candidate ``n``,
-   ``gain(n) = error(base) - error(keep n alone)`` (:mod:`onnxq.fallback.score`): one run over ``X`` per
-   candidate, the ranking the issue's "one pass per candidate" asks for, on one session.
+1. **Sensitivity.** On the first :data:`RANK_SAMPLES` samples ``X_r`` of ``X``: for every candidate ``n``,
+   ``gain(n) = error(nothing kept) - error(keep n alone)`` (:mod:`onnxq.fallback.score`): one run over
+   ``X_r`` per candidate, on one session. The ranking error is continuous, so a few samples order the
+   candidates; the choice below is judged on all of ``X``.
 2. **Greedy choice.** Candidates with ``gain > 0`` in decreasing gain: each joins the kept set ``K``
    only if ``score(K + n)`` is better than ``score(K)`` (a lower error or a lower judged drop), and the
    search stops as soon as ``score(K)`` meets the target. An op whose effect the others already cover
    is left quantized, so the plan stays small; every kept op records the drop before and after it
    joined (what it bought).
 
-Cost: ``1 + |candidates| + |tried|`` runs over ``X``.
+Cost: ``1 + |candidates|`` runs over ``X_r`` and ``1 + |tried|`` over ``X``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: A candidate joins only if it lowers the ranking error by more than this fraction (or the judged drop).
 _MIN_IMPROVEMENT = 1e-3
+#: Samples the per-candidate sensitivities are measured on (the first ones of the search samples).
+RANK_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,27 @@ class SearchResult:
 class SwitchRunner:
     """Runs the switch model over the search feeds for a set of kept keys and scores the outputs."""
 
-    def __init__(self, switch: SwitchModel, feeds: Sequence[dict[str, np.ndarray]], scorer: Scorer) -> None:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = DISABLE_ALL
-        so.intra_op_num_threads = threads()
-        so.log_severity_level = 4
-        self.session = ort.InferenceSession(serialize_for_ort(switch.model), so, providers=["CPUExecutionProvider"])
+    def __init__(self, switch: SwitchModel, feeds: Sequence[dict[str, np.ndarray]], scorer: Scorer,
+                 session: ort.InferenceSession | None = None) -> None:
+        if session is None:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = DISABLE_ALL
+            so.intra_op_num_threads = threads()
+            so.log_severity_level = 4
+            session = ort.InferenceSession(serialize_for_ort(switch.model), so, providers=["CPUExecutionProvider"])
+        self.session = session
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.switch, self.feeds, self.scorer = switch, feeds, scorer
         self.evaluations = 0
+
+    def subset(self, samples: int) -> SwitchRunner:
+        """A runner on the same session over the first batches holding ``samples`` samples (at least one)."""
+        batches, total = 0, 0
+        while batches < len(self.feeds) and total < samples:
+            first = np.asarray(next(iter(self.feeds[batches].values())))
+            total += int(first.shape[0]) if first.ndim else 1
+            batches += 1
+        return SwitchRunner(self.switch, self.feeds[:batches], self.scorer.first(batches), self.session)
 
     def __call__(self, keep: set[str] | frozenset[str]) -> Score:
         flags = self.switch.feed(keep)
@@ -79,19 +94,21 @@ class SwitchRunner:
 
 def search(runner: SwitchRunner, max_drop: float, round_no: int = 1) -> SearchResult:
     """Rank the candidates of ``runner``'s switch model and choose the kept set (module docstring)."""
-    base = runner(frozenset())
+    ranker = runner.subset(RANK_SAMPLES)
+    unswitched = ranker(frozenset())
     candidates = runner.switch.candidates
     ranking: list[Sensitivity] = []
     t0 = time.perf_counter()
     for i, c in enumerate(candidates):
-        s = runner({c.key})
-        ranking.append(Sensitivity(c.key, c.op, s, base.error - s.error))
+        s = ranker({c.key})
+        ranking.append(Sensitivity(c.key, c.op, s, unswitched.error - s.error))
         done = i + 1
         if done % 10 == 0 or done == len(candidates):
             spent = time.perf_counter() - t0
             log.info("accuracy target: sensitivity of %d/%d ops (ETA %.0f s)", done, len(candidates),
                      spent / done * (len(candidates) - done))
     ranking.sort(key=lambda r: -r.gain)
+    base = runner(frozenset())
     kept: list[KeptOp] = []
     current, keys = base, set()
     for r in ranking:
@@ -105,4 +122,4 @@ def search(runner: SwitchRunner, max_drop: float, round_no: int = 1) -> SearchRe
             current = trial
             log.info("accuracy target: keep %s float (%s): drop %.4g -> %.4g", r.key, r.op, kept[-1].before,
                      kept[-1].after)
-    return SearchResult(base, tuple(kept), current, tuple(ranking), runner.evaluations)
+    return SearchResult(base, tuple(kept), current, tuple(ranking), runner.evaluations + ranker.evaluations)

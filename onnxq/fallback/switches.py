@@ -6,13 +6,16 @@ accepts). For candidate ``n`` with quantized inputs ``x_j``, the switch model co
 
     n(x'_1, ..., x'_k),   x'_j = Where(keep_n, x_j, DQ(...)_j)
 
-where ``x_j`` is the float tensor behind the DQ: the input of the activation's ``Q -> [Clip] -> DQ``
-chain, or the float weight or bias of a constant DQ (from the float reference, by the QDQ naming rule
-of :mod:`onnxq.core.qdq`). ``keep_n`` is a boolean scalar graph input: all False is the quantized
-model exactly (``Where`` passes its third input through), and ``keep_n = True`` is ``n`` run in float
-on float inputs while every other reader of those tensors still reads them quantized: what
-``exclude = [n]`` does, up to the placement rules that then let neighbours run float too (the search
-re-quantizes with the chosen set and measures the real model).
+where ``x_j`` is the float tensor behind the DQ: the float weight or bias of a constant DQ (from the float
+reference, by the QDQ naming rule of :mod:`onnxq.core.qdq`), or the input of an activation's
+``Q -> [Clip] -> DQ`` chain where that input is a graph input or the output of an op running float
+(no DequantizeLinear input). ``keep_n`` is a boolean scalar graph input: all False is the quantized
+model exactly (``Where`` passes its third input through), and ``keep_n = True`` is what
+``exclude = [n]`` does: ``n`` runs float on its float weights, reads a float producer's output
+unrounded (InsertQDQPass's float readers), and still reads an integer op's output quantized (the
+integer kernel writes only codes), while every other reader is unchanged. Placement rules that then
+let neighbours run float too are not modelled: the search re-quantizes with the chosen set and
+measures the real model.
 
 One onnxruntime session (ORT_DISABLE_ALL: the QDQ simulation) answers every subset of switches.
 """
@@ -75,6 +78,8 @@ def build_switch_model(quantized: onnx.ModelProto, reference: onnx.ModelProto,
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     constants = {i.name for i in graph.initializer}
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    integer = {o for n in graph.node if any(i in dq_outputs for i in n.input) for o in n.output}
     floats = {i.name: i for i in reference.graph.initializer}
     by_name, by_output = node_keys(reference)
     added: dict[str, str] = {}  # float weight name -> its initializer in the switch model
@@ -97,7 +102,7 @@ def build_switch_model(quantized: onnx.ModelProto, reference: onnx.ModelProto,
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
-            src = _float_source(dq, producer, constants, floats, added, graph)
+            src = _float_source(dq, producer, constants, integer, floats, added, graph)
             if src is None:
                 continue
             out = f"{name}_{flag}"
@@ -112,9 +117,10 @@ def build_switch_model(quantized: onnx.ModelProto, reference: onnx.ModelProto,
     return SwitchModel(model, tuple(candidates))
 
 
-def _float_source(dq: onnx.NodeProto, producer: dict[str, onnx.NodeProto], constants: set[str],
+def _float_source(dq: onnx.NodeProto, producer: dict[str, onnx.NodeProto], constants: set[str], integer: set[str],
                   floats: dict[str, onnx.TensorProto], added: dict[str, str], graph: onnx.GraphProto) -> str | None:
-    """The float tensor behind a DequantizeLinear's output, or None when there is none to read."""
+    """The float tensor behind a DequantizeLinear's output, or None when an excluded reader would not read it
+    (``integer``: the outputs of ops that read a DequantizeLinear, as the model was before any switch)."""
     codes = dq.input[0]
     if codes in constants:
         weight = base_of(codes, "quantized")
@@ -130,4 +136,6 @@ def _float_source(dq: onnx.NodeProto, producer: dict[str, onnx.NodeProto], const
     while t in producer and producer[t].op_type == "Clip":
         t = producer[t].input[0]
     q = producer.get(t)
-    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    return None if q.input[0] in integer else q.input[0]
