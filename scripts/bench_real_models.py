@@ -14,7 +14,9 @@ same held-out evaluation feeds go through:
   optimizations, which fold Constant nodes into initializers and BatchNormalization into Conv); where
   symbolic shape inference fails it is retried with ``skip_symbolic_shape=True`` (noted);
 * ``ort+op13+pre``: as ``ort+pre`` after ``onnx.version_converter`` to opset 13 (models below 13 only),
-  which per-channel ``DequantizeLinear(axis=...)`` requires.
+  which per-channel ``DequantizeLinear(axis=...)`` requires;
+* ``ort+dynamic+op13+pre``: the same preparation, then ``quantize_dynamic`` (per-channel QInt8 weights,
+  activations quantized at run time: ConvInteger / DynamicQuantizeMatMul).
 
 Metrics on the evaluation feeds, quantized model run by ORT CPU at ``ORT_ENABLE_ALL`` against the FP32 model:
 
@@ -236,9 +238,9 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], pre: bool, op13: bool = False
-                 ) -> dict[str, Any]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], pre: bool, op13: bool = False,
+                 dynamic: bool = False) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -264,6 +266,9 @@ def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], p
         pre_ops = Counter(n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node)
         info["pre_ops"] = {k: pre_ops[k] for k in ("Constant", "BatchNormalization", "Conv")
                            if pre_ops.get(k)}
+    if dynamic:  # weights int8 per channel, activations quantized at run time: no calibration
+        quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType.QInt8)
+        return info
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
     quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -310,7 +315,7 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
                                       target=target))
         else:
             row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method,
-                                    op13="+op13" in method))
+                                    op13="+op13" in method, dynamic="+dynamic" in method))
     except Exception as exc:  # noqa: BLE001 - failures are results here
         row["error"] = short_error(exc)
         row["traceback"] = traceback.format_exc(limit=-3)

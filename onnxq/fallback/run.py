@@ -109,6 +109,8 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
                                   "seconds": round(time.perf_counter() - t0, 2),
                                   **_runtime_note(run.config)}}
     failures = _failures(score, held, target.max_drop, scorer, kept)
+    if failures and not run.config.validation.enabled:  # nothing will judge the model: say it here
+        log.warning("%s", failures[0])
     out = finish_run(run, quantized, ctx, extra_report=report, extra_failures=failures)
     return dataclasses.replace(out, float_plan=FloatPlan(tuple(k.node for k in kept), tuple(kept), summary))
 
