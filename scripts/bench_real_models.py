@@ -6,6 +6,7 @@ same held-out evaluation feeds go through:
 * ``onnxq``: ``onnxq.quantize(path, calib, Config() (the default W8A8), validation=eval)`` (skipped with a note while
   the API is not available);
 * ``onnxq+smooth``: the same with ``FloatPhase(smooth=True)`` (``--smooth``, SmoothQuant);
+* ``onnxq+qdrop``: the default with QDrop reconstruction (``--method qdrop``, fast schedule);
 * ``onnxq+target``: the default with an accuracy target, ``AccuracyTarget(max_drop=--max-drop, ops=--max-drop-ops)``
   (``onnxq quantize --max-drop``; the drop in points of cosine of the outputs);
 * ``ort``: ``onnxruntime.quantization.quantize_static`` on the model as shipped (QDQ, per-channel,
@@ -278,10 +279,12 @@ def quantize_ort(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]], p
 
 def quantize_onnxq(fp_path: Path, out: Path, calib: list[dict[str, np.ndarray]],
                    valid: list[dict[str, np.ndarray]], *, smooth: bool = False,
-                   target: tuple[float, str] | None = None) -> dict[str, Any]:
+                   target: tuple[float, str] | None = None, qdrop: bool = False) -> dict[str, Any]:
     import onnxq
 
     config = onnxq.Config(float_phase=onnxq.FloatPhase(smooth=smooth))
+    if qdrop:
+        config = config.replace(rounding=onnxq.QDrop())
     if target is not None:
         config = config.replace(accuracy=onnxq.AccuracyTarget(max_drop=target[0], metric="cosine", ops=target[1]))
     result = onnxq.quantize(str(fp_path), calib, config, validation=valid)  # the default W8A8 (+ options)
@@ -312,7 +315,7 @@ def bench_one(key: str, method: str, args: argparse.Namespace, data: dict[str, A
         if method.startswith("onnxq"):
             target = (args.max_drop, args.max_drop_ops) if method == "onnxq+target" else None
             row.update(quantize_onnxq(fp_path, out, data["calib"], data["eval"], smooth=method == "onnxq+smooth",
-                                      target=target))
+                                      target=target, qdrop=method == "onnxq+qdrop"))
         else:
             row.update(quantize_ort(fp_path, out, data["calib"], pre="+pre" in method,
                                     op13="+op13" in method, dynamic="+dynamic" in method))
