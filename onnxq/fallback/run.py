@@ -76,9 +76,11 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
     first = scorer(run_outputs(quantized, level, feeds))
     log.info("accuracy target: everything quantized, drop %.4g (%s; target %.4g)", first.judged,
              _metric_text(scorer), target.max_drop)
-    score, kept, rounds = first, [], []
+    score = first
+    kept: list[KeptOp] = []
+    rounds: list[dict[str, Any]] = []
     for round_no in range(1, target.rounds + 1):
-        if score.meets(target.max_drop):
+        if score.meets(target.max_drop) or ctx.reference is None:
             break
         switch = build_switch_model(quantized, ctx.reference, frozenset(ctx.config.exclude),
                                     weighted=target.ops == "all")

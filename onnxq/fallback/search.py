@@ -110,7 +110,7 @@ def search(runner: SwitchRunner, max_drop: float, round_no: int = 1) -> SearchRe
     ranking.sort(key=lambda r: -r.gain)
     base = runner(frozenset())
     kept: list[KeptOp] = []
-    current, keys = base, set()
+    current, keys = base, set[str]()
     for r in ranking:
         if current.meets(max_drop) or r.gain <= 0:
             break

@@ -125,7 +125,7 @@ def _float_source(dq: onnx.NodeProto, producer: dict[str, onnx.NodeProto], const
     if codes in constants:
         weight = base_of(codes, "quantized")
         init = floats.get(weight) if weight else None
-        if init is None or init.data_type != onnx.TensorProto.FLOAT:
+        if weight is None or init is None or init.data_type != onnx.TensorProto.FLOAT:
             return None
         if weight not in added:
             added[weight] = f"{weight}_onnxq_float"
