@@ -49,6 +49,8 @@ def test_page_has_every_section_and_fetches_nothing(target_run) -> None:
     assert "validation: OK" in html and "<svg" in html and 'class="outlier"' in html
     kept = result.report["accuracy_target"]["kept_float"]
     assert kept and all(k["node"] in html for k in kept)
+    plan_latency = result.report["accuracy_target"]["latency"]
+    assert plan_latency["planned_ms"] > 0 and plan_latency["runs"] >= 3 and "Speed of the plan" in html
     assert not re.search(r"(src|href)\s*=|<script|@import|url\(", html)  # one self-contained file
 
 

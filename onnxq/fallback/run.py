@@ -31,13 +31,14 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.config import Config
-from onnxq.core.graph import serialize_for_ort
+from onnxq.core.graph import PROTO_LIMIT, proto_size, serialize_for_ort
 from onnxq.fallback.plan import FloatPlan, KeptOp
 from onnxq.fallback.score import Score, Scorer, UserMetric
 from onnxq.fallback.search import SwitchRunner, search
 from onnxq.fallback.switches import build_switch_model
 from onnxq.pipeline.result import QuantResult
 from onnxq.pipeline.run import CalibSource, PreparedRun, finish_run, prepare_run, quantize_prepared
+from onnxq.report.latency import paired_latency
 from onnxq.report.sessions import DISABLE_ALL, ENABLE_ALL, threads
 from onnxq.targets.profiles import get_target
 
@@ -73,6 +74,7 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
     float_model = run.source if run.source is not None else run.original
     scorer = Scorer(run_outputs(float_model, ENABLE_ALL, feeds), target.metric, metric)
     quantized, ctx = quantize_prepared(run)
+    plain = quantized
     first = scorer(run_outputs(quantized, level, feeds))
     log.info("accuracy target: everything quantized, drop %.4g (%s; target %.4g)", first.judged,
              _metric_text(scorer), target.max_drop)
@@ -109,7 +111,7 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
     report = {"accuracy_target": {**summary, "met_on_search_samples": score.meets(target.max_drop),
                                   "kept_float": [k.to_dict() for k in kept], "rounds": rounds,
                                   "seconds": round(time.perf_counter() - t0, 2),
-                                  **_runtime_note(run.config)}}
+                                  **_plan_latency(plain, quantized, feeds, kept), **_runtime_note(run.config)}}
     failures = _failures(score, held, target.max_drop, scorer, kept)
     if failures and not run.config.validation.enabled:  # nothing will judge the model: say it here
         log.warning("%s", failures[0])
@@ -143,6 +145,17 @@ def _failures(score: Score, held: Score | None, max_drop: float, scorer: Scorer,
 def _metric_text(scorer: Scorer) -> str:
     kinds = sorted(set(scorer.describe().values()))
     return kinds[0] if len(kinds) == 1 else "/".join(kinds)
+
+
+def _plan_latency(plain: onnx.ModelProto, planned: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
+                  kept: list[KeptOp]) -> dict[str, Any]:
+    """What the kept ops cost in speed: the everything-quantized and the planned model on one search batch
+    (:func:`onnxq.report.latency.paired_latency`, onnxruntime CPU at ORT_ENABLE_ALL)."""
+    if not kept or max(proto_size(plain), proto_size(planned)) >= PROTO_LIMIT:
+        return {}
+    plain_ms, planned_ms, runs = paired_latency(plain, planned, feeds[0])
+    return {"latency": {"everything_quantized_ms": round(plain_ms, 3), "planned_ms": round(planned_ms, 3),
+                        "ratio": round(planned_ms / plain_ms, 3) if plain_ms > 0 else None, "runs": runs}}
 
 
 def _runtime_note(config: Config) -> dict[str, str]:

@@ -35,7 +35,17 @@ def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
 def quick_latency(float_model: onnx.ModelProto | Path, quant: onnx.ModelProto,
                   feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """``{"float_ms", "quantized_ms", "ratio", "runs", "batch"}`` (module docstring)."""
-    sessions = [_session(float_model), _session(quant)]
+    first_ms, second_ms, runs = paired_latency(float_model, quant, feed)
+    first = np.asarray(next(iter(feed.values())))
+    return {"float_ms": round(first_ms, 3), "quantized_ms": round(second_ms, 3),
+            "ratio": round(second_ms / first_ms, 3) if first_ms > 0 else None, "runs": runs,
+            "batch": int(first.shape[0]) if first.ndim else 1}
+
+
+def paired_latency(first_model: onnx.ModelProto | Path, second_model: onnx.ModelProto,
+                   feed: dict[str, np.ndarray]) -> tuple[float, float, int]:
+    """The median ms of each model on ``feed``, runs interleaved, and the runs of each (module docstring)."""
+    sessions = [_session(first_model), _session(second_model)]
     feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):  # warm-up: prepacking, arena growth
         s.run(None, f)
@@ -46,8 +56,4 @@ def quick_latency(float_model: onnx.ModelProto | Path, quant: onnx.ModelProto,
             t0 = time.perf_counter()
             s.run(None, f)
             times[i].append(1e3 * (time.perf_counter() - t0))
-    float_ms, quant_ms = statistics.median(times[0]), statistics.median(times[1])
-    first = np.asarray(next(iter(feed.values())))
-    return {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
-            "ratio": round(quant_ms / float_ms, 3) if float_ms > 0 else None, "runs": len(times[0]),
-            "batch": int(first.shape[0]) if first.ndim else 1}
+    return statistics.median(times[0]), statistics.median(times[1]), len(times[0])

@@ -134,6 +134,10 @@ def _target(t: Mapping[str, Any]) -> str:
         out += bar_chart([max(x["gain"], 0.0) + 0.0 for x in ranked], [x["node"] for x in ranked],
                          "error removed by keeping the op float (relative squared error)",
                          [x["node"] in kept_names for x in ranked])
+    lat = t.get("latency")
+    if lat:
+        out += (f"<p>Speed of the plan: {lat['planned_ms']} ms against {lat['everything_quantized_ms']} ms with "
+                f"everything quantized ({lat['ratio']}x, one search batch, {lat['runs']} interleaved runs).</p>")
     if t.get("note"):
         out += f"<p>{escape(t['note'])}</p>"
     return out
