@@ -39,7 +39,9 @@ def quantize(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Co
         recipe: preprocessing for a folder of images.
         batch_size: samples per calibration batch for file sources.
         metric: with ``config.accuracy.metric = "metric"``, the score the accuracy target bounds:
-            ``metric(first output of all search samples, stacked) -> float``, higher is better.
+            ``metric(first output of the search samples, stacked) -> float``, higher is better. The search
+            samples are the first ``config.accuracy.samples`` calibration samples in order (so the callable
+            may hold their labels); the held-out samples are not scored with it.
 
     Returns:
         QuantResult with the QDQ model and its report.

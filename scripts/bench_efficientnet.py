@@ -49,10 +49,12 @@ CALIB_STRIDE_IMAGES = 50
 
 @dataclass(frozen=True)
 class OrtEntry:
-    """One ``onnxruntime.quantization.quantize_static`` configuration."""
+    """One ``onnxruntime.quantization.quantize_static`` configuration (``dynamic``: ``quantize_dynamic``,
+    per-channel weights, activations quantized at run time; ``method`` is unused then)."""
 
     name: str
     method: str  # "MinMax" | "Entropy" | "Percentile"
+    dynamic: bool = False
     weight_type: str = "QInt8"  # QuantType member name
     opset21: bool = False  # convert to opset 21 before quantizing (native INT4 Q/DQ)
     extra_options: dict[str, Any] = field(default_factory=dict)
@@ -431,6 +433,7 @@ def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) ->
         CalibrationMethod,
         QuantFormat,
         QuantType,
+        quantize_dynamic,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -454,10 +457,14 @@ def quantize_ort(entry: OrtEntry, fp32: Path, calib_x: np.ndarray, out: Path) ->
         src = out.with_name(out.stem + ".pre21.onnx")
         onnx.save(model, str(src))
         notes.append("opset 13->21 (onnx.version_converter)")
-    quantize_static(
-        str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType[entry.weight_type],
-        calibrate_method=CalibrationMethod[entry.method], extra_options=extra)
+    if entry.dynamic:
+        quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType[entry.weight_type])
+        notes = ["quant_pre_process", "quantize_dynamic (no calibration)"]
+    else:
+        quantize_static(
+            str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType[entry.weight_type],
+            calibrate_method=CalibrationMethod[entry.method], extra_options=extra)
     seconds = time.perf_counter() - t0
     for tmp in {pre, src}:
         tmp.unlink(missing_ok=True)

@@ -61,6 +61,7 @@ class Entry:
     what: str
     config: Callable[[], Any] | None = None
     ort: OrtEntry | None = None
+    metric: Callable[[np.ndarray], Callable[[np.ndarray], float]] | None = None  # labels -> a score of logits
 
 
 def _onnxq(**kwargs: Any) -> Callable[[], Any]:
@@ -98,6 +99,17 @@ def _half_point_target():
     return onnxq.AccuracyTarget(max_drop=0.5)
 
 
+def _top1_target():
+    import onnxq
+
+    return onnxq.AccuracyTarget(max_drop=0.5, metric="metric", samples=250)
+
+
+def _top1_of(labels: np.ndarray) -> Callable[[np.ndarray], float]:
+    """Top-1 accuracy in percent of stacked logits whose rows are the first calibration images."""
+    return lambda logits: 100.0 * float(np.mean(np.argmax(logits, axis=1) == labels[:len(logits)]))
+
+
 def _int8_act():
     import onnxq
 
@@ -111,6 +123,8 @@ ENTRIES = (
           _onnxq(rounding=_rtn, kernels="int32")),
     Entry("onnxq_w8a8_pow2", "--scale pow2", _onnxq(scale="pow2")),
     Entry("onnxq_w8a8_target", "--max-drop 0.5 (top-1 agreement)", _onnxq(accuracy=_half_point_target)),
+    Entry("onnxq_w8a8_target_top1", "max_drop 0.5 in top-1 accuracy on the 250 calibration images (labels through "
+          "the Python API's metric)", _onnxq(accuracy=_top1_target), metric=_top1_of),
     Entry("onnxq_w8a8_int8act", "--activations int8", _onnxq(activations=_int8_act)),
     Entry("onnxq_w8a8_int8act_unfitted", "--activations int8 --method rtn --kernels int32",
           _onnxq(activations=_int8_act, rounding=_rtn, kernels="int32")),
@@ -120,6 +134,8 @@ ENTRIES = (
     Entry("onnxq_tensorrt", "--preset w8a8-tensorrt (int8 activations; runtime: TensorRT)", _preset("w8a8-tensorrt")),
     Entry("ort_w8a8_minmax", "onnxruntime quantize_static, MinMax, QInt8 per-channel",
           ort=OrtEntry("ort_w8a8_minmax", "MinMax")),
+    Entry("ort_w8a8_dynamic", "onnxruntime quantize_dynamic, QInt8 per-channel (activations at run time)",
+          ort=OrtEntry("ort_w8a8_dynamic", "MinMax", dynamic=True)),
     Entry("ort_w4a8_minmax", "onnxruntime quantize_static, MinMax, QInt4 per-channel (opset 21)",
           ort=OrtEntry("ort_w4a8_minmax", "MinMax", weight_type="QInt4", opset21=True)),
 )
@@ -141,14 +157,16 @@ def _haswell_predictions(path: Path, x: np.ndarray, work: Path) -> np.ndarray | 
     return np.load(out)
 
 
-def _quantize(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, out: Path) -> dict[str, Any]:
+def _quantize(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, out: Path,
+              y_cal: np.ndarray) -> dict[str, Any]:
     if entry.ort is not None:
         return quantize_ort(entry.ort, fp32, x_cal, out)
     import onnxq
 
     calib = [{INPUT: x_cal[i:i + CALIB_BATCH]} for i in range(0, len(x_cal), CALIB_BATCH)]
     t0 = time.perf_counter()
-    result = onnxq.quantize(str(fp32), calib, entry.config(), validation=[{INPUT: holdout}])
+    metric = entry.metric(y_cal) if entry.metric is not None else None
+    result = onnxq.quantize(str(fp32), calib, entry.config(), validation=[{INPUT: holdout}], metric=metric)
     seconds = time.perf_counter() - t0
     result.save(str(out))
     val = result.validation
@@ -160,13 +178,13 @@ def _quantize(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, 
 
 
 def _quantized(entry: Entry, fp32: Path, x_cal: np.ndarray, holdout: np.ndarray, out: Path,
-               reuse: bool) -> dict[str, Any]:
+               reuse: bool, y_cal: np.ndarray) -> dict[str, Any]:
     """Quantize (the run's info also goes to ``<out>.info.json``), or with ``reuse`` read a model written
     before and its info."""
     info_path = out.with_suffix(".info.json")
     if reuse and out.is_file() and info_path.is_file():
         return {**json.loads(info_path.read_text()), "reused": True}
-    info = _quantize(entry, fp32, x_cal, holdout, out)
+    info = _quantize(entry, fp32, x_cal, holdout, out, y_cal)
     info_path.write_text(json.dumps(info, default=str))
     return info
 
@@ -240,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     opt_dir.mkdir(parents=True, exist_ok=True)
     fp32 = export_efficientnet_lite0(REPO_ROOT / "build" / "models" / "efficientnet_lite0.onnx")
     splits = {"val": load_split("val"), "eval": load_split("eval")}
-    x_cal, _ = load_split("calib")
+    x_cal, y_cal = load_split("calib")
     x_eval = splits["eval"][0]
     x_has = splits["val"][0][:args.haswell]
     from onnxq.core.graph import load_model
@@ -256,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         for entry, path in jobs:
             print(f"[{entry.name}]", flush=True)
             try:
-                info = {} if entry.name == "fp32" else _quantized(entry, fp32, x_cal, x_eval[:32], path, args.reuse)
+                info = {} if entry.name == "fp32" else _quantized(entry, fp32, x_cal, x_eval[:32], path, args.reuse,
+                                                                             y_cal)
                 res = ref if entry.name == "fp32" else evaluate(path, splits, opt_dir)
             except Exception as exc:  # keep going; record the failure
                 rows.append({"name": entry.name, "what": entry.what, "error": f"{type(exc).__name__}: {exc}"})

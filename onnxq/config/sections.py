@@ -304,7 +304,8 @@ class AccuracyTarget:
         max_drop: the largest drop allowed, in percentage points of ``metric`` (None: no target).
         metric: "agreement" (top-1 agreement with the float model, for classifier outputs), "cosine" (of
             the outputs with the float ones), "metric" (the Python API's ``metric`` callable on the first
-            output, higher is better, its own units) or "auto" (agreement for a classifier, else cosine).
+            output of the search samples, higher is better, its own units; it may hold their labels, so the
+            held-out samples are not judged with it) or "auto" (agreement for a classifier, else cosine).
         samples: calibration samples the search measures on (validation samples are never searched on).
         rounds: re-quantizations at most while the target is not met on those samples.
         ops: which ops may be kept float: "all", or "activations" (every Conv, Gemm and weight MatMul stays

@@ -121,8 +121,9 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
 
 def _held_out(run: PreparedRun, quantized: onnx.ModelProto, level: ort.GraphOptimizationLevel,
               metric: UserMetric | None, kind: str) -> Score | None:
-    """The target judged on the validation samples (None when validation is off)."""
-    if not run.config.validation.enabled:
+    """The target judged on the validation samples (None when validation is off, or for a user metric, which
+    scores the search samples only: it may hold their labels)."""
+    if not run.config.validation.enabled or kind == "metric":
         return None
     feeds = list(run.val_set)
     float_model = run.source if run.source is not None else run.original
