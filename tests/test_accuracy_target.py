@@ -200,6 +200,21 @@ def test_user_metric_is_the_first_output_score() -> None:
         Scorer([[y]], "metric")
 
 
+def test_a_user_metric_scores_the_search_samples_in_order() -> None:
+    seen: list[int] = []
+
+    def score(y: np.ndarray) -> float:  # a "label" per search sample: the sign of its first output element
+        seen.append(len(y))
+        return float(np.mean(np.sign(y[:, 0, 0]) == np.sign(reference[: len(y), 0, 0])))
+
+    model, calib = _attention(), _data(64, 0)
+    reference = np.concatenate([_run(model, b)[0] for b in calib[:4]])  # the first 32 samples' float outputs
+    config = Config(accuracy=AccuracyTarget(max_drop=100.0, metric="metric", samples=32))
+    result = quantize(model, calib, config, metric=score, validation=_data(16, 5))
+    assert set(seen) == {32}  # only ever the 32 search samples, never the held-out ones
+    assert result.report["accuracy_target"]["drop"]["validation"] is None
+
+
 # ------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("text, match", [
     (None, "does not exist"), ("{not json", "not readable JSON"), ('{"layers": {}}', 'no "keep_float" list'),
