@@ -23,7 +23,12 @@ FLOAT32 = np.dtype(np.float32)
 
 def node_key(node: gs.Node) -> str:
     """A stable, unique label for reports: the node name, else ``op(first output)``."""
-    return node.name or f"{node.op}({node.outputs[0].name if node.outputs else ''})"
+    return key_of(node.name, node.op, node.outputs[0].name if node.outputs else "")
+
+
+def key_of(name: str, op: str, first_output: str) -> str:
+    """:func:`node_key` from a node's parts (for an ``onnx.NodeProto`` as well)."""
+    return name or f"{op}({first_output})"
 
 
 def is_float_activation(t: gs.Tensor) -> bool:

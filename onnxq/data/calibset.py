@@ -305,6 +305,15 @@ class CalibrationSet(Sequence[dict[str, np.ndarray]]):
         batches = [dataclasses.replace(b, checked=False) for b in self._batches]
         return CalibrationSet(inputs, batches, source=self._source, warned=self._warned)
 
+    def leading_batches(self, samples: int) -> int:
+        """How many leading whole batches hold at least ``samples`` samples (all batches if fewer)."""
+        total = 0
+        for i, size in enumerate(self.batch_sizes):
+            if total >= samples:
+                return i
+            total += size
+        return len(self)
+
     def first_samples(self, limit: int) -> CalibrationSet:
         """Keep the first ``limit`` samples, trimming the batch that crosses the limit."""
         kept, total = [], 0

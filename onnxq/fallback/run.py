@@ -31,15 +31,15 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.config import Config
-from onnxq.core.graph import PROTO_LIMIT, proto_size, serialize_for_ort
+from onnxq.core.graph import PROTO_LIMIT, proto_size
 from onnxq.fallback.plan import FloatPlan, KeptOp
 from onnxq.fallback.score import Score, Scorer, UserMetric
-from onnxq.fallback.search import SwitchRunner, search
+from onnxq.fallback.search import RANK_SAMPLES, SwitchRunner, search
 from onnxq.fallback.switches import build_switch_model
 from onnxq.pipeline.result import QuantResult
 from onnxq.pipeline.run import CalibSource, PreparedRun, finish_run, prepare_run, quantize_prepared
 from onnxq.report.latency import paired_latency
-from onnxq.report.sessions import DISABLE_ALL, ENABLE_ALL, threads
+from onnxq.report.sessions import DISABLE_ALL, ENABLE_ALL, inputs_for, open_session
 from onnxq.targets.profiles import get_target
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,8 @@ KEPT_REASON = "kept float for the accuracy target (--max-drop)"
 def run_outputs(model: onnx.ModelProto | Path, level: ort.GraphOptimizationLevel,
                 feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """The outputs of ``model`` (a ModelProto of any size, or a path) on every feed, in onnxruntime CPU."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.intra_op_num_threads = threads()
-    so.log_severity_level = 4
-    src = str(model) if isinstance(model, Path) else serialize_for_ort(model)
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    return [sess.run(None, {k: v for k, v in feed.items() if k in names}) for feed in feeds]
+    sess = open_session(model, level)
+    return [sess.run(None, inputs_for(sess, feed)) for feed in feeds]
 
 
 def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Config, *,
@@ -71,8 +65,7 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
     level = ENABLE_ALL if get_target(run.config.target).runtime == "ort-cpu" else DISABLE_ALL
     search_set = run.calib_set.first_samples(target.samples)
     feeds = list(search_set)
-    float_model = run.source if run.source is not None else run.original
-    scorer = Scorer(run_outputs(float_model, ENABLE_ALL, feeds), target.metric, metric)
+    scorer = Scorer(run_outputs(run.float_model, ENABLE_ALL, feeds), target.metric, metric)
     quantized, ctx = quantize_prepared(run)
     plain = quantized
     first = scorer(run_outputs(quantized, level, feeds))
@@ -86,7 +79,8 @@ def quantize_to_target(model: str | Path | onnx.ModelProto, calib: CalibSource, 
             break
         switch = build_switch_model(quantized, ctx.reference, frozenset(ctx.config.exclude),
                                     weighted=target.ops == "all")
-        result = search(SwitchRunner(switch, feeds, scorer), target.max_drop, round_no)
+        result = search(SwitchRunner(switch, feeds, scorer), target.max_drop,
+                        search_set.leading_batches(RANK_SAMPLES), round_no)
         if result.kept:
             kept += result.kept
             config_r = dataclasses.replace(run.config, exclude=tuple(dict.fromkeys([*run.config.exclude,
@@ -126,8 +120,7 @@ def _held_out(run: PreparedRun, quantized: onnx.ModelProto, level: ort.GraphOpti
     if not run.config.validation.enabled or kind == "metric":
         return None
     feeds = list(run.val_set)
-    float_model = run.source if run.source is not None else run.original
-    return Scorer(run_outputs(float_model, ENABLE_ALL, feeds), kind, metric)(run_outputs(quantized, level, feeds))
+    return Scorer(run_outputs(run.float_model, ENABLE_ALL, feeds), kind, metric)(run_outputs(quantized, level, feeds))
 
 
 def _failures(score: Score, held: Score | None, max_drop: float, scorer: Scorer, kept: list[KeptOp]) -> tuple[str, ...]:

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from onnxq.core.graph import serialize_for_ort
 from onnxq.fallback.plan import KeptOp
 from onnxq.fallback.score import Score, Scorer
 from onnxq.fallback.switches import SwitchModel
-from onnxq.report.sessions import DISABLE_ALL, threads
+from onnxq.report.sessions import DISABLE_ALL, inputs_for, open_session
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +62,27 @@ class SwitchRunner:
 
     def __init__(self, switch: SwitchModel, feeds: Sequence[dict[str, np.ndarray]], scorer: Scorer,
                  session: ort.InferenceSession | None = None) -> None:
-        if session is None:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = DISABLE_ALL
-            so.intra_op_num_threads = threads()
-            so.log_severity_level = 4
-            session = ort.InferenceSession(serialize_for_ort(switch.model), so, providers=["CPUExecutionProvider"])
-        self.session = session
-        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.session = session if session is not None else open_session(switch.model, DISABLE_ALL)
         self.switch, self.feeds, self.scorer = switch, feeds, scorer
         self.evaluations = 0
 
-    def subset(self, samples: int) -> SwitchRunner:
-        """A runner on the same session over the first batches holding ``samples`` samples (at least one)."""
-        batches, total = 0, 0
-        while batches < len(self.feeds) and total < samples:
-            first = np.asarray(next(iter(self.feeds[batches].values())))
-            total += int(first.shape[0]) if first.ndim else 1
-            batches += 1
+    def subset(self, batches: int) -> SwitchRunner:
+        """A runner on the same session over the first ``batches`` batches."""
         return SwitchRunner(self.switch, self.feeds[:batches], self.scorer.first(batches), self.session)
 
     def __call__(self, keep: set[str] | frozenset[str]) -> Score:
         flags = self.switch.feed(keep)
         outs = []
         for feed in self.feeds:
-            outs.append(self.session.run(None, {**{k: v for k, v in feed.items() if k in self.inputs}, **flags}))
+            outs.append(self.session.run(None, {**inputs_for(self.session, feed), **flags}))
         self.evaluations += 1
         return self.scorer(outs)
 
 
-def search(runner: SwitchRunner, max_drop: float, round_no: int = 1) -> SearchResult:
-    """Rank the candidates of ``runner``'s switch model and choose the kept set (module docstring)."""
-    ranker = runner.subset(RANK_SAMPLES)
+def search(runner: SwitchRunner, max_drop: float, rank_batches: int, round_no: int = 1) -> SearchResult:
+    """Rank the candidates of ``runner``'s switch model on its first ``rank_batches`` batches (those holding
+    :data:`RANK_SAMPLES` samples) and choose the kept set (module docstring)."""
+    ranker = runner.subset(rank_batches)
     unswitched = ranker(frozenset())
     candidates = runner.switch.candidates
     ranking: list[Sensitivity] = []

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.core.layers import key_of
 from onnxq.core.qdq import base_of
 
 #: Ops that onnxq writes around a quantized tensor: never candidates.
@@ -59,7 +60,7 @@ def node_keys(reference: onnx.ModelProto) -> tuple[dict[str, str], dict[str, str
     """(node name -> key, first output -> key) of the float model's nodes (:func:`onnxq.core.layers.node_key`)."""
     by_name, by_output = {}, {}
     for n in reference.graph.node:
-        key = n.name or f"{n.op_type}({n.output[0] if n.output else ''})"
+        key = key_of(n.name, n.op_type, n.output[0] if n.output else "")
         if n.name:
             by_name[n.name] = key
         if n.output:

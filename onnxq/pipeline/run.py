@@ -110,6 +110,11 @@ class PreparedRun:
     degenerate: tuple[str, ...]
     started: float
 
+    @property
+    def float_model(self) -> Path | onnx.ModelProto:
+        """The user's float model as onnxruntime should load it: its file (external data mapped), else the proto."""
+        return self.source if self.source is not None else self.original
+
 
 def prepare_run(model: str | Path | onnx.ModelProto, calib: CalibSource, config: Config, *,
                 validation: CalibSource | None = None, recipe: ImageRecipe | None = None,
@@ -183,7 +188,7 @@ def finish_run(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext, 
         report["nothing_quantized"] = unquantized
     val = None
     if config.validation.enabled:
-        val = validate(source if source is not None else run.original, quantized, run.val_set,
+        val = validate(run.float_model, quantized, run.val_set,
                        criteria=criteria_for(config))
         extra = ([unquantized] if unquantized else []) + \
             ([f"the calibration data look degenerate ({degenerate[0]}); a check held out from them cannot vouch "
@@ -205,15 +210,15 @@ def finish_run(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext, 
 def _details(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext) -> dict[str, Any]:
     """The report page's measurements: per-tensor error along depth and ranges, a quick latency check."""
     from onnxq.report.latency import quick_latency
-    from onnxq.report.layers import layer_errors
+    from onnxq.report.layers import LAYER_SAMPLES, layer_errors
 
     reference = ctx.reference
     if reference is None or max(g.proto_size(quantized), g.proto_size(reference)) >= g.PROTO_LIMIT:
         return {"details_skipped": "a model over 2 GB: no per-tensor errors or latency"}
     t0 = time.perf_counter()
-    feeds = list(run.val_set)
+    feeds = [run.val_set[i] for i in range(run.val_set.leading_batches(LAYER_SAMPLES))]
     out = {"layers": layer_errors(reference, quantized, feeds),
-           "latency": quick_latency(run.source if run.source is not None else run.original, quantized, feeds[0])}
+           "latency": quick_latency(run.float_model, quantized, feeds[0], run.val_set.batch_sizes[0])}
     log.debug("report details in %.1f s", time.perf_counter() - t0)
     return out
 

@@ -13,40 +13,28 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from onnxq.core.graph import serialize_for_ort
-from onnxq.report.sessions import ENABLE_ALL, threads
+from onnxq.report.sessions import ENABLE_ALL, inputs_for, open_session
 
 RUNS = 20
 MIN_RUNS = 3
 BUDGET_S = 3.0
 
 
-def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ENABLE_ALL
-    so.intra_op_num_threads = threads()
-    so.log_severity_level = 4
-    src = str(model) if isinstance(model, Path) else serialize_for_ort(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def quick_latency(float_model: onnx.ModelProto | Path, quant: onnx.ModelProto,
-                  feed: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``{"float_ms", "quantized_ms", "ratio", "runs", "batch"}`` (module docstring)."""
+def quick_latency(float_model: onnx.ModelProto | Path, quant: onnx.ModelProto, feed: dict[str, np.ndarray],
+                  batch: int) -> dict[str, Any]:
+    """``{"float_ms", "quantized_ms", "ratio", "runs", "batch"}`` on ``feed`` of ``batch`` samples (module
+    docstring)."""
     first_ms, second_ms, runs = paired_latency(float_model, quant, feed)
-    first = np.asarray(next(iter(feed.values())))
     return {"float_ms": round(first_ms, 3), "quantized_ms": round(second_ms, 3),
-            "ratio": round(second_ms / first_ms, 3) if first_ms > 0 else None, "runs": runs,
-            "batch": int(first.shape[0]) if first.ndim else 1}
+            "ratio": round(second_ms / first_ms, 3) if first_ms > 0 else None, "runs": runs, "batch": batch}
 
 
 def paired_latency(first_model: onnx.ModelProto | Path, second_model: onnx.ModelProto,
                    feed: dict[str, np.ndarray]) -> tuple[float, float, int]:
     """The median ms of each model on ``feed``, runs interleaved, and the runs of each (module docstring)."""
-    sessions = [_session(first_model), _session(second_model)]
-    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+    sessions = [open_session(first_model, ENABLE_ALL), open_session(second_model, ENABLE_ALL)]
+    feeds = [inputs_for(s, feed) for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):  # warm-up: prepacking, arena growth
         s.run(None, f)
     times: list[list[float]] = [[], []]

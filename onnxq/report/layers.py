@@ -27,8 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from onnxq.core.graph import serialize_for_ort
-from onnxq.report.sessions import DISABLE_ALL, threads
+from onnxq.report.sessions import DISABLE_ALL, inputs_for, open_session
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,8 @@ def _dequantized(codes: str, readers: dict[str, list[onnx.NodeProto]]) -> str | 
 
 def layer_errors(float_model: onnx.ModelProto, quant: onnx.ModelProto,
                  feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
-    """One record per quantized activation tensor, in graph order (module docstring)."""
+    """One record per quantized activation tensor, in graph order, over ``feeds`` (module docstring; the
+    caller passes the first validation batches holding :data:`LAYER_SAMPLES` samples)."""
     float_names = {o for n in float_model.graph.node for o in n.output}
     tensors = quantized_activations(quant, float_names)
     if not tensors:
@@ -103,16 +103,11 @@ def layer_errors(float_model: onnx.ModelProto, quant: onnx.ModelProto,
     fsess, qsess = _session(float_model, names), _session(quant, deq)
     stats = {t: _Stats() for t in names}
     ranges = {t: r for t, _, r in tensors}
-    taken = 0
     for feed in feeds:
-        if taken >= LAYER_SAMPLES:
-            break
-        fouts = fsess.run(names, _inputs(fsess, feed))
-        qouts = qsess.run(deq, _inputs(qsess, feed))
+        fouts = fsess.run(names, inputs_for(fsess, feed))
+        qouts = qsess.run(deq, inputs_for(qsess, feed))
         for t, f, q in zip(names, fouts, qouts, strict=True):
             _accumulate(stats[t], np.asarray(f, np.float64), np.asarray(q, np.float64), ranges[t])
-        first = next(iter(feed.values()))
-        taken += int(np.asarray(first).shape[0]) if np.asarray(first).ndim else 1
     return [_record(t, stats[t], ranges[t]) for t in names]
 
 
@@ -123,16 +118,7 @@ def _session(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
     for t in names:
         if t not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = DISABLE_ALL
-    so.intra_op_num_threads = threads()
-    so.log_severity_level = 4
-    return ort.InferenceSession(serialize_for_ort(m), so, providers=["CPUExecutionProvider"])
-
-
-def _inputs(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = {i.name for i in sess.get_inputs()}
-    return {k: v for k, v in feed.items() if k in names}
+    return open_session(m, DISABLE_ALL)
 
 
 def _accumulate(s: _Stats, f: np.ndarray, q: np.ndarray, rng: tuple[float, float]) -> None:

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
-from onnxq.core.graph import PROTO_LIMIT, proto_size
+from onnxq.core.graph import PROTO_LIMIT, proto_size, serialize_for_ort
 from onnxq.errors import UserError
 from onnxq.report.metrics import count_ops
 
@@ -69,6 +69,29 @@ def threads() -> int:
     return int(raw) if raw else 0
 
 
+def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    """CPU session options at ``level``: ``threads()`` intra-op threads, fatal logs only (failures reach the
+    caller as exceptions)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.intra_op_num_threads = threads()
+    so.log_severity_level = 4
+    return so
+
+
+def open_session(model: onnx.ModelProto | Path, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
+    """An ORT CPU session over our own model (a ModelProto of any size: over 2 GB through a temporary
+    file) or a file; a failure raises (use :func:`build_session` for a model that may be broken)."""
+    src = str(model) if isinstance(model, Path) else serialize_for_ort(model)
+    return ort.InferenceSession(src, session_options(level), providers=["CPUExecutionProvider"])
+
+
+def inputs_for(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The entries of ``feed`` that are inputs of ``sess``."""
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v for k, v in feed.items() if k in names}
+
+
 def build_session(src: Source, level: ort.GraphOptimizationLevel,
                    save_dir: str | None = None) -> tuple[ort.InferenceSession | None, str | None]:
     """An ORT CPU session at ``level``, or None and the error line.
@@ -76,10 +99,7 @@ def build_session(src: Source, level: ort.GraphOptimizationLevel,
     With ``save_dir``, ORT saves its optimized graph to ``save_dir/optimized.onnx`` (initializers
     over 1 KiB go to an external file, so models of any size serialize).
     """
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.intra_op_num_threads = threads()
-    so.log_severity_level = 4  # fatal only: failures reach the report as exceptions
+    so = session_options(level)
     if save_dir is not None:
         so.optimized_model_filepath = str(Path(save_dir) / "optimized.onnx")
         key = "session.optimized_model_external_initializers_"
