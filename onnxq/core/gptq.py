@@ -32,6 +32,8 @@ import scipy.linalg.lapack
 
 #: Columns whose updates are applied eagerly; the rest of the matrix is updated once per block.
 BLOCK = 128
+#: Violating pairs whose candidates are tried at once without ``H`` (bounds the candidate table).
+_PAIR_CHUNK = 1 << 14
 
 
 def inverse_factor(hessian: np.ndarray, damping: float) -> np.ndarray:
@@ -79,7 +81,9 @@ def gptq_round(u: np.ndarray, qmin: int, qmax: int, *, hessian: np.ndarray | Non
     (see the module docstring)."""
     u = np.array(u, dtype=np.float64)
     groups, rows, k = u.shape
-    factor = inverse_factor(hessian, damping) if hessian is not None else None
+    if hessian is None:  # no error feedback: every column (pair) independent, all rounded at once
+        return _round_independent(u, qmin, qmax, pair_limit)
+    factor = inverse_factor(hessian, damping)
     q = np.zeros(u.shape, dtype=np.int64)
     loss = np.zeros((groups, rows))
     for b0 in range(0, k, BLOCK):
@@ -97,6 +101,33 @@ def gptq_round(u: np.ndarray, qmin: int, qmax: int, *, hessian: np.ndarray | Non
         if factor is not None and b1 < k:
             u[..., b1:] -= errors @ factor[:, b0:b1, b1:]
     return q, loss
+
+
+def _round_independent(u: np.ndarray, qmin: int, qmax: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gptq_round` without ``H``: the nearest codes, each violating pair ``(2j, 2j + 1)`` trimmed
+    to its least squared error (the column loop's result, computed for all pairs at once)."""
+    q = np.clip(np.rint(u), qmin, qmax)
+    pairs = u.shape[-1] // 2 * 2
+    if limit is not None and pairs:
+        first, second = q[..., 0:pairs:2], q[..., 1:pairs:2]
+        bad = (first * second > 0) & (np.abs(first) + np.abs(second) > limit)
+        idx = np.nonzero(bad)
+        for start in range(0, len(idx[0]), _PAIR_CHUNK):  # a bounded candidate table at a time
+            part = tuple(i[start:start + _PAIR_CHUNK] for i in idx)
+            u0, u1 = u[..., 0:pairs:2][part][:, None], u[..., 1:pairs:2][part][:, None]
+            f = first[part]
+            sign = np.sign(f)[:, None]
+            steps = np.arange(-1, int(np.max(np.abs(f))) + 1)[None, :]
+            cand = np.clip(f[:, None] - sign * steps, qmin, qmax)
+            cand = np.where(sign * cand < 0, 0, cand)  # never past zero
+            lo, hi = _pair_range(cand, limit, qmin, qmax)
+            cost = (u0 - cand) ** 2 + (u1 - np.clip(np.rint(u1), lo, hi)) ** 2
+            best = cand[np.arange(len(f)), np.argmin(cost, axis=1)]
+            lo, hi = _pair_range(best, limit, qmin, qmax)
+            first[part] = best
+            second[part] = np.clip(np.rint(u1[:, 0]), lo, hi)
+        q[..., 0:pairs:2], q[..., 1:pairs:2] = first, second
+    return q.astype(np.int64), np.sum((u - q) ** 2, axis=-1)
 
 
 def _entry(factor: np.ndarray | None, i: int, j: int, groups: int) -> np.ndarray:
@@ -119,9 +150,10 @@ def _round_column(u, q, col, end, factor, qmin, qmax, err_out) -> None:
 
 
 def _pair_range(first: np.ndarray, limit: int, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """The range of the second code of a pair given the first: one sign may not pass ``limit`` in sum."""
-    lo = np.where(first < 0, np.maximum(qmin, -limit - first), qmin)
-    hi = np.where(first > 0, np.minimum(qmax, limit - first), qmax)
+    """The range of the second code of a pair given the first: one sign may not pass ``limit`` in sum (a
+    code of the other sign, or 0, is always allowed)."""
+    lo = np.where(first < 0, np.maximum(qmin, np.minimum(0, -limit - first)), qmin)
+    hi = np.where(first > 0, np.minimum(qmax, np.maximum(0, limit - first)), qmax)
     return lo, hi
 
 

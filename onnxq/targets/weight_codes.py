@@ -40,6 +40,8 @@ from onnxq.targets.ort_kernels import PAIR_LIMIT, constrained_layout, pair_viola
 SCALE_STEPS = 9
 #: Real codes rounded in one call at most (the scales are tried in chunks of this size).
 _ELEMENTS = 1 << 24
+#: Real codes of one block of independent rows (over all scales tried): a few float64 copies of it at once.
+_BLOCK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -74,10 +76,13 @@ def weight_layout(node: gs.Node, weight_shape: tuple[int, ...]) -> Layout | None
 
 def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantContext, *,
                    stats: RoundingStats | None = None) -> tuple[QParams, np.ndarray]:
-    """The QParams (a channel's scale may grow, see the module docstring) and codes of ``node``'s weight
-    ``values``, in the weight's shape and the spec's storage dtype."""
+    """The QParams (a channel's scale may grow, see the module docstring) and integer codes of ``node``'s
+    weight ``values``, in the weight's shape (int64 from :func:`quantize`; int16 when fitted or GPTQ-rounded).
+
+    Without ``H`` and with a scale per row, the rows are rounded independently, a block of rows at a
+    time (at most ``_BLOCK_ELEMENTS`` real codes over all scales tried), so a large weight never has
+    its float64 copies in memory at once."""
     spec = qp.spec
-    nearest = quantize(values, qp)
     bits = spec.store_bits
     kernel_layout = constrained_layout(node, values.shape, bits, ctx.config.kernels,
                                        node.inputs[0].name in ctx.qparams)
@@ -87,19 +92,54 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
     hessian = ctx.layer_hessians.get(node.outputs[0].name) if gptq else None
     layout = kernel_layout or (weight_layout(node, values.shape) if hessian is not None else None)
     if layout is None:
-        return qp, nearest
+        return qp, quantize(values, qp)
     w32 = layout.to_matrix(np.asarray(values, dtype=np.float32))
-    w = w32.astype(np.float64)
-    rows = w.shape[0]
+    rows, cols = w32.shape
     scale = _per_row(qp.scale, rows)
     zero = _per_row(qp.zero_point, rows)
     limit = PAIR_LIMIT if kernel_layout is not None else None
     alphas = _alphas(qp, rows, limit)
-    damping = float(getattr(ctx.config.rounding, "damping", 0.01))
-    groups = hessian.shape[0] if hessian is not None else 1
     per_row = qp.scale.size == rows
-    best_loss, best_codes, best_alpha = np.full(rows, np.inf), np.zeros(w.shape, dtype=np.int64), np.ones(rows)
-    chunk = max(1, _ELEMENTS // w.size)
+    block = rows if hessian is not None or not per_row else max(1, _BLOCK_ELEMENTS // (cols * len(alphas)))
+    codes = np.empty((rows, cols), dtype=np.int16 if spec.store_bits <= 8 else np.int64)
+    best_alpha = np.ones(rows)
+    if stats is not None:
+        stats.layers += 1
+        stats.constrained += int(kernel_layout is not None)
+    for r0 in range(0, rows, block):
+        part = slice(r0, min(rows, r0 + block))
+        codes[part], best_alpha[part] = _best_codes(w32[part], scale[part], zero[part], alphas, spec, hessian,
+                                                    float(getattr(ctx.config.rounding, "damping", 0.01)),
+                                                    limit, per_row)
+        if stats is not None:
+            s32 = np.asarray(qp.scale, dtype=np.float32).reshape(-1)
+            nearest = np.clip(np.rint(w32[part] / (s32[part] if s32.size == rows else s32)[:, None])
+                              + zero[part, None], spec.qmin, spec.qmax)  # quantize(), in the matrix layout
+            _record(stats, w32[part].astype(np.float64), nearest.astype(np.int64), codes[part], scale[part],
+                    scale[part] * best_alpha[part], zero[part],
+                    np.clip(np.rint(zero[part] / best_alpha[part]), spec.qmin, spec.qmax), hessian,
+                    kernel_layout is not None)
+    new_qp = qp
+    if np.any(best_alpha != 1.0):
+        best_zero = np.clip(np.rint(zero / best_alpha), spec.qmin, spec.qmax)
+
+        def shaped(values: np.ndarray, like: np.ndarray, dtype) -> np.ndarray:
+            flat = values if like.size == rows else values[:1]
+            return np.asarray(flat, dtype=dtype).reshape(like.shape)
+
+        new_qp = QParams(shaped(scale * best_alpha, qp.scale, np.float32),
+                         shaped(best_zero, np.asarray(qp.zero_point), np.asarray(qp.zero_point).dtype), spec)
+    return new_qp, layout.from_matrix(codes)
+
+
+def _best_codes(w32: np.ndarray, scale: np.ndarray, zero: np.ndarray, alphas: np.ndarray, spec, hessian,
+                damping: float, limit: int | None, per_row: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Codes ``(M, K)`` of the rows ``w32`` and each row's ``alpha``: the least loss over ``alphas`` (per
+    row, or in total with one scale for all rows)."""
+    rows = w32.shape[0]
+    groups = hessian.shape[0] if hessian is not None else 1
+    best_loss, best_codes, best_alpha = np.full(rows, np.inf), np.zeros(w32.shape, dtype=np.int64), np.ones(rows)
+    chunk = max(1, _ELEMENTS // w32.size)
     for start in range(0, len(alphas), chunk):
         part = alphas[start:start + chunk]
         s = (scale[None, :] * part[:, None]).astype(np.float32)  # (A, M) as stored; u as QuantizeLinear divides
@@ -107,25 +147,14 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
         u = (w32[None] / s[..., None]).astype(np.float64) + z[..., None]  # (A, M, K)
         q, loss = gptq_round(_by_group(u, groups), spec.qmin, spec.qmax, hessian=hessian, damping=damping,
                              pair_limit=limit)
+        del u
         q, loss = _by_alpha(q, len(part)), _by_alpha(loss[..., None], len(part))[..., 0] * s.astype(np.float64) ** 2
         for i, alpha in enumerate(part):
             better = loss[i] < best_loss if per_row else np.full(rows, loss[i].sum() < best_loss.sum())
             best_loss = np.where(better, loss[i], best_loss)
             best_codes[better] = q[i][better]
             best_alpha = np.where(better, alpha, best_alpha)
-    new_qp = qp
-    best_zero = np.clip(np.rint(zero / best_alpha), spec.qmin, spec.qmax)
-    if np.any(best_alpha != 1.0):
-        def shaped(values: np.ndarray, like: np.ndarray, dtype) -> np.ndarray:
-            flat = values if like.size == rows else values[:1]
-            return np.asarray(flat, dtype=dtype).reshape(like.shape)
-
-        new_qp = QParams(shaped(scale * best_alpha, qp.scale, np.float32),
-                         shaped(best_zero, np.asarray(qp.zero_point), np.asarray(qp.zero_point).dtype), spec)
-    if stats is not None:
-        _record(stats, w, layout.to_matrix(nearest.astype(np.int64)), best_codes, scale, scale * best_alpha, zero,
-                best_zero, hessian, kernel_layout is not None)
-    return new_qp, layout.from_matrix(best_codes).astype(nearest.dtype)
+    return best_codes, best_alpha
 
 
 def _by_group(u: np.ndarray, groups: int) -> np.ndarray:
@@ -160,10 +189,9 @@ def _per_row(values: np.ndarray, rows: int) -> np.ndarray:
 
 def _record(stats: RoundingStats, w, nearest, codes, scale, new_scale, zero, new_zero, hessian, constrained
             ) -> None:
+    """Add one block of rows (``w``, the nearest codes and the codes written) to the totals."""
     err_n = (nearest - zero[:, None]) * scale[:, None] - w
     err = (codes - np.broadcast_to(new_zero, zero.shape)[:, None]) * new_scale[:, None] - w
-    stats.layers += 1
-    stats.constrained += int(constrained)
     stats.channels_rescaled += int(np.sum(new_scale != scale))
     stats.pairs_over_limit += int(pair_violations(nearest).sum()) if constrained else 0
     stats.weight_error_nearest += float(np.sum(err_n ** 2))

@@ -83,3 +83,23 @@ def test_dead_inputs_and_odd_k_are_handled() -> None:
     h[5, :] = h[:, 5] = 0  # an input that is always zero
     q, loss = gptq_round(u[None], -127, 127, hessian=h[None], pair_limit=PAIR_LIMIT)
     assert np.isfinite(loss).all() and not pair_violations(q[0]).any()
+
+
+def test_without_hessian_each_violating_pair_gets_its_least_error_valid_pair() -> None:
+    """Against every valid pair of a narrow grid: the trimmed pair's error is the least one, codes of
+    opposite signs (or a zero) are never limited, even when one code alone passes the limit."""
+    rng = np.random.default_rng(3)
+    qmin, qmax, limit = -8, 7, 6
+    u = rng.uniform(-9, 8, size=(2, 30, 21))
+    q, loss = gptq_round(u, qmin, qmax, pair_limit=limit)
+    grid = np.arange(qmin, qmax + 1)
+    a, b = np.meshgrid(grid, grid, indexing="ij")
+    valid = ~((a * b > 0) & (np.abs(a) + np.abs(b) > limit))
+    for g, r, j in np.ndindex(2, 30, 10):
+        u0, u1 = u[g, r, 2 * j], u[g, r, 2 * j + 1]
+        best = np.min(np.where(valid, (u0 - a) ** 2 + (u1 - b) ** 2, np.inf))
+        got = (u0 - q[g, r, 2 * j]) ** 2 + (u1 - q[g, r, 2 * j + 1]) ** 2
+        assert valid[q[g, r, 2 * j] - qmin, q[g, r, 2 * j + 1] - qmin]
+        assert np.isclose(got, best)
+    assert np.array_equal(q[..., -1], np.clip(np.rint(u[..., -1]), qmin, qmax))  # odd K: the last alone
+    assert np.allclose(loss, np.sum((u - q) ** 2, axis=-1))
