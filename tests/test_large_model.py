@@ -2,8 +2,9 @@
 output (its int8 weights in the file, or in external data beside it past 2 GB) runs in onnxruntime, and
 the input is untouched.
 
-Slow (about ten minutes and 15 GB of memory on 2 cores); the time and peak memory are benchmarked by
-``scripts/bench_large_model.py``, which also builds the model."""
+Slow (about four minutes and 3 GB of memory on 2 cores; the weights are read in place,
+:mod:`onnxq.core.mapped`); the time and peak memory are benchmarked by ``scripts/bench_large_model.py``,
+which also builds the model."""
 
 from __future__ import annotations
 

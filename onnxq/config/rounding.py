@@ -78,13 +78,19 @@ class GPTQ:
     Attributes:
         damping: ``lambda / mean(diag H)``, added to the inputs' second-moment matrix ``H`` before it is
             inverted (larger: closer to round-to-nearest, steadier on few samples).
+        moments_mb: the most memory the second-moment matrices may take together (``8 K^2`` bytes per
+            distinct layer input of width ``K``); past it the layers with the widest inputs round to
+            nearest instead (named in a warning and the report), so a large model's run stays bounded.
     """
 
     method: ClassVar[str] = "gptq"
     damping: float = 0.01
+    moments_mb: int = 512
 
     def __post_init__(self) -> None:
         check_number("rounding (gptq) damping", self.damping, strict=True)
+        if not isinstance(self.moments_mb, int) or isinstance(self.moments_mb, bool) or self.moments_mb < 0:
+            raise UserError(f"rounding (gptq) moments_mb={self.moments_mb!r} must be a whole number of MiB >= 0")
 
     def resolved(self, activation_bits: int) -> GPTQ:
         return self
@@ -406,7 +412,8 @@ def rounding_from_dict(values: dict[str, Any]) -> Rounding:
     if kind is GPTQ:
         unknown = sorted(set(values) - _field_names(GPTQ))
         if unknown:
-            raise UserError(f"rounding method gptq has no setting {unknown[0]!r}: its only setting is damping")
+            raise UserError(f"rounding method gptq has no setting {unknown[0]!r}: its settings are damping and "
+                            "moments_mb")
         return GPTQ(**values)
     merge = values.pop("mrecg", None)
     if merge is not None:

@@ -75,15 +75,18 @@ def _reversed_inverse_cholesky(damped: np.ndarray) -> np.ndarray:
 
 
 def gptq_round(u: np.ndarray, qmin: int, qmax: int, *, hessian: np.ndarray | None = None,
-               damping: float = 0.01, pair_limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               damping: float = 0.01, pair_limit: int | None = None, factor: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes ``(G, R, K)`` for the real codes ``u`` (G, R, K): ``G`` groups of ``R`` rows, each group
     with its own ``hessian`` (G, K, K) (None: the identity), and each row's loss ``sum_k e_k^2`` (G, R)
-    (see the module docstring)."""
+    (see the module docstring). ``factor``: :func:`inverse_factor` of the hessian, when the caller rounds
+    several blocks of rows against one ``H`` (rows never interact)."""
     u = np.array(u, dtype=np.float64)
     groups, rows, k = u.shape
-    if hessian is None:  # no error feedback: every column (pair) independent, all rounded at once
-        return _round_independent(u, qmin, qmax, pair_limit)
-    factor = inverse_factor(hessian, damping)
+    if factor is None:
+        if hessian is None:  # no error feedback: every column (pair) independent, all rounded at once
+            return _round_independent(u, qmin, qmax, pair_limit)
+        factor = inverse_factor(hessian, damping)
     q = np.zeros(u.shape, dtype=np.int64)
     loss = np.zeros((groups, rows))
     for b0 in range(0, k, BLOCK):

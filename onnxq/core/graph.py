@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxq.core import mapped
 from onnxq.core.files import TEMP_SUFFIX, atomic_write, file_mode, same_file
 from onnxq.errors import UserError
 
@@ -47,7 +48,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
     External data is read only from files inside the model's folder (onnx refuses others) that are
     not the model file itself; tensors whose bytes do not match their shape, and float weights that
-    are NaN or infinite, are refused here, before any work.
+    are NaN or infinite, are refused here, before any work. External data of
+    :data:`~onnxq.core.mapped.MAPPED_MIN_BYTES` or more stay in their files (:mod:`onnxq.core.mapped`).
     """
     p = Path(path)
     if not p.exists():
@@ -59,7 +61,12 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
         external = external_data_files(model, p)
-        if external:
+        in_place = bool(external) and mapped.external_bytes(model) >= mapped.MAPPED_MIN_BYTES
+        if in_place:
+            problems = mapped.attach(model, p.parent)
+            if problems:
+                raise UserError(f"{p}: {problems[0]}: fix the export")
+        elif external:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except UserError:
         raise
@@ -71,7 +78,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise UserError(f"{p} holds no graph nodes: it is not an ONNX model or is truncated")
     small = proto_size(model) < PROTO_LIMIT
     try:
-        onnx.checker.check_model(model if small else str(p))
+        onnx.checker.check_model(model if small and not in_place else str(p))
     except Exception as exc:
         raise UserError(f"{p} fails the ONNX checker ({str(exc).splitlines()[0]}): fix the export first") from None
     opset = default_opset(model)
@@ -150,6 +157,9 @@ def proto_size(model: onnx.ModelProto) -> int:
 def check_initializers(model: onnx.ModelProto, path: Path) -> None:
     """Refuse initializers whose bytes do not fit their shape, and float ones with NaN or infinity."""
     for init in model.graph.initializer:
+        if mapped.is_mapped(init):  # mapped.attach checked the length
+            _check_finite(init.name, mapped.values(init), path)
+            continue
         if not init.HasField("raw_data"):
             continue
         if init.data_type in _PACKED_TYPES:
@@ -162,12 +172,19 @@ def check_initializers(model: onnx.ModelProto, path: Path) -> None:
         if len(init.raw_data) != count * np_dtype.itemsize:
             raise UserError(f"{path}: initializer {init.name!r} holds {len(init.raw_data)} bytes but its shape "
                             f"{list(init.dims)} needs {count * np_dtype.itemsize}: fix the export")
-        if (np_dtype.kind == "f" or "float" in np_dtype.name) and count:
-            values = np.frombuffer(init.raw_data, dtype=np_dtype)
-            for start in range(0, count, 1 << 24):
-                if not np.isfinite(values[start:start + (1 << 24)]).all():
-                    raise UserError(f"{path}: initializer {init.name!r} holds NaN or infinite values: "
-                                    "fix the trained weights or the export")
+        if count:
+            _check_finite(init.name, np.frombuffer(init.raw_data, dtype=np_dtype), path)
+
+
+def _check_finite(name: str, values: np.ndarray, path: Path) -> None:
+    """Refuse float ``values`` with NaN or infinity (checked 16 M values at a time)."""
+    if not (values.dtype.kind == "f" or "float" in values.dtype.name):
+        return
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, 1 << 24):
+        if not np.isfinite(flat[start:start + (1 << 24)]).all():
+            raise UserError(f"{path}: initializer {name!r} holds NaN or infinite values: "
+                            "fix the trained weights or the export")
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -220,12 +237,16 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """A graphsurgeon graph of ``model`` (mapped constants read in place: :mod:`onnxq.core.mapped`)."""
+    graph = gs.import_onnx(model)
+    mapped.wrap(graph)
+    return graph
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export a graph; keeps the template's ir_version/producer/metadata when given."""
     _repack_low_bit(graph)
+    mapped.release(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     # The lowest IR version the opsets need (onnxruntime refuses IR versions newer than it knows).
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
@@ -303,14 +324,18 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, source: str | Path |
     if out.is_dir():
         raise UserError(f"output path {out} is a folder: name the .onnx file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if proto_size(model) < PROTO_LIMIT:
+    in_place = bool(mapped.mapped_tensors(model))
+    if proto_size(model) < PROTO_LIMIT and not in_place:
         return atomic_write(out, lambda tmp: onnx.save_model(model, tmp))
     data_name = external_data_path(out).name
     staged = out.parent / (data_name + TEMP_SUFFIX)
 
     def write(tmp: str) -> None:
-        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=staged.name, size_threshold=1024)
+        if in_place:  # weights still in the input's data file: copied into the output's
+            mapped.write_external(model, tmp, staged, staged.name)
+        else:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=staged.name, size_threshold=1024)
         os.chmod(staged, file_mode())
         os.replace(staged, out.parent / data_name)
         _rename_external_location(tmp, staged.name, data_name)
@@ -335,11 +360,15 @@ def _rename_external_location(model_path: str, old: str, new: str) -> None:
     onnx.save_model(m, model_path)
 
 
-def serialize_for_ort(model: onnx.ModelProto) -> bytes | str:
-    """What onnxruntime.InferenceSession accepts: bytes, or a temp path for >2 GB models."""
+def serialize_for_ort(model: onnx.ModelProto) -> tuple[bytes | str, dict[str, str]]:
+    """What onnxruntime.InferenceSession accepts (bytes, or a temp path for >2 GB models) and the session
+    config entries it needs (the folder of mapped weights, :func:`onnxq.core.mapped.ort_bytes`)."""
     if proto_size(model) < PROTO_LIMIT:
-        return model.SerializeToString()
+        data, folder = mapped.ort_bytes(model)
+        return data, mapped.session_config(folder)
+    if mapped.mapped_tensors(model):
+        raise ValueError("a model over 2 GB that still holds mapped weights: quantize them before running it")
     folder = tempfile.mkdtemp(prefix="onnxq_")
     path = os.path.join(folder, "model.onnx")
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-    return path
+    return path, {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxq.core import mapped, memory
 from onnxq.core.context import QuantContext
 from onnxq.errors import PassError
 
@@ -94,6 +95,8 @@ class PassManager:
             modified = False
             for p in self.passes:
                 result = p(graph, ctx)
+                mapped.release(graph)  # weights the pass only read leave memory again
+                memory.trim()
                 modified |= result.modified
                 if self.debug:
                     try:

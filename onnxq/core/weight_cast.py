@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.core import mapped
+
 __all__ = ["CAST_SUFFIX", "WIDER", "cast_source", "constant_types", "folded_casts", "folded_constants",
            "widen_weights"]
 
@@ -82,14 +84,14 @@ def folded_constants(graph: onnx.GraphProto) -> dict[str, tuple[np.ndarray, int]
     values: dict[str, tuple[np.ndarray, int]] = {}
     for t in graph.initializer:
         try:
-            values[t.name] = (numpy_helper.to_array(t), t.data_type)
+            values[t.name] = (mapped.values(t), t.data_type)
         except Exception:  # external data not loaded, unknown type
             continue
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
-                    values[node.output[0]] = (numpy_helper.to_array(attr.t), attr.t.data_type)
+                    values[node.output[0]] = (mapped.values(attr.t), attr.t.data_type)
     out: dict[str, tuple[np.ndarray, int]] = {}
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or not node.input or any(i not in values for i in node.input if i):
@@ -159,7 +161,7 @@ def _has_zero_point(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) ->
     """A constant, nonzero zero-point (both inputs initializers)."""
     if len(node.input) < 3 or not node.input[2] or node.input[0] not in inits or node.input[2] not in inits:
         return False
-    return bool(np.any(numpy_helper.to_array(inits[node.input[2]])))
+    return bool(np.any(mapped.values(inits[node.input[2]])))
 
 
 def _centred(graph: onnx.GraphProto, dq: onnx.NodeProto, codes: onnx.TensorProto, names: set[str]
@@ -179,7 +181,7 @@ def _centred(graph: onnx.GraphProto, dq: onnx.NodeProto, codes: onnx.TensorProto
     q8, z8, zb, centred = (fresh(q + CAST_SUFFIX), fresh(z + CAST_SUFFIX), fresh(z + "_per_row"),
                            fresh(q + "_centred"))
     shape_name, zero_name = fresh(z + "_per_row_shape"), fresh(z + "_zero")
-    z_values = numpy_helper.to_array(next(t for t in graph.initializer if t.name == z))
+    z_values = mapped.values(next(t for t in graph.initializer if t.name == z))
     graph.initializer.extend([numpy_helper.from_array(np.asarray(shape, dtype=np.int64), shape_name),
                               numpy_helper.from_array(np.zeros(z_values.shape, np.int8), zero_name)])
     dq.input[0], dq.input[2] = centred, zero_name

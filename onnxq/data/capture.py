@@ -24,7 +24,10 @@ def session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel = ort.Grap
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.log_severity_level = 3
-    return ort.InferenceSession(serialize_for_ort(model), opts, providers=["CPUExecutionProvider"])
+    data, config = serialize_for_ort(model)
+    for key, value in config.items():
+        opts.add_session_config_entry(key, value)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

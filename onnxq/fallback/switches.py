@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.core import mapped
 from onnxq.core.layers import key_of
 from onnxq.core.qdq import base_of
 
@@ -130,7 +131,7 @@ def _float_source(dq: onnx.NodeProto, producer: dict[str, onnx.NodeProto], const
             return None
         if weight not in added:
             added[weight] = f"{weight}_onnxq_float"
-            array = numpy_helper.to_array(init)
+            array = mapped.values(init)
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), added[weight]))
         return added[weight]
     t = codes

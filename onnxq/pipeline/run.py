@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxq.config import Config
 from onnxq.config.choices import UNTRAINED_ROUNDING
 from onnxq.core import graph as g
+from onnxq.core import mapped, memory
 from onnxq.core.context import QuantContext
 from onnxq.data.loaders import CalibrationSet, ImageRecipe, load_calibration, model_inputs
 from onnxq.data.sanity import degenerate_inputs
@@ -30,7 +32,7 @@ from onnxq.pipeline.build import build_pipeline, prepare_float
 from onnxq.pipeline.result import QuantResult
 from onnxq.recon.engine import require_device
 from onnxq.report.metrics import INTEGER_KERNELS
-from onnxq.report.sessions import DISABLE_ALL, Source, build_session, short_error
+from onnxq.report.sessions import ENABLE_ALL, Source, build_session, inputs_for, short_error
 from onnxq.report.validate import ValidationReport, validate
 from onnxq.report.verdict import criteria_for
 from onnxq.targets.profiles import resolve_config
@@ -64,11 +66,13 @@ def nothing_quantized(model: onnx.ModelProto, float_ops: Mapping[str, str]) -> s
     return f"nothing was quantized ({detail}): the output is the float model"
 
 
-def check_float_runs(model: onnx.ModelProto, source: Path | None, feed: Mapping[str, np.ndarray]) -> None:
-    """Run the float model once in onnxruntime on the first calibration batch: a model onnxruntime
-    refuses (mismatched types or shapes, duplicate names, an opset it does not know), or that fails
-    or gives NaN on the data, is a one-line error now instead of a failure deep in a pass."""
-    sess, error = build_session(Source.of(source if source is not None else model, "the float model"), DISABLE_ALL)
+def check_float_runs(model: onnx.ModelProto, source: Path | None, feed: Mapping[str, np.ndarray]
+                     ) -> ort.InferenceSession:
+    """Run the float model once in onnxruntime (``ORT_ENABLE_ALL``, as the validator does) on the first
+    calibration batch: a model onnxruntime refuses (mismatched types or shapes, duplicate names, an
+    opset it does not know), or that fails or gives NaN on the data, is a one-line error now instead of
+    a failure deep in a pass. Returns the session."""
+    sess, error = build_session(Source.of(source if source is not None else model, "the float model"), ENABLE_ALL)
     if sess is None:
         raise UserError(f"onnxruntime cannot load the float model ({error}): fix the export; onnxq "
                         "quantizes models onnxruntime runs")
@@ -82,6 +86,22 @@ def check_float_runs(model: onnx.ModelProto, source: Path | None, feed: Mapping[
         if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
             raise UserError(f"the float model's output {meta.name!r} is NaN or infinite on the first "
                             "calibration batch: check the data's range and preprocessing")
+    return sess
+
+
+def float_outputs(sess: ort.InferenceSession, val_set: CalibrationSet) -> dict[str, list[np.ndarray]] | None:
+    """The float model's outputs on every validation batch (what the validator compares against), computed
+    while its session is open anyway; None when a batch fails (the validator then reports it)."""
+    names = [o.name for o in sess.get_outputs()]
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in val_set:
+        try:
+            values = sess.run(None, inputs_for(sess, feed))
+        except Exception:  # the validator runs the float model itself and says what failed
+            return None
+        for n, v in zip(names, values, strict=True):
+            out[n].append(np.asarray(v))
+    return out
 
 
 def split_validation(calib_set: CalibrationSet, config: Config) -> tuple[CalibrationSet, CalibrationSet]:
@@ -109,6 +129,7 @@ class PreparedRun:
     validation_given: bool
     degenerate: tuple[str, ...]
     started: float
+    float_outputs: Mapping[str, list[np.ndarray]] | None = None  # on val_set, when validation is on
 
     @property
     def float_model(self) -> Path | onnx.ModelProto:
@@ -131,7 +152,7 @@ def prepare_run(model: str | Path | onnx.ModelProto, calib: CalibSource, config:
     calib_set = load_calibration(calib, inputs, recipe=recipe, batch_size=batch_size)
     if len(calib_set) == 0:
         raise UserError("the calibration data is empty: give at least one sample")
-    check_float_runs(original, source, calib_set[0])
+    sess = check_float_runs(original, source, calib_set[0])
     degenerate = degenerate_inputs(calib_set)
     for line in degenerate:
         log.warning("calibration data look degenerate: %s", line)
@@ -139,8 +160,12 @@ def prepare_run(model: str | Path | onnx.ModelProto, calib: CalibSource, config:
         calib_set, val_set = split_validation(calib_set, config)
     else:
         val_set = load_calibration(validation, inputs, recipe=recipe, batch_size=batch_size)
+    # The validator's float reference now, while this session holds the float weights: the quantized
+    # model never shares memory with a float session.
+    reference = float_outputs(sess, val_set) if config.validation.enabled else None
+    del sess
     return PreparedRun(requested, config, original, source, calib_set, val_set, validation is not None,
-                       tuple(degenerate), t0)
+                       tuple(degenerate), t0, reference)
 
 
 def quantize_prepared(run: PreparedRun, config: Config | None = None) -> tuple[onnx.ModelProto, QuantContext]:
@@ -188,8 +213,9 @@ def finish_run(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext, 
         report["nothing_quantized"] = unquantized
     val = None
     if config.validation.enabled:
-        val = validate(run.float_model, quantized, run.val_set,
-                       criteria=criteria_for(config))
+        memory.collect()  # the pipeline's graph, before the validator's sessions
+        val = validate(run.float_model, quantized, run.val_set, criteria=criteria_for(config),
+                       float_outputs=run.float_outputs)
         extra = ([unquantized] if unquantized else []) + \
             ([f"the calibration data look degenerate ({degenerate[0]}); a check held out from them cannot vouch "
               "for real inputs: pass --validation with real samples"] if degenerate and not run.validation_given
@@ -215,6 +241,9 @@ def _details(run: PreparedRun, quantized: onnx.ModelProto, ctx: QuantContext) ->
     reference = ctx.reference
     if reference is None or max(g.proto_size(quantized), g.proto_size(reference)) >= g.PROTO_LIMIT:
         return {"details_skipped": "a model over 2 GB: no per-tensor errors or latency"}
+    if mapped.mapped_tensors(reference):
+        return {"details_skipped": f"weights over {mapped.MAPPED_MIN_BYTES >> 20} MiB read in place: no per-tensor "
+                                   "errors or latency (they would hold a second copy of the weights)"}
     t0 = time.perf_counter()
     feeds = [run.val_set[i] for i in range(run.val_set.leading_batches(LAYER_SAMPLES))]
     out = {"layers": layer_errors(reference, quantized, feeds),

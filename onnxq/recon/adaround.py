@@ -65,8 +65,10 @@ def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_tensors(weight: np.ndarray | torch.Tensor, scale, zero_point, axis: int | None):
-    w = torch.as_tensor(np.asarray(weight) if isinstance(weight, np.ndarray) else weight)
-    w = w.detach().to(torch.float32).clone()
+    if isinstance(weight, np.ndarray):  # a copy: the weight may be a read-only map (onnxq.core.mapped)
+        w = torch.from_numpy(np.array(weight, dtype=np.float32))
+    else:
+        w = weight.detach().to(torch.float32).clone()
     s = torch.as_tensor(np.asarray(scale) if not isinstance(scale, torch.Tensor) else scale)
     s = s.detach().to(torch.float32).clone()
     z = torch.as_tensor(np.asarray(zero_point) if not isinstance(zero_point, torch.Tensor) else zero_point)

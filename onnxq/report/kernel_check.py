@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from onnxq.core import mapped
 from onnxq.targets.ort_kernels import layout_of, pair_violations
 
 _WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
@@ -34,7 +34,7 @@ def saturating_pairs(model: onnx.ModelProto) -> dict[str, int]:
         init = inits.get(w_dq.input[0])
         if init is None or init.data_type != onnx.TensorProto.INT8:
             continue
-        codes = numpy_helper.to_array(init)
+        codes = mapped.values(init)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         layout = layout_of(node.op_type, attrs, codes.shape, _channels(shapes.get(node.input[0])))
         if layout is None:

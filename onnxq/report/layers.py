@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
+from onnxq.core import mapped
 from onnxq.report.sessions import DISABLE_ALL, inputs_for, open_session
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,9 @@ def quantized_activations(quant: onnx.ModelProto,
         t = node.input[0] if node.input else ""
         if node.op_type != "QuantizeLinear" or t not in float_names or t in seen or node.input[1] not in consts:
             continue
-        scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
+        scale = mapped.values(consts[node.input[1]]).astype(np.float64)
         zp_t = consts.get(node.input[2]) if len(node.input) > 2 else None
-        zp = numpy_helper.to_array(zp_t) if zp_t is not None else np.zeros((), np.uint8)
+        zp = mapped.values(zp_t) if zp_t is not None else np.zeros((), np.uint8)
         if scale.size != 1:
             continue
         info = np.iinfo(zp.dtype) if zp.dtype.kind in "iu" else None

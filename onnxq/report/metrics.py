@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxq.core import mapped
 from onnxq.core.weight_cast import folded_constants
 from onnxq.errors import UserError
 
@@ -166,7 +167,7 @@ def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
 def _to_array(tensor: onnx.TensorProto) -> np.ndarray | None:
     """``numpy_helper.to_array`` that returns None (and logs) when the data cannot be read."""
     try:
-        return numpy_helper.to_array(tensor)
+        return mapped.values(tensor)
     except Exception as exc:  # external data not loaded, unknown type, corrupt buffer
         logger.debug("cannot read constant %r: %s", tensor.name, exc)
         return None

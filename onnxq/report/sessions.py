@@ -3,6 +3,7 @@ that turn a failure into an error line, the graph onnxruntime really runs, and f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -16,6 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
+from onnxq.core import mapped, memory
 from onnxq.core.graph import PROTO_LIMIT, proto_size, serialize_for_ort
 from onnxq.errors import UserError
 from onnxq.report.metrics import count_ops
@@ -31,6 +33,7 @@ class Source:
     path: Path | None
     proto: onnx.ModelProto | None
     data: bytes | None
+    config: Mapping[str, str] = dataclasses.field(default_factory=dict)  # session config entries (mapped weights)
 
     @staticmethod
     def of(model: str | Path | onnx.ModelProto, what: str) -> Source:
@@ -38,10 +41,11 @@ class Source:
             if proto_size(model) >= PROTO_LIMIT:
                 raise UserError(f"{what} is a ModelProto over protobuf's 2 GB limit: save it with "
                                 "onnx.save(model, path, save_as_external_data=True) and pass the path")
-            if any(uses_external_data(t) for t in model.graph.initializer):
+            if any(uses_external_data(t) and not mapped.is_mapped(t) for t in model.graph.initializer):
                 raise UserError(f"{what} references external data that is not loaded: pass the model's path, "
                                 "or load it with onnx.load(path) (load_external_data=True)")
-            return Source(None, model, model.SerializeToString())
+            data, config = serialize_for_ort(model)
+            return Source(None, model, data, config)  # type: ignore[arg-type]
         if isinstance(model, (str, os.PathLike)):
             if not Path(model).is_file():
                 raise UserError(f"{what} {str(model)!r} is not a file: pass the path of an .onnx model")
@@ -69,21 +73,26 @@ def threads() -> int:
     return int(raw) if raw else 0
 
 
-def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+def session_options(level: ort.GraphOptimizationLevel, config: Mapping[str, str] | None = None) -> ort.SessionOptions:
     """CPU session options at ``level``: ``threads()`` intra-op threads, fatal logs only (failures reach the
-    caller as exceptions)."""
+    caller as exceptions), and the session ``config`` entries a model needs (:func:`serialize_for_ort`)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.intra_op_num_threads = threads()
     so.log_severity_level = 4
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     return so
 
 
 def open_session(model: onnx.ModelProto | Path, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
     """An ORT CPU session over our own model (a ModelProto of any size: over 2 GB through a temporary
-    file) or a file; a failure raises (use :func:`build_session` for a model that may be broken)."""
-    src = str(model) if isinstance(model, Path) else serialize_for_ort(model)
-    return ort.InferenceSession(src, session_options(level), providers=["CPUExecutionProvider"])
+    file; mapped weights read from their file) or a file; a failure raises (use :func:`build_session` for
+    a model that may be broken)."""
+    if isinstance(model, Path):
+        return ort.InferenceSession(str(model), session_options(level), providers=["CPUExecutionProvider"])
+    src, config = serialize_for_ort(model)
+    return ort.InferenceSession(src, session_options(level, config), providers=["CPUExecutionProvider"])
 
 
 def inputs_for(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,7 +108,8 @@ def build_session(src: Source, level: ort.GraphOptimizationLevel,
     With ``save_dir``, ORT saves its optimized graph to ``save_dir/optimized.onnx`` (initializers
     over 1 KiB go to an external file, so models of any size serialize).
     """
-    so = session_options(level)
+    memory.trim()  # the session's weights should find the pages freed before it
+    so = session_options(level, src.config)
     if save_dir is not None:
         so.optimized_model_filepath = str(Path(save_dir) / "optimized.onnx")
         key = "session.optimized_model_external_initializers_"

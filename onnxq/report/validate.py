@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxq.core import mapped
 from onnxq.core.cpu import describe
 from onnxq.core.files import atomic_write_text
 from onnxq.errors import UserError
@@ -268,7 +269,13 @@ def _match_outputs(float_names: list[str], quant_names: list[str],
 def _checker(src: Source) -> str | None:
     """The full ONNX checker (path variant for files, so models over 2 GB work): the error or None."""
     try:
-        onnx.checker.check_model(str(src.path) if src.path is not None else src.proto, full_check=True)
+        if src.path is not None:
+            onnx.checker.check_model(str(src.path), full_check=True)
+        elif src.proto is not None and mapped.mapped_tensors(src.proto):
+            with mapped.checkable_path(src.proto) as path:
+                onnx.checker.check_model(path, full_check=True)
+        else:
+            onnx.checker.check_model(src.proto, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, protobuf decode errors ...
         return short_error(exc)
     return None
@@ -308,6 +315,7 @@ def validate(
     *,
     max_samples: int | None = None,
     criteria: Criteria | None = None,
+    float_outputs: Mapping[str, list[np.ndarray]] | None = None,
 ) -> ValidationReport:
     """Validate ``quant_model`` against ``float_model`` in onnxruntime on CPU.
 
@@ -320,6 +328,9 @@ def validate(
         max_samples: use at most this many feed dicts (None: all); ``n_samples`` counts feed dicts.
         criteria: what ``ok`` demands (:class:`~onnxq.report.verdict.Criteria`; default: a portable
             model for onnxruntime on CPU, top-1 agreement >= 90 % or cosine >= 0.95).
+        float_outputs: the float model's outputs on ``feeds`` at ``ORT_ENABLE_ALL`` (output name -> one array
+            per feed), when the caller already has them: the float model is then not run again (a run keeps
+            one session's copy of the weights in memory at a time).
 
     Returns:
         A :class:`ValidationReport`; the module docstring says what each field measures.
@@ -340,27 +351,32 @@ def validate(
     ternary = _ternary(qsrc, errors)
     saturating = _saturating(qsrc, errors)
 
-    fl = Runner("float model ORT_ENABLE_ALL", fsrc, ENABLE_ALL, errors)
-    if fl.sess is not None:
-        check_feeds(samples, fl.sess)
+    # One session at a time (each holds a copy of its weights): the float model, the fused kernels, the
+    # simulation; each runs every sample and is released before the next is built.
+    if float_outputs is None:
+        fl = Runner("float model ORT_ENABLE_ALL", fsrc, ENABLE_ALL, errors)
+        if fl.sess is not None:
+            check_feeds(samples, fl.sess)
+        ref, float_names, float_ok = _run_all(fl, samples), fl.names, fl.ok
+    else:
+        if any(len(v) != len(samples) for v in float_outputs.values()):
+            raise ValueError("float_outputs must hold one array per feed for every output")
+        ref, float_names, float_ok = {n: list(v) for n, v in float_outputs.items()}, list(float_outputs), True
     with tempfile.TemporaryDirectory(prefix="onnxq-validate-") as tmp:
         qa = Runner("quant model ORT_ENABLE_ALL", qsrc, ENABLE_ALL, errors, save_dir=tmp)
         counts = saved_counts(tmp) if qa.sess is not None else {}
+    got = _run_all(qa, samples)
     qn = Runner("quant model ORT_DISABLE_ALL", qsrc, DISABLE_ALL, errors)
+    sim = _run_all(qn, samples)
 
-    ref: dict[str, list[np.ndarray]] = {n: [] for n in fl.names}
-    got: dict[str, list[np.ndarray]] = {n: [] for n in qa.names}
-    sim: dict[str, list[np.ndarray]] = {n: [] for n in qn.names}
     levels_diff = 0.0
-    for i, feed in enumerate(samples):
-        f_out, a_out, n_out = fl.run(feed, i), qa.run(feed, i), qn.run(feed, i)
-        for store, out in ((ref, f_out), (got, a_out), (sim, n_out)):
-            for n, v in (out or {}).items():
-                store[n].append(v)
+    for i in range(len(samples)):
+        a_out = {n: v[i] for n, v in got.items()} if qa.ok else None
+        n_out = {n: v[i] for n, v in sim.items()} if qn.ok else None
         if a_out is not None and n_out is not None and math.isfinite(levels_diff):
             levels_diff = max(levels_diff, _levels_diff(a_out, n_out, i, errors))
 
-    matched = _match_outputs(fl.names, qa.names, errors) if fl.ok and qa.ok and qn.ok else []
+    matched = _match_outputs(float_names, qa.names, errors) if float_ok and qa.ok and qn.ok else []
     outputs = _fidelities(matched, ref, got, errors)
     simulation = _fidelities(matched, ref, sim, errors)
     levels = _fidelities([(q, q) for _, q in matched], sim, got, errors)
@@ -391,6 +407,20 @@ def validate(
         saturating_pairs=saturating,
         failures=tuple(failed),
     )
+
+
+def _run_all(runner: Runner, samples: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """``runner``'s outputs on every sample (it stops at its first failure: ``runner.ok``), then its
+    session is released."""
+    out: dict[str, list[np.ndarray]] = {n: [] for n in runner.names}
+    for i, feed in enumerate(samples):
+        result = runner.run(feed, i)
+        if result is None:
+            break
+        for n, v in result.items():
+            out[n].append(v)
+    runner.sess = None
+    return out
 
 
 def _fidelities(matched: list[tuple[str, str]], refs: dict[str, list[np.ndarray]],

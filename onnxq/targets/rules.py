@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
+from onnxq.core import mapped
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.qdq import INT32_MAX
 from onnxq.core.spec import is_power_of_two
@@ -90,7 +91,7 @@ class QDQGraph:
         self.consts: dict[str, np.ndarray] = {}
         self.const_types: dict[str, int] = {}
         for init in g.initializer:
-            self.consts[init.name] = numpy_helper.to_array(init)
+            self.consts[init.name] = mapped.values(init)
             self.const_types[init.name] = init.data_type
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -98,7 +99,7 @@ class QDQGraph:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for attr in node.attribute:
                     if attr.name == "value":
-                        self.consts[node.output[0]] = numpy_helper.to_array(attr.t)
+                        self.consts[node.output[0]] = mapped.values(attr.t)
                         self.const_types[node.output[0]] = attr.t.data_type
             for o in node.output:
                 self.producer[o] = node

@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.core.context import QuantContext
 from onnxq.core.gemm_layout import Layout, gemm_layout
-from onnxq.core.gptq import gptq_round
+from onnxq.core.gptq import gptq_round, inverse_factor
 from onnxq.core.spec import QParams, quantize
 from onnxq.targets.ort_kernels import PAIR_LIMIT, constrained_layout, pair_violations
 
@@ -79,9 +79,9 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
     """The QParams (a channel's scale may grow, see the module docstring) and integer codes of ``node``'s
     weight ``values``, in the weight's shape (int64 from :func:`quantize`; int16 when fitted or GPTQ-rounded).
 
-    Without ``H`` and with a scale per row, the rows are rounded independently, a block of rows at a
-    time (at most ``_BLOCK_ELEMENTS`` real codes over all scales tried), so a large weight never has
-    its float64 copies in memory at once."""
+    With a scale per row and one ``H`` (or none) for all rows, the rows are rounded independently, a
+    block of rows at a time (at most ``_BLOCK_ELEMENTS`` real codes over all scales tried; ``H``'s
+    inverse factor computed once), so a large weight never has its float64 copies in memory at once."""
     spec = qp.spec
     bits = spec.store_bits
     kernel_layout = constrained_layout(node, values.shape, bits, ctx.config.kernels,
@@ -100,7 +100,10 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
     limit = PAIR_LIMIT if kernel_layout is not None else None
     alphas = _alphas(qp, rows, limit)
     per_row = qp.scale.size == rows
-    block = rows if hessian is not None or not per_row else max(1, _BLOCK_ELEMENTS // (cols * len(alphas)))
+    groups = hessian.shape[0] if hessian is not None else 1
+    damping = float(getattr(ctx.config.rounding, "damping", 0.01))
+    factor = inverse_factor(hessian, damping) if hessian is not None else None  # once for all rows
+    block = rows if groups > 1 or not per_row else max(1, _BLOCK_ELEMENTS // (cols * len(alphas)))
     codes = np.empty((rows, cols), dtype=np.int16 if spec.store_bits <= 8 else np.int64)
     best_alpha = np.ones(rows)
     if stats is not None:
@@ -108,9 +111,8 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
         stats.constrained += int(kernel_layout is not None)
     for r0 in range(0, rows, block):
         part = slice(r0, min(rows, r0 + block))
-        codes[part], best_alpha[part] = _best_codes(w32[part], scale[part], zero[part], alphas, spec, hessian,
-                                                    float(getattr(ctx.config.rounding, "damping", 0.01)),
-                                                    limit, per_row)
+        codes[part], best_alpha[part] = _best_codes(w32[part], scale[part], zero[part], alphas, spec, groups,
+                                                    factor, limit, per_row)
         if stats is not None:
             s32 = np.asarray(qp.scale, dtype=np.float32).reshape(-1)
             nearest = np.clip(np.rint(w32[part] / (s32[part] if s32.size == rows else s32)[:, None])
@@ -132,12 +134,11 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
     return new_qp, layout.from_matrix(codes)
 
 
-def _best_codes(w32: np.ndarray, scale: np.ndarray, zero: np.ndarray, alphas: np.ndarray, spec, hessian,
-                damping: float, limit: int | None, per_row: bool) -> tuple[np.ndarray, np.ndarray]:
+def _best_codes(w32: np.ndarray, scale: np.ndarray, zero: np.ndarray, alphas: np.ndarray, spec, groups: int,
+                factor: np.ndarray | None, limit: int | None, per_row: bool) -> tuple[np.ndarray, np.ndarray]:
     """Codes ``(M, K)`` of the rows ``w32`` and each row's ``alpha``: the least loss over ``alphas`` (per
     row, or in total with one scale for all rows)."""
     rows = w32.shape[0]
-    groups = hessian.shape[0] if hessian is not None else 1
     best_loss, best_codes, best_alpha = np.full(rows, np.inf), np.zeros(w32.shape, dtype=np.int64), np.ones(rows)
     chunk = max(1, _ELEMENTS // w32.size)
     for start in range(0, len(alphas), chunk):
@@ -145,8 +146,7 @@ def _best_codes(w32: np.ndarray, scale: np.ndarray, zero: np.ndarray, alphas: np
         s = (scale[None, :] * part[:, None]).astype(np.float32)  # (A, M) as stored; u as QuantizeLinear divides
         z = _zero_points(zero, part, spec)  # (A, M)
         u = (w32[None] / s[..., None]).astype(np.float64) + z[..., None]  # (A, M, K)
-        q, loss = gptq_round(_by_group(u, groups), spec.qmin, spec.qmax, hessian=hessian, damping=damping,
-                             pair_limit=limit)
+        q, loss = gptq_round(_by_group(u, groups), spec.qmin, spec.qmax, factor=factor, pair_limit=limit)
         del u
         q, loss = _by_alpha(q, len(part)), _by_alpha(loss[..., None], len(part))[..., 0] * s.astype(np.float64) ** 2
         for i, alpha in enumerate(part):

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
+from onnxq.core import mapped
 from onnxq.core.qdq import base_of
 from onnxq.core.weight_cast import cast_source, constant_types, folded_casts
 
@@ -187,7 +188,7 @@ def check_ternary(model: onnx.ModelProto) -> TernaryReport | None:
             violations.append(f"ternary weight {weight}: {codes_name} is "
                               f"{'missing' if proto is None else 'not an integer constant'}")
             continue
-        codes = numpy_helper.to_array(proto).astype(np.int64)
+        codes = mapped.values(proto).astype(np.int64)
         bad = codes[(codes < -1) | (codes > 1)]
         scale = tensors.get(scale_of.get(codes_name, ""))
         n_scales = int(np.prod(scale.dims)) if scale is not None else 0

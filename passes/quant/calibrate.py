@@ -83,7 +83,32 @@ def layer_moments(graph: gs.Graph, ctx: QuantContext) -> dict[str, tuple[str, In
         key = (x.name, node.op, layout.matrix_shape[1], layout.group, layout.shape[1:],
                tuple(sorted((k, str(v)) for k, v in node.attrs.items() if k not in ("transB", "alpha", "beta"))))
         out[node.outputs[0].name] = (x.name, shared.setdefault(key, InputMoments(node.op, node.attrs, layout)))
-    return out
+    return _within_budget(out, ctx)
+
+
+def _within_budget(moments: dict[str, tuple[str, InputMoments]], ctx: QuantContext
+                   ) -> dict[str, tuple[str, InputMoments]]:
+    """``moments`` without the widest inputs' while their matrices (``8 groups K^2`` bytes each, shared ones
+    once) pass ``rounding.moments_mb``: those layers round to nearest (a warning and
+    ``report["gptq_moments_over_budget"]`` name them)."""
+    budget = int(getattr(ctx.config.rounding, "moments_mb", 0)) << 20
+    distinct = {id(m): m for _, m in moments.values() if m.kept}
+    size = {key: 8 * m.groups * m.k * m.k for key, m in distinct.items()}
+    total, dropped = sum(size.values()), set()
+    for key in sorted(size, key=lambda k: -size[k]):  # widest first; ties keep graph order (stable sort)
+        if total <= budget:
+            break
+        dropped.add(key)
+        total -= size[key]
+    if not dropped:
+        return moments
+    skipped = sorted(out for out, (_, m) in moments.items() if id(m) in dropped)
+    log.warning("GPTQ: %d layer(s) round to nearest (%s): the second moments of all layer inputs need "
+                "%.1f MiB, over rounding.moments_mb = %d; raise it to round them with GPTQ", len(skipped),
+                ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""), sum(size.values()) / 2**20,
+                budget >> 20)
+    ctx.report["gptq_moments_over_budget"] = skipped
+    return {out: pair for out, pair in moments.items() if id(pair[1]) not in dropped}
 
 
 class CalibratePass(Pass):

@@ -31,6 +31,7 @@ from dataclasses import replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxq.core import mapped
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import constant
 from onnxq.core.layers import WEIGHT_INPUTS, node_key
@@ -209,6 +210,7 @@ class InsertQDQPass(Pass):
                 w_qp, codes = rounded_weight(node, values, w_qp, ctx, stats=stats)
             ctx.qparams[w.name] = w_qp
             ctx.float_weights.setdefault(w.name, values)
+            mapped.drop_pages(values)  # a weight read in place: its pages leave memory until read again
             dq_name = w.name if w.name not in done else f"{w.name}_{node.name}"
             done[w.name] = node.inputs[w_idx] = make_dq(graph, codes, w_qp, dq_name,
                                                         keep_zero_point=node.op == "Gemm")
