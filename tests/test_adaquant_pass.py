@@ -68,7 +68,7 @@ def runs(calib, holdout):
 
 
 def test_both_modes_beat_round_to_nearest_and_validate(runs, eval_x):
-    ref = _logits(g.load_model(MODELS / "tiny_cnn.onnx"), eval_x)
+    ref = _logits(onnx.load(str(MODELS / "tiny_cnn.onnx")), eval_x)
     err = {k: float(np.mean((_logits(r.model, eval_x) - ref) ** 2)) for k, r in runs.items()}
     assert err["parallel"] < 0.9 * err["rtn"] and err["sequential"] < 0.9 * err["rtn"], err
     for mode in ("parallel", "sequential"):

@@ -48,8 +48,9 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
     External data is read only from files inside the model's folder (onnx refuses others) that are
     not the model file itself; tensors whose bytes do not match their shape, and float weights that
-    are NaN or infinite, are refused here, before any work. External data of
-    :data:`~onnxq.core.mapped.MAPPED_MIN_BYTES` or more stay in their files (:mod:`onnxq.core.mapped`).
+    are NaN or infinite, are refused here, before any work. Weights of
+    :data:`~onnxq.core.mapped.MAPPED_MIN_BYTES` or more are read in place (:mod:`onnxq.core.mapped`):
+    external data from their files, in-file weights from a temporary copy.
     """
     p = Path(path)
     if not p.exists():
@@ -88,6 +89,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if small:  # shape inference needs the serialised model
         check_declared_shapes(model, p)
     densify_sparse_initializers(model)
+    if not in_place and mapped.in_file_bytes(model) >= mapped.MAPPED_MIN_BYTES:
+        log.debug("%s: %d bytes of weights moved to a temporary file, read in place", p, mapped.spill(model))
     return model
 
 

@@ -22,7 +22,10 @@ runs) plus the quantized weights, whatever the model's size.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import itertools
 import mmap
 import os
 import shutil
@@ -35,7 +38,10 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-MAPPED_MIN_BYTES = 1 << 30  # external data from this size on stay in their file
+#: Weights from this size on are read in place: external data in their file, in-file weights from a
+#: temporary copy (:func:`spill`). ``$ONNXQ_MAPPED_MIN_BYTES`` overrides it (tests run everything mapped).
+MAPPED_MIN_BYTES = int(os.environ.get("ONNXQ_MAPPED_MIN_BYTES", 1 << 30))
+_SPILL_MIN = 4096  # in-file tensors under this size stay in the proto
 FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 _COPY_CHUNK = 64 << 20
 _ALIGN = 4096  # onnxruntime maps external data at page-aligned offsets faster
@@ -100,6 +106,42 @@ def attach(model: onnx.ModelProto, folder: Path) -> list[str]:
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     return problems
+
+
+def in_file_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s initializers held in the proto itself (``raw_data``)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer if t.HasField("raw_data"))
+
+
+def spill(model: onnx.ModelProto) -> int:
+    """Move ``model``'s in-file initializers (numpy types, :data:`_SPILL_MIN` bytes or more) into a file of
+    this process's temporary folder and map them from there, so a model loaded from one large file is
+    held like one with external data. The folder is removed when the process exits. Returns the bytes
+    moved."""
+    moved = 0
+    path = os.path.join(_spill_folder(), f"weights{next(_SPILLS)}.bin")
+    with open(path, "wb") as out:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < _SPILL_MIN or np_dtype(tensor) is None:
+                continue
+            out.seek(-out.tell() % _ALIGN, os.SEEK_CUR)
+            offset = out.tell()
+            out.write(tensor.raw_data)
+            length = len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            _set_location(tensor, path, offset, length)
+            moved += length
+    return moved
+
+
+_SPILLS = itertools.count()
+
+
+@functools.cache
+def _spill_folder() -> str:
+    folder = tempfile.mkdtemp(prefix="onnxq-weights-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def values(tensor: onnx.TensorProto) -> np.ndarray:

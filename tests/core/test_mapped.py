@@ -203,3 +203,28 @@ def test_gptq_moments_stay_within_their_budget(tmp_path: Path) -> None:
     assert tight.model.SerializeToString() == nearest.model.SerializeToString()
     with pytest.raises(UserError, match="moments_mb"):
         GPTQ(moments_mb=-1)
+
+
+def test_in_file_weights_are_moved_to_a_temporary_file_and_give_the_same_model(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    single = tmp_path / "single" / "model.onnx"
+    single.parent.mkdir()
+    onnx.save_model(onnx.load(str(_external_mlp(tmp_path / "ext"))), single)  # every weight in the file
+    before = sha256_of(single)
+    config = dataclasses.replace(Config(), rounding=RoundToNearest(), exclude=("mm1",))
+    in_memory = quantize(single, _calib(), config)
+    monkeypatch.setattr(mapped, "MAPPED_MIN_BYTES", 0)
+    model = g.load_model(single)
+    spilled = mapped.mapped_tensors(model)
+    assert {t.name for t in spilled} == {"W0", "W1"}  # W2 and b0 (under 4 KiB) stay in the proto
+    assert all(not mapped.values(t).flags.writeable for t in spilled)
+    assert Path(onnx.external_data_helper.ExternalDataInfo(spilled[0]).location).parent != single.parent
+    read_in_place = quantize(single, _calib(), config)
+    assert [t.name for t in mapped.mapped_tensors(read_in_place.model)] == ["W1"]  # kept float, still mapped
+    out_a, out_b = in_memory.save(tmp_path / "a" / "q.onnx"), read_in_place.save(tmp_path / "b" / "q.onnx")
+    feed = _calib(8, seed=7)[0]
+    run = [ort.InferenceSession(str(o), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for o in (out_a, out_b)]
+    np.testing.assert_array_equal(run[0], run[1])
+    assert sha256_of(single) == before
