@@ -4,11 +4,12 @@ Builds an MLP of ``--layers`` Gemm layers of ``--width`` x ``--width`` float32 w
 2.28 GB) with its weights in an external data file written piece by piece (the whole model is never
 in memory here), quantizes it to W8A8 (round to nearest) with the command line in a child process,
 and reports the wall time, the child's peak resident memory (as a multiple of the model's size) and
-whether the output loads and runs in onnxruntime.
+whether the output loads and runs in onnxruntime. ``--in-file`` rewrites the model as one .onnx file
+(weights inside it; under protobuf's 2 GB limit, e.g. ``--width 6144``: 1.1 GiB).
 
 Usage::
 
-    python scripts/bench_large_model.py [--dir build/large] [--layers 8] [--width 8448] [--keep]
+    python scripts/bench_large_model.py [--dir build/large] [--layers 8] [--width 8448] [--in-file] [--keep]
 """
 
 from __future__ import annotations
@@ -65,10 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=REPO_ROOT / "build" / "large")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--width", type=int, default=8448)
+    ap.add_argument("--in-file", action="store_true", help="weights inside the .onnx file (under 2 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the folder (default: delete it)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     model, size = build(args.dir, args.layers, args.width)
+    if args.in_file:  # in a child: this process must stay small, as a forked child starts with its memory
+        subprocess.run([sys.executable, "-c", "import onnx, sys; onnx.save_model(onnx.load(sys.argv[1]), sys.argv[1])",
+                        str(model)], check=True)
+        model.with_name(model.name + ".data").unlink()
+        size = model.stat().st_size
     print(f"built {model} ({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
     out = args.dir / "out" / "large_w8a8.onnx"
     cmd = [sys.executable, "-m", "onnxq", "quantize", str(model), "-o", str(out), "--calib",

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxq.core import mapped
+from onnxq.core import mapped, memory
 from onnxq.core.files import TEMP_SUFFIX, atomic_write, file_mode, same_file
 from onnxq.errors import UserError
 
@@ -69,6 +69,12 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                 raise UserError(f"{p}: {problems[0]}: fix the export")
         elif external:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        if not in_place and mapped.in_file_bytes(model) >= mapped.MAPPED_MIN_BYTES:  # before any check copies it
+            log.debug("%s: %d bytes of weights moved to a temporary file, read in place", p, mapped.spill(model))
+            # protobuf keeps a cleared field's bytes in the message's arena: a fresh parse lets them go
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+            memory.trim()
+            in_place = True
     except UserError:
         raise
     except Exception as exc:  # protobuf DecodeError, external data errors, ...
@@ -89,8 +95,6 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if small:  # shape inference needs the serialised model
         check_declared_shapes(model, p)
     densify_sparse_initializers(model)
-    if not in_place and mapped.in_file_bytes(model) >= mapped.MAPPED_MIN_BYTES:
-        log.debug("%s: %d bytes of weights moved to a temporary file, read in place", p, mapped.spill(model))
     return model
 
 

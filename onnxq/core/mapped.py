@@ -122,8 +122,10 @@ def spill(model: onnx.ModelProto) -> int:
     path = os.path.join(_spill_folder(), f"weights{next(_SPILLS)}.bin")
     with open(path, "wb") as out:
         for tensor in model.graph.initializer:
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < _SPILL_MIN or np_dtype(tensor) is None:
-                continue
+            dtype = np_dtype(tensor)
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < _SPILL_MIN or dtype is None \
+                    or len(tensor.raw_data) != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:
+                continue  # small, a type numpy lacks, or a length the load check refuses
             out.seek(-out.tell() % _ALIGN, os.SEEK_CUR)
             offset = out.tell()
             out.write(tensor.raw_data)

@@ -72,7 +72,10 @@ def check_float_runs(model: onnx.ModelProto, source: Path | None, feed: Mapping[
     calibration batch: a model onnxruntime refuses (mismatched types or shapes, duplicate names, an
     opset it does not know), or that fails or gives NaN on the data, is a one-line error now instead of
     a failure deep in a pass. Returns the session."""
-    sess, error = build_session(Source.of(source if source is not None else model, "the float model"), ENABLE_ALL)
+    # A model read in place runs from its mapped proto: onnxruntime then never parses the weights of a
+    # large single file (its parse holds them twice).
+    given = source if source is not None and not mapped.mapped_tensors(model) else model
+    sess, error = build_session(Source.of(given, "the float model"), ENABLE_ALL)
     if sess is None:
         raise UserError(f"onnxruntime cannot load the float model ({error}): fix the export; onnxq "
                         "quantizes models onnxruntime runs")
