@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 11
 PROTO_LIMIT = 2**31 - 2**20  # a little under 2 GB
 _LOW_BIT = ("int4", "uint4", "int2", "uint2")
-_PACKED_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1", "STRING")
-                 if hasattr(onnx.TensorProto, t)}
 
 
 def is_default_domain(node: gs.Node) -> bool:
@@ -169,7 +167,7 @@ def check_initializers(model: onnx.ModelProto, path: Path) -> None:
             continue
         if not init.HasField("raw_data"):
             continue
-        if init.data_type in _PACKED_TYPES:
+        if init.data_type in mapped.PACKED_TYPES:
             continue
         try:
             np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
@@ -338,14 +336,15 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, source: str | Path |
     staged = out.parent / (data_name + TEMP_SUFFIX)
 
     def write(tmp: str) -> None:
-        if in_place:  # weights still in the input's data file: copied into the output's
-            mapped.write_external(model, tmp, staged, staged.name)
+        if in_place:  # weights still in the input's data file: copied into the output's, named as final
+            mapped.write_external(model, tmp, staged, data_name)
         else:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=staged.name, size_threshold=1024)
         os.chmod(staged, file_mode())
         os.replace(staged, out.parent / data_name)
-        _rename_external_location(tmp, staged.name, data_name)
+        if not in_place:
+            _rename_external_location(tmp, staged.name, data_name)
 
     try:
         return atomic_write(out, write)

@@ -48,17 +48,26 @@ _ALIGN = 4096  # onnxruntime maps external data at page-aligned offsets faster
 _SMALL = 1 << 20  # mapped tensors up to this size are copied for the checker (shapes and the like)
 
 
+#: Tensor types whose bytes are not one numpy element per value (sub-byte packing, strings).
+PACKED_TYPES = frozenset(getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1",
+                                                                "STRING") if hasattr(onnx.TensorProto, t))
+
+
 def np_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
     """The numpy dtype of ``tensor``'s bytes as stored, or None for types numpy has no native form of."""
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     except (KeyError, TypeError, ValueError):
         return None
-    if dtype.kind not in "biuf" or dtype.names is not None or tensor.data_type in (
-            onnx.TensorProto.BFLOAT16, *(getattr(onnx.TensorProto, t) for t in (
-                "INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t))):
+    if dtype.kind not in "biuf" or dtype.names is not None or tensor.data_type in PACKED_TYPES \
+            or tensor.data_type == onnx.TensorProto.BFLOAT16:
         return None
     return dtype
+
+
+def _declared_bytes(tensor: onnx.TensorProto, dtype: np.dtype | None) -> int:
+    """The bytes ``tensor``'s shape needs in ``dtype`` (one byte a value without one)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype is not None else 1)
 
 
 def is_mapped(tensor: onnx.TensorProto) -> bool:
@@ -71,8 +80,7 @@ def external_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for tensor in _get_all_tensors(model):
         if uses_external_data(tensor):
-            dtype = np_dtype(tensor)
-            total += int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype is not None else 1)
+            total += _declared_bytes(tensor, np_dtype(tensor))
     return total
 
 
@@ -89,7 +97,7 @@ def attach(model: onnx.ModelProto, folder: Path) -> list[str]:
             continue
         info = ExternalDataInfo(tensor)
         path = (folder / info.location).resolve()
-        need = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+        need = _declared_bytes(tensor, dtype)
         offset = int(info.offset or 0)
         length = int(info.length) if info.length is not None else need
         size = path.stat().st_size
@@ -109,8 +117,10 @@ def attach(model: onnx.ModelProto, folder: Path) -> list[str]:
 
 
 def in_file_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of ``model``'s initializers held in the proto itself (``raw_data``)."""
-    return sum(len(t.raw_data) for t in model.graph.initializer if t.HasField("raw_data"))
+    """The bytes of ``model``'s in-file initializers that :func:`spill` can move (``raw_data`` of a numpy
+    type), from their shapes: reading ``raw_data`` copies it."""
+    return sum(_declared_bytes(t, dtype) for t in model.graph.initializer
+               if t.HasField("raw_data") and (dtype := np_dtype(t)) is not None)
 
 
 def spill(model: onnx.ModelProto) -> int:
@@ -123,13 +133,16 @@ def spill(model: onnx.ModelProto) -> int:
     with open(path, "wb") as out:
         for tensor in model.graph.initializer:
             dtype = np_dtype(tensor)
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < _SPILL_MIN or dtype is None \
-                    or len(tensor.raw_data) != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:
-                continue  # small, a type numpy lacks, or a length the load check refuses
+            if not tensor.HasField("raw_data") or dtype is None or _declared_bytes(tensor, dtype) < _SPILL_MIN:
+                continue  # a type numpy lacks, or small
+            raw = tensor.raw_data  # a copy: read it once
+            length = len(raw)
+            if length != _declared_bytes(tensor, dtype):
+                continue  # a length the load check refuses
             out.seek(-out.tell() % _ALIGN, os.SEEK_CUR)
             offset = out.tell()
-            out.write(tensor.raw_data)
-            length = len(tensor.raw_data)
+            out.write(raw)
+            del raw
             tensor.ClearField("raw_data")
             _set_location(tensor, path, offset, length)
             moved += length
@@ -168,11 +181,6 @@ def drop_pages(array: np.ndarray) -> None:
         base = base.base
     if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         base.madvise(mmap.MADV_DONTNEED)
-
-
-def nbytes(tensor: onnx.TensorProto) -> int:
-    """The bytes a mapped tensor's values take."""
-    return int(ExternalDataInfo(tensor).length or 0)
 
 
 def mapped_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -266,18 +274,19 @@ def write_external(model: onnx.ModelProto, model_path: str, data_path: Path, dat
         with open(data_path, "wb") as out:
             for tensor in _get_all_tensors(model):
                 mapped = is_mapped(tensor)
-                if not mapped and not (tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold):
+                raw = tensor.raw_data if not mapped and tensor.HasField("raw_data") else None  # a copy: once
+                if not mapped and (raw is None or len(raw) < threshold):
                     continue
                 out.seek(-out.tell() % _ALIGN, os.SEEK_CUR)
                 offset = out.tell()
                 entries = [(e.key, e.value) for e in tensor.external_data]
-                if mapped:
+                if raw is None:
                     info = ExternalDataInfo(tensor)
                     _copy_range(info.location, int(info.offset or 0), int(info.length or 0), out)
                     saved.append((tensor, entries, None))
                 else:
-                    out.write(tensor.raw_data)
-                    saved.append((tensor, entries, tensor.raw_data))
+                    out.write(raw)
+                    saved.append((tensor, entries, raw))
                     tensor.ClearField("raw_data")
                 _set_location(tensor, data_name, offset, out.tell() - offset)
         onnx.save_model(model, model_path)

@@ -42,6 +42,11 @@ class InputMoments:
         self.count = 0
 
     @property
+    def nbytes(self) -> int:
+        """The memory ``H`` takes (float64, one ``K_g x K_g`` matrix per group)."""
+        return 8 * self.groups * self.k * self.k
+
+    @property
     def kept(self) -> bool:
         """Whether ``H`` fits :data:`MAX_K`."""
         return self.k <= MAX_K

@@ -107,6 +107,8 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
     codes = np.empty((rows, cols), dtype=np.int16 if spec.store_bits <= 8 else np.int64)
     best_alpha = np.ones(rows)
     if stats is not None:
+        s32 = np.asarray(qp.scale, dtype=np.float32).reshape(-1)  # the stored scales (one, or one a row)
+        s32 = np.broadcast_to(s32, (rows,)) if s32.size == 1 else s32
         stats.layers += 1
         stats.constrained += int(kernel_layout is not None)
     for r0 in range(0, rows, block):
@@ -114,8 +116,7 @@ def rounded_weight(node: gs.Node, values: np.ndarray, qp: QParams, ctx: QuantCon
         codes[part], best_alpha[part] = _best_codes(w32[part], scale[part], zero[part], alphas, spec, groups,
                                                     factor, limit, per_row)
         if stats is not None:
-            s32 = np.asarray(qp.scale, dtype=np.float32).reshape(-1)
-            nearest = np.clip(np.rint(w32[part] / (s32[part] if s32.size == rows else s32)[:, None])
+            nearest = np.clip(np.rint(w32[part] / s32[part, None])
                               + zero[part, None], spec.qmin, spec.qmax)  # quantize(), in the matrix layout
             _record(stats, w32[part].astype(np.float64), nearest.astype(np.int64), codes[part], scale[part],
                     scale[part] * best_alpha[part], zero[part],

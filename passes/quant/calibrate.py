@@ -88,12 +88,12 @@ def layer_moments(graph: gs.Graph, ctx: QuantContext) -> dict[str, tuple[str, In
 
 def _within_budget(moments: dict[str, tuple[str, InputMoments]], ctx: QuantContext
                    ) -> dict[str, tuple[str, InputMoments]]:
-    """``moments`` without the widest inputs' while their matrices (``8 groups K^2`` bytes each, shared ones
-    once) pass ``rounding.moments_mb``: those layers round to nearest (a warning and
+    """``moments`` without the widest inputs' while their matrices (:attr:`InputMoments.nbytes` each, shared
+    ones once) pass ``rounding.moments_mb``: those layers round to nearest (a warning and
     ``report["gptq_moments_over_budget"]`` name them)."""
     budget = int(getattr(ctx.config.rounding, "moments_mb", 0)) << 20
     distinct = {id(m): m for _, m in moments.values() if m.kept}
-    size = {key: 8 * m.groups * m.k * m.k for key, m in distinct.items()}
+    size = {key: m.nbytes for key, m in distinct.items()}
     total, dropped = sum(size.values()), set()
     for key in sorted(size, key=lambda k: -size[k]):  # widest first; ties keep graph order (stable sort)
         if total <= budget:
