@@ -67,9 +67,10 @@ def test_fisher_weighted_brecq_end_to_end(calib):
     assert len(blocks) >= 3 and all(b["loss_final"] > 0 for b in blocks)
     assert result.validation.checker_ok and result.validation.runs_enable_all
     plain = onnxq.quantize(MODELS / "tiny_cnn.onnx", calib, _config(recon_iters=6, recon_samples=12))
-    # The Fisher weights (|g| + 1)^2 >= 1 make every weighted error at least the plain one (the weight
-    # pass's: in BRECQ's two-pass order the activation pass reports plain errors).
-    weight_pass = [b.get("weight_phase", b) for b in blocks]
-    plain_pass = [b.get("weight_phase", b) for b in plain.report["reconstruction"]["blocks"]]
-    for weighted, unweighted in zip(weight_pass, plain_pass, strict=True):
-        assert weighted["loss_rtn"] >= unweighted["loss_rtn"] * (1 - 1e-6)
+    # The Fisher weights (|g| + 1)^2 >= 1 make the weighted error at least the plain one (the weight
+    # pass's: in BRECQ's two-pass order the activation pass reports plain errors) on the same inputs: the
+    # first block's (later blocks read what the two runs' different codes upstream compute).
+    weighted = blocks[0].get("weight_phase", blocks[0])
+    unweighted = plain.report["reconstruction"]["blocks"][0]
+    unweighted = unweighted.get("weight_phase", unweighted)
+    assert weighted["loss_rtn"] >= unweighted["loss_rtn"] * (1 - 1e-6)

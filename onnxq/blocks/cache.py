@@ -1,20 +1,22 @@
-"""Calibration tensors of one reconstruction block, captured in onnxruntime, within a memory budget.
+"""Calibration tensors of reconstruction blocks, captured in onnxruntime, within a memory budget.
 
-For block k (BRECQ's asymmetric setting):
+For block k (BRECQ's asymmetric setting) the engine reads:
   * ``inputs_q``: the block inputs computed by the model quantized so far (blocks < k already
-    reconstructed and written back), pre-quantizer float values;
+    reconstructed and written back), pre-quantizer float values, float32: carried forward block by
+    block in torch (:mod:`onnxq.blocks.carry`), or captured here from a prefix of the current model;
   * ``inputs_w`` (optional): the same tensors from that model with every activation Q->DQ pair
     bypassed (:func:`weights_only`): BRECQ's and AdaRound's weight phase sees quantized weights
     upstream but float activations;
   * ``inputs_fp``: the same tensors from the float model (QDrop mixes both; BRECQ's activation
     phase uses them);
   * ``targets``: the block outputs of the float model.
-Float tensors are stored as float16 (halving memory; batches are cast back to float32 when used)
-unless a value passes float16's range (then float32), integer ones (token ids, masks) in their own
-type, and all spill to memory-mapped files in a temporary folder once the budget is exceeded.
-Every calibration sample of a tensor must have one shape (the cache is one array per tensor):
-calibration batches padded to different sequence lengths are refused with the fix, never silently
-dropped.
+:func:`collect` runs a model's prefix over the calibration feeds and stacks the requested tensors.
+Float tensors of the float model are stored as float16 (halving memory; batches are cast back to
+float32 when used) unless a value passes float16's range (then float32), integer ones (token ids,
+masks) in their own type, and all spill to memory-mapped files in a temporary folder once the budget
+is exceeded. Every calibration sample of a tensor must have one shape (the cache is one array per
+tensor): calibration batches padded to different sequence lengths are refused with the fix, never
+silently dropped.
 """
 
 from __future__ import annotations
@@ -88,6 +90,18 @@ class TensorStore:
         self._files.append(path)
         return _logical(np.memmap(path, dtype=dtype, mode="w+", shape=stored), order)
 
+    def forget(self, array: np.ndarray) -> None:
+        """A caller drops ``array`` (allocated here, or a view of it) for good: a spilled one's file is
+        deleted (its map stays readable until dropped), an in-memory one's bytes leave the budget."""
+        filename = getattr(array, "filename", None)
+        if isinstance(array, np.memmap) and filename:
+            path = Path(filename)
+            if path in self._files:
+                self._files.remove(path)
+                path.unlink(missing_ok=True)
+        else:
+            self.used = max(self.used - array.nbytes, 0)
+
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -154,11 +168,13 @@ class BlockData:
         return [torch.from_numpy(np.asarray(a)) for a in arrays]
 
 
-def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
-             num_samples: int, store: TensorStore, desc: str) -> dict[str, np.ndarray]:
+def collect(model: onnx.ModelProto | None, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]],
+            num_samples: int, store: TensorStore, desc: str, *,
+            float_dtype: type = np.float16) -> dict[str, np.ndarray]:
     """Run ``feeds`` through the part of ``model`` that computes ``names`` (:func:`prefix_model`) and
-    stack the first ``num_samples`` rows of each tensor (float16 in ``store``; integer tensors keep
-    their type).
+    stack the first ``num_samples`` rows of each tensor (float tensors as ``float_dtype`` in ``store``:
+    float16, or float32 past float16's range; integer tensors keep their type). ``model`` None: the
+    ``names`` are graph inputs, read from the feeds as they are.
 
     Raises UserError when a tensor's per-sample shape differs between batches (e.g. token batches
     padded to their own longest sequence) or a tensor has no batch axis."""
@@ -176,7 +192,7 @@ def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mappin
         if name not in out:
             kind = value.dtype.kind
             out[name] = store.allocate(name, (num_samples, *value.shape[1:]),
-                                       value.dtype if kind in "iub" else np.float16)
+                                       value.dtype if kind in "iub" else float_dtype)
         if value.shape[1:] != out[name].shape[1:]:
             raise UserError(f"reconstruction caches every calibration sample of {name!r} in one array, but "
                             f"its batches have shapes {tuple(out[name].shape[1:])} and "
@@ -193,7 +209,7 @@ def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mappin
         out[name][start:start + rows] = part
         filled[name] = start + rows
 
-    inputs = {i.name for i in model.graph.input}
+    inputs = set(names) if model is None else {i.name for i in model.graph.input}
     if all(t in inputs for t in names):  # graph inputs only: nothing to run
         for feed in feeds:
             for t in names:
@@ -202,22 +218,3 @@ def collect(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mappin
         capture(prefix_model(model, names), list(dict.fromkeys(names)), feeds, take, desc=desc)
     n = min(filled.values()) if filled else 0
     return {k: v[:n] for k, v in out.items()}
-
-
-def capture_block_data(quant_model: onnx.ModelProto, float_model: onnx.ModelProto, inputs: Sequence[str],
-                       outputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], num_samples: int,
-                       store: TensorStore, *, need_fp_inputs: bool = True,
-                       need_weight_inputs: bool = False) -> BlockData:
-    """Capture one block's inputs (quantized-so-far and float models, optionally the quantized-so-far
-    model with float activations) and float targets."""
-    q = collect(quant_model, inputs, feeds, num_samples, store, "capture q")
-    w = collect(weights_only(quant_model), inputs, feeds, num_samples, store, "capture w") if need_weight_inputs else {}
-    fp = collect(float_model, list(outputs) + (list(inputs) if need_fp_inputs else []), feeds, num_samples,
-                  store, "capture fp")
-    n = min(v.shape[0] for v in [*q.values(), *w.values(), *fp.values()])
-    return BlockData(
-        inputs_q=[q[i][:n] for i in inputs],
-        inputs_fp=[fp[i][:n] for i in inputs] if need_fp_inputs else [q[i][:n] for i in inputs],
-        targets=[fp[o][:n] for o in outputs],
-        inputs_w=[w[i][:n] for i in inputs] if need_weight_inputs else None,
-    )

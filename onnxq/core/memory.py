@@ -8,6 +8,13 @@ millisecond) returns the free pages at the end of each pass and before onnxrunti
 :func:`collect` first runs the garbage collector (graphsurgeon graphs are reference cycles: a dropped
 graph's arrays are freed only then; about 0.1 s), where a run drops a whole graph. Elsewhere than glibc
 only the collection runs.
+
+The torch engine is the opposite case: every training step allocates and frees the same activation
+tensors, tens of MB each. Above the ``mmap`` threshold each one is a fresh mapping whose pages fault in
+one by one when first written: on a 2-core AVX2 machine a clamp over a 100 MB tensor takes 44 ms that
+way and 7 ms on reused pages, a depthwise convolution 46 ms against 9 ms. :func:`reuse_freed` raises the
+threshold (and the trim threshold) for the engine's duration, so freed tensors are reused from the heap,
+then gives the pages back (:func:`trim`) and sets the thresholds where glibc's dynamic ones settle.
 """
 
 from __future__ import annotations
@@ -16,6 +23,16 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: Tensors below this size come from the heap while :func:`reuse_freed` is on (the largest training
+#: tensors of a CNN block at batch 16 are under 100 MB; larger arrays still get their own mapping).
+REUSE_BELOW_BYTES = 256 << 20
+# mallopt parameters (glibc malloc.h). Setting one ends glibc's dynamic threshold, so the exit values
+# are where the dynamic one settles once large blocks have been freed (32 MB, trim at twice that).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_AFTER_MMAP, _AFTER_TRIM = 32 << 20, 64 << 20
 
 
 @functools.cache
@@ -25,7 +42,7 @@ def _libc():
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def trim() -> None:
@@ -39,3 +56,21 @@ def collect() -> None:
     """Free unreachable cycles (a dropped graph), then :func:`trim`."""
     gc.collect()
     trim()
+
+
+@contextmanager
+def reuse_freed(limit: int = REUSE_BELOW_BYTES) -> Iterator[None]:
+    """Within the block, freed allocations below ``limit`` bytes stay in the heap for reuse (glibc;
+    elsewhere nothing); on exit the free pages go back to the system and the defaults return."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, int(limit))
+    libc.mallopt(_M_TRIM_THRESHOLD, int(limit))
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+        trim()

@@ -48,6 +48,7 @@ from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight, weight_op
 from onnxq.recon.batching import cache_layout, take_batch
 from onnxq.recon.fake_quant import FakeQuant, bernoulli_like
 from onnxq.recon.loss import BetaSchedule, ReconLoss
+from onnxq.recon.timing import Stopwatch
 
 __all__ = ["METHODS", "BlockResult", "ReconConfig", "reconstruct_block"]
 
@@ -126,6 +127,8 @@ class BlockResult:
             and at the last one, weight/joint phase first, then BRECQ's activation phase.
         seconds: wall time of the whole call.
         iters: optimisation steps taken (all phases).
+        phases: seconds by phase: "batch" (taking mini-batches, QDrop's input mix), "forward" (module and
+            loss), "backward", "optimizer" (steps, schedulers, zeroing), "evaluate" (before and after).
     """
 
     loss_rtn: float
@@ -133,6 +136,7 @@ class BlockResult:
     history: list[float] = field(default_factory=list)
     seconds: float = 0.0
     iters: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def improved(self) -> bool:
@@ -215,8 +219,8 @@ class _State:
 class _Runner:
     """One block's optimisation loops: generators, data, progress bar, history."""
 
-    def __init__(self, module, cache: _Cache, config: ReconConfig, bar) -> None:
-        self.module, self.cache, self.cfg, self.bar = module, cache, config, bar
+    def __init__(self, module, cache: _Cache, config: ReconConfig, bar, watch: Stopwatch) -> None:
+        self.module, self.cache, self.cfg, self.bar, self.watch = module, cache, config, bar, watch
         self.gen = torch.Generator().manual_seed(config.seed)
         self.mask_gen = torch.Generator(device=cache.device).manual_seed(config.seed + 1)
         self.history: list[float] = []
@@ -247,18 +251,25 @@ class _Runner:
             return
         bs = min(cfg.batch_size, self.n_train)
         self.module.train()
+        watch = self.watch
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         for it in range(iters):
-            idx = torch.randperm(self.n_train, generator=self.gen)[:bs].to(c.device)
-            preds = _outputs(self.module, self.inputs(idx, source))
-            fisher = c.take(c.fisher, idx) if c.fisher is not None else None
-            terms = loss(preds, c.take(c.targets, idx), it, fisher)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            for opt in optimizers:
-                opt.step()
-            for sch in schedulers:
-                sch.step()
+            with watch("batch"):
+                idx = torch.randperm(self.n_train, generator=self.gen)[:bs].to(c.device)
+                xs = self.inputs(idx, source)
+                fisher = c.take(c.fisher, idx) if c.fisher is not None else None
+                targets = c.take(c.targets, idx)
+            with watch("forward"):
+                terms = loss(_outputs(self.module, xs), targets, it, fisher)
+            with watch("backward"):
+                terms.total.backward()
+            with watch("optimizer"):
+                for opt in optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                for sch in schedulers:
+                    sch.step()
             self.steps += 1
             if it % cfg.log_every == 0 or it == iters - 1:
                 self.history.append(float(terms.rec.detach()))
@@ -269,6 +280,10 @@ class _Runner:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean weight-phase error of the current (hard) module on the fixed evaluation subset."""
+        with self.watch("evaluate"):
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         c, cfg = self.cache, self.cfg
         self.module.eval()
         lo, hi = (self.n_train, c.n) if self.n_train < c.n else (0, min(cfg.eval_samples, c.n))
@@ -358,7 +373,8 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
         state.freeze_all()
         for w in wq:
             w.soft = False
-        runner = _Runner(module, cache, config, bar)
+        watch = Stopwatch()
+        runner = _Runner(module, cache, config, bar, watch)
         loss_rtn = runner.evaluate()
         if method in ("adaround", "brecq"):
             for a in aq:  # weight phase: activations in float, V only
@@ -387,7 +403,7 @@ def reconstruct_block(module: nn.Module, weights: Mapping[str, AdaRoundWeight | 
     seconds = time.perf_counter() - t0
     logger.debug("%s: %s loss %.6g -> %.6g in %d steps, %.1f s", desc, method, loss_rtn, loss_final,
                  runner.steps, seconds)
-    return BlockResult(loss_rtn, loss_final, runner.history, seconds, runner.steps)
+    return BlockResult(loss_rtn, loss_final, runner.history, seconds, runner.steps, watch.rounded(3))
 
 
 def _qdrop(runner: _Runner, rounding: list[AdaRoundWeight], learnable: list[FakeQuant], acts: list[FakeQuant],

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from onnxq.recon.adaround import AdaRoundWeight
 
@@ -61,12 +60,33 @@ class BetaSchedule:
         return float(self.end + (self.start - self.end) * max(0.0, 1.0 - rel))
 
 
+class _SquaredError(torch.autograd.Function):
+    """``c * sum((pred - target)^2)`` in few passes over the output: the difference, its square summed
+    (torch's cascade sum: a float32 dot product of 19M terms is off by 2e-4), and in backward
+    ``2 c g dz``; ``F.mse_loss``'s backward runs 2 to 3 times longer on a channels-last CPU tensor. No
+    gradient to the target."""
+
+    @staticmethod
+    def forward(ctx, pred, target, c):  # type: ignore[override]
+        dz = pred - target
+        ctx.save_for_backward(dz)
+        ctx.c = c
+        return (dz * dz).sum() * c
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (dz,) = ctx.saved_tensors
+        return dz * (2.0 * ctx.c * grad), None, None
+
+
 def output_error(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0,
                  grad: torch.Tensor | None = None) -> torch.Tensor:
     """BRECQ-normalised error of one output (see the module docstring); Fisher-weighted if ``grad``."""
-    if grad is None and p == 2:  # one fused kernel each way: about 3x cheaper than |dz|^2 on a CPU
+    if grad is None and p == 2 and pred.shape == target.shape:
         channels = pred.shape[1] if pred.dim() >= 2 else 1
-        return F.mse_loss(pred, target, reduction="sum") * (channels / max(pred.numel(), 1))
+        if target.stride() != pred.stride():
+            target = target.contiguous(memory_format=_layout(pred))
+        return _SquaredError.apply(pred, target.to(pred.dtype), channels / max(pred.numel(), 1))
     dz = pred - target
     if grad is None:
         err = dz.abs().pow(p)
@@ -75,6 +95,12 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0,
     if err.dim() >= 2:
         return err.sum(dim=1).mean()
     return err.mean()
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @dataclass(frozen=True)

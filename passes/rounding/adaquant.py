@@ -37,6 +37,7 @@ from onnxq.blocks.cache import TensorStore, collect
 from onnxq.blocks.checkpoint import Checkpoint, fingerprint
 from onnxq.blocks.layer_units import layer_blocks
 from onnxq.blocks.partition import Block
+from onnxq.core import memory
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_model
 from onnxq.core.pass_infra import Pass, PassResult
@@ -88,6 +89,10 @@ class AdaQuantPass(Pass):
             raise PassError("AdaQuantPass needs ctx.reference and ctx.calib")
 
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        with memory.reuse_freed():  # the engine's tensors are reused, not mapped and faulted in anew
+            return self._call(graph, ctx)
+
+    def _call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
         cfg = self.config
         units = layer_blocks(graph, is_supported=lambda n: supported(n) is None)
         settings = {"adaquant": cfg.__dict__, "units": [u.name for u in units]}

@@ -22,6 +22,11 @@ With ``ReconConfig.augment = k`` the blocks are fitted on the calibration sample
 augmented views of each (:mod:`onnxq.data.augment`); the keep-or-not evaluation reads the first samples,
 the originals.
 
+Capture once: the float model runs once over the calibration samples for every block's targets
+(and float inputs), stored float16; the quantized model's block inputs are carried forward block by
+block in torch (:mod:`onnxq.blocks.carry`: each final block runs once on the carried float32 values),
+instead of onnxruntime prefix runs per block. The report's ``phases`` says where the time went.
+
 BRECQ's phase order (``ReconConfig.order``): "interleaved" runs a block's activation phase right
 after its weight phase; "two_pass" is the reference's order: a weight pass over every block
 (rounding only, weights-only inputs, activation quantizers off; checkpoint index k), then an
@@ -38,16 +43,19 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import onnx_graphsurgeon as gs
 import torch
 from tqdm.auto import tqdm
 
 from onnxq.blocks.build import apply_constants, build_block, write_back
-from onnxq.blocks.cache import BlockData, TensorStore, capture_block_data, collect, weights_only
+from onnxq.blocks.cache import BlockData, TensorStore, collect, weights_only
+from onnxq.blocks.carry import Carry
 from onnxq.blocks.checkpoint import Checkpoint, fingerprint
 from onnxq.blocks.fisher import build_tail, check_logit_outputs, fisher_gradients
 from onnxq.blocks.layer_units import layer_blocks
 from onnxq.blocks.partition import Block, partition
+from onnxq.core import memory
 from onnxq.core.context import QuantContext
 from onnxq.core.graph import to_model
 from onnxq.core.pass_infra import Pass, PassResult
@@ -56,6 +64,7 @@ from onnxq.data.augment import augment_feeds
 from onnxq.data.batches import count_samples, engine_batch, rebatch
 from onnxq.errors import PassError
 from onnxq.recon import ReconConfig, reconstruct_block
+from onnxq.recon.timing import Stopwatch
 from onnxq.torchify import supported
 
 log = logging.getLogger(__name__)
@@ -91,6 +100,10 @@ class ReconstructPass(Pass):
             raise PassError("ReconstructPass needs ctx.reference and ctx.calib")
 
     def call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
+        with memory.reuse_freed():  # the engine's tensors are reused, not mapped and faulted in anew
+            return self._call(graph, ctx)
+
+    def _call(self, graph: gs.Graph, ctx: QuantContext) -> PassResult:
         cfg = self.config
         ok = lambda n: supported(n) is None  # noqa: E731
         if self.partitioner is not None:
@@ -136,9 +149,11 @@ class ReconstructPass(Pass):
         no_steps = cfg.method == "brecq" and cfg.act_iters == 0
         report["order"] = "two_pass" if two_pass else "weights_only" if no_steps else "interleaved"
         phases = [("weights", 0), ("acts", ACT_PASS_OFFSET)] if two_pass else [("both", 0)]
+        self.watch = Stopwatch()
+        self._sample_bytes: dict[str, int] | None = None
         try:
             for phase, offset in phases:
-                entries = self._run_phase(graph, ctx, todo, phase, offset, ckpt, store, quantize_acts)
+                entries = self._run_phase(graph, ctx, blocks, todo, phase, offset, ckpt, store, quantize_acts)
                 if phase == "acts":  # one entry per block: the act pass's losses, the weight pass's nested
                     for entry, w in zip(entries, report["blocks"], strict=True):
                         entry["weight_phase"] = {k: v for k, v in w.items() if k not in ("block", "kind")}
@@ -146,6 +161,7 @@ class ReconstructPass(Pass):
         finally:
             store.close()
         report["seconds"] = round(time.perf_counter() - start, 1)
+        report["phases"] = self.watch.rounded(1)
         report["improved_blocks"] = sum(1 for b in report["blocks"]
                                         if b.get("kept") or b.get("weight_phase", {}).get("kept"))
         report["skipped"] = [b.name for b in blocks if b not in todo]
@@ -154,23 +170,82 @@ class ReconstructPass(Pass):
             ckpt.clear()
         return PassResult(graph, report["improved_blocks"] > 0)
 
-    def _run_phase(self, graph: gs.Graph, ctx: QuantContext, todo: list[Block], phase: str, offset: int,
-                   ckpt: Checkpoint, store: TensorStore, quantize_acts: bool) -> list[dict]:
-        """One sweep over the blocks; block k is checkpointed under index ``offset + k``."""
+    def _needs_float_inputs(self, phase: str) -> bool:
+        """QDrop mixes float inputs in; BRECQ's activation phase trains on them."""
+        return self.config.method == "qdrop" or (self.config.method == "brecq" and phase != "weights")
+
+    def _float_names(self, block: Block, phase: str) -> list[str]:
+        """The float model's tensors ``block`` trains on: its outputs, and its inputs where needed."""
+        return [*block.outputs, *(block.inputs if self._needs_float_inputs(phase) else ())]
+
+    def _float_group(self, ctx: QuantContext, pending: list[Block], phase: str, store: TensorStore) -> dict:
+        """The float targets (and inputs) of the next blocks to do, from one onnxruntime run of the float
+        model (float16 in ``store``): as many blocks as fit the cache budget (at least one), so a phase runs
+        the float model once when its tensors fit and a few times, never per block, when not."""
+        names = list(dict.fromkeys(n for b in pending for n in self._float_names(b, phase)))
+        if self._sample_bytes is None or not set(names) <= set(self._sample_bytes):
+            one = collect(ctx.reference, names, self.feeds[:1], 1, TensorStore(1 << 30), "float shapes")
+            self._sample_bytes = {k: 2 * int(np.prod(v.shape[1:])) for k, v in one.items()}
+        budget, total, group = self.cache_budget, 0, []
+        for block in pending:
+            size = sum(self._sample_bytes[n] for n in self._float_names(block, phase)) * self.n_samples
+            if group and total + size > budget:
+                break
+            group.append(block)
+            total += size
+        wanted = list(dict.fromkeys(n for b in group for n in self._float_names(b, phase)))
+        return collect(ctx.reference, wanted, self.feeds, self.n_samples, store, "capture float")
+
+    def _run_phase(self, graph: gs.Graph, ctx: QuantContext, blocks: list[Block], todo: list[Block], phase: str,
+                   offset: int, ckpt: Checkpoint, store: TensorStore, quantize_acts: bool) -> list[dict]:
+        """One sweep over the blocks; block k is checkpointed under index ``offset + k``. Every block up
+        to the last one to do (skipped and resumed ones included) carries the quantized inputs forward."""
+        cfg = self.config
         entries: list[dict] = []
         base = store.mark()
         label = {"both": "blocks", "weights": "blocks, weight pass", "acts": "blocks, activation pass"}[phase]
-        for block in tqdm(todo, desc=f"{self.config.method} {label}", unit="block", disable=None):
-            index = offset + block.index
-            if index in ckpt.done:
-                entries.append({"block": block.name, **ckpt.results.get(str(index), {})})
-                continue
-            try:
-                entry = self._one_block(graph, ctx, block, store, quantize_acts, phase)
-            finally:
-                store.release(base)  # this block's cached tensors are done with
-            entries.append(entry)
-            ckpt.save(index, entry.pop("_constants"), entry)
+        weights_only_inputs = cfg.weight_inputs == "weights_only"
+        need_w = (phase == "both" and cfg.method in ("adaround", "brecq") and quantize_acts and weights_only_inputs)
+        carry_store = TensorStore(self.cache_budget)
+        with self.watch("carry"):
+            carries = {"q": Carry(blocks, self.feeds, self.n_samples, carry_store,
+                                  activations=not (phase == "weights" and weights_only_inputs))}
+            if need_w:
+                carries["w"] = Carry(blocks, self.feeds, self.n_samples, carry_store, activations=False)
+        wanted = {b.name for b in todo}
+        last = max((i for i, b in enumerate(blocks) if b.name in wanted), default=-1)
+        pending = [b for b in todo if offset + b.index not in ckpt.done]
+        self.float: dict = {}
+        bar = tqdm(total=len(todo), desc=f"{cfg.method} {label}", unit="block", disable=None)
+        try:
+            for block in blocks[:last + 1]:
+                index = offset + block.index
+                if block.name in wanted and index in ckpt.done:
+                    entries.append({"block": block.name, **ckpt.results.get(str(index), {})})
+                    bar.update(1)
+                elif block.name in wanted:
+                    if not all(n in self.float for n in self._float_names(block, phase)):
+                        self.float = {}
+                        store.release(base)
+                        with self.watch("capture_float"):
+                            self.float = self._float_group(ctx, pending[pending.index(block):], phase, store)
+                    float_mark = store.mark()
+                    try:
+                        entry = self._one_block(graph, ctx, block, store, quantize_acts, phase, carries)
+                    finally:
+                        store.release(float_mark)  # this block's cached tensors are done with
+                    with self.watch("checkpoint"):
+                        ckpt.save(index, entry.pop("_constants"), entry)
+                    entries.append(entry)
+                    bar.update(1)
+                with self.watch("carry"):
+                    for carry in carries.values():
+                        carry.advance(graph, ctx, block)
+        finally:
+            bar.close()
+            carry_store.close()
+            self.float = {}
+            store.release(base)
         return entries
 
     def unit_config(self, block: Block) -> ReconConfig:
@@ -182,22 +257,25 @@ class ReconstructPass(Pass):
         return dataclasses.replace(self.config, iters=self.config.iters * n, act_iters=self.config.act_iters * n)
 
     def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,
-                   quantize_acts: bool, phase: str = "both") -> dict:
+                   quantize_acts: bool, phase: str, carries: dict[str, Carry]) -> dict:
         """Reconstruct one block. ``phase``: "both" (the method's loop(s)), or BRECQ's two-pass order:
         "weights" (rounding only, every activation quantizer off) or "acts" (step sizes only, the
-        weights fixed at the codes the weight pass wrote)."""
+        weights fixed at the codes the weight pass wrote). ``carries``: "q" (the model quantized so far;
+        weights-only in a weights-only weight pass), and "w" (weights-only inputs of the weight phase)."""
         cfg = self.unit_config(block)
-        model = to_model(graph)
-        if phase == "weights":  # the weight pass sees weights-only inputs, or the fully quantized model's
+        if phase == "weights":
             cfg = dataclasses.replace(cfg, act_iters=0)
-            if cfg.weight_inputs == "weights_only":
-                model = weights_only(model)
-        need_fp = cfg.method == "qdrop" or (cfg.method == "brecq" and phase != "weights")
-        need_w = (phase == "both" and cfg.method in ("adaround", "brecq") and quantize_acts
-                  and cfg.weight_inputs == "weights_only")
-        data: BlockData = capture_block_data(model, ctx.reference, block.inputs, block.outputs, self.feeds,
-                                             self.n_samples, store, need_fp_inputs=need_fp,
-                                             need_weight_inputs=need_w)
+        need_fp = self._needs_float_inputs(phase)
+        need_w = "w" in carries
+
+        def current(weights: bool):  # the model a carry captures from when its inputs were not carried
+            return lambda: weights_only(to_model(graph)) if weights else to_model(graph)
+
+        with self.watch("carry"):
+            inputs_q = carries["q"].inputs(block, current(not carries["q"].activations))
+            inputs_w = carries["w"].inputs(block, current(True)) if need_w else None
+        data = BlockData(inputs_q=inputs_q, inputs_fp=[self.float[n] for n in block.inputs] if need_fp else inputs_q,
+                         targets=[self.float[n] for n in block.outputs], inputs_w=inputs_w)
         built = build_block(graph, block, ctx, rounding=cfg.method != "rtn" and phase != "acts",
                             learn_scales=quantize_acts and phase != "weights")
         if phase == "weights":
@@ -214,8 +292,10 @@ class ReconstructPass(Pass):
             quantize_activations=quantize_acts and phase != "weights",
             desc=f"block {block.index} ({block.kind}{'' if phase == 'both' else ', ' + phase})",
             inputs_w=BlockData.as_torch(data.inputs_w) if need_w else None)
+        self.watch.add(result.phases)
         kept = cfg.method != "rtn" and result.improved
-        constants = write_back(graph, built, ctx) if kept else {}
+        with self.watch("write_back"):
+            constants = write_back(graph, built, ctx) if kept else {}
         log.info("%s: loss %.4g -> %.4g (%s)", block.name, result.loss_rtn, result.loss_final,
                  "kept" if kept else "round-to-nearest kept")
         return {"block": block.name, "kind": block.kind, "loss_rtn": result.loss_rtn,
