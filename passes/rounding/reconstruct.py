@@ -238,6 +238,10 @@ class ReconstructPass(Pass):
                         ckpt.save(index, entry.pop("_constants"), entry)
                     entries.append(entry)
                     bar.update(1)
+                    after = pending[pending.index(block) + 1:]
+                    if not after or not all(n in self.float for n in self._float_names(after[0], phase)):
+                        self.float = {}  # this group is done with: its memory goes before the carry grows
+                        store.release(base)
                 with self.watch("carry"):
                     for carry in carries.values():
                         carry.advance(graph, ctx, block)
