@@ -51,4 +51,4 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, reference, sig, sta
     assert again.returncode == 0, again.stderr
     assert _sha(out) == reference
     assert not ckpt.exists()  # cleared after the finished run
-    assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx", "o.report.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx", "o.report.html", "o.report.json"]
