@@ -131,19 +131,10 @@ class _Probe:
                     return f(*args)
                 finally:
                     probe.fq_seconds += time.perf_counter() - t
-            return staticmethod(run)
+            return run
 
-        fn.forward, fn.backward = timed(fwd), timed(bwd)
-        w_forward = adaround.AdaRoundWeight.forward
-
-        def weight_forward(self):
-            t = time.perf_counter()
-            try:
-                return w_forward(self)
-            finally:
-                probe.fq_seconds += time.perf_counter() - t
-
-        adaround.AdaRoundWeight.forward = weight_forward
+        fn.forward, fn.backward = staticmethod(timed(fwd)), staticmethod(timed(bwd))
+        adaround.AdaRoundWeight.forward = timed(adaround.AdaRoundWeight.forward)
 
     @staticmethod
     def _step_flops(module, inputs, batch: int) -> int:

@@ -61,7 +61,8 @@ def collect() -> None:
 @contextmanager
 def reuse_freed(limit: int = REUSE_BELOW_BYTES) -> Iterator[None]:
     """Within the block, freed allocations below ``limit`` bytes stay in the heap for reuse (glibc;
-    elsewhere nothing); on exit the free pages go back to the system and the defaults return."""
+    elsewhere nothing); on exit the free pages go back to the system and the thresholds are set where
+    glibc's dynamic ones settle."""
     libc = _libc()
     if libc is None:
         yield

@@ -84,9 +84,7 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0,
     """BRECQ-normalised error of one output (see the module docstring); Fisher-weighted if ``grad``."""
     if grad is None and p == 2 and pred.shape == target.shape:
         channels = pred.shape[1] if pred.dim() >= 2 else 1
-        if target.stride() != pred.stride():
-            target = target.contiguous(memory_format=_layout(pred))
-        return _SquaredError.apply(pred, target.to(pred.dtype), channels / max(pred.numel(), 1))
+        return _SquaredError.apply(pred, target, channels / max(pred.numel(), 1))
     dz = pred - target
     if grad is None:
         err = dz.abs().pow(p)
@@ -95,12 +93,6 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0,
     if err.dim() >= 2:
         return err.sum(dim=1).mean()
     return err.mean()
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @dataclass(frozen=True)

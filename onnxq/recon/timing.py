@@ -1,9 +1,7 @@
 """Where a reconstruction's time goes: seconds per named phase, summed over a run.
 
 On a CPU torch runs synchronously, so the wall time around a call is the call's work. On CUDA kernels
-run asynchronously: a :class:`Stopwatch` made with ``sync=True`` waits for the device at the end of
-every phase (exact splits, a little slower), without it the device's time lands in whichever phase
-next waits for a result.
+run asynchronously: the device's time lands in whichever phase next waits for a result.
 """
 
 from __future__ import annotations
@@ -12,17 +10,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 __all__ = ["Stopwatch"]
 
 
 class Stopwatch:
     """Accumulated seconds per phase name (``with watch("forward"): ...``)."""
 
-    def __init__(self, *, sync: bool = False) -> None:
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.sync = sync and torch.cuda.is_available()
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -30,8 +25,6 @@ class Stopwatch:
         try:
             yield
         finally:
-            if self.sync:
-                torch.cuda.synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def add(self, other: Stopwatch | dict[str, float]) -> None:

@@ -216,6 +216,10 @@ class ReconstructPass(Pass):
         last = max((i for i, b in enumerate(blocks) if b.name in wanted), default=-1)
         pending = [b for b in todo if offset + b.index not in ckpt.done]
         self.float: dict = {}
+
+        def covered(k: int) -> bool:  # the float tensors of pending block k are in the current group
+            return k < len(pending) and all(n in self.float for n in self._float_names(pending[k], phase))
+
         bar = tqdm(total=len(todo), desc=f"{cfg.method} {label}", unit="block", disable=None)
         try:
             for block in blocks[:last + 1]:
@@ -224,22 +228,16 @@ class ReconstructPass(Pass):
                     entries.append({"block": block.name, **ckpt.results.get(str(index), {})})
                     bar.update(1)
                 elif block.name in wanted:
-                    if not all(n in self.float for n in self._float_names(block, phase)):
-                        self.float = {}
-                        store.release(base)
+                    k = pending.index(block)
+                    if not covered(k):
                         with self.watch("capture_float"):
-                            self.float = self._float_group(ctx, pending[pending.index(block):], phase, store)
-                    float_mark = store.mark()
-                    try:
-                        entry = self._one_block(graph, ctx, block, store, quantize_acts, phase, carries)
-                    finally:
-                        store.release(float_mark)  # this block's cached tensors are done with
+                            self.float = self._float_group(ctx, pending[k:], phase, store)
+                    entry = self._one_block(graph, ctx, block, quantize_acts, phase, carries)
                     with self.watch("checkpoint"):
                         ckpt.save(index, entry.pop("_constants"), entry)
                     entries.append(entry)
                     bar.update(1)
-                    after = pending[pending.index(block) + 1:]
-                    if not after or not all(n in self.float for n in self._float_names(after[0], phase)):
+                    if not covered(k + 1):
                         self.float = {}  # this group is done with: its memory goes before the carry grows
                         store.release(base)
                 with self.watch("carry"):
@@ -260,8 +258,8 @@ class ReconstructPass(Pass):
             return self.config
         return dataclasses.replace(self.config, iters=self.config.iters * n, act_iters=self.config.act_iters * n)
 
-    def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, store: TensorStore,
-                   quantize_acts: bool, phase: str, carries: dict[str, Carry]) -> dict:
+    def _one_block(self, graph: gs.Graph, ctx: QuantContext, block: Block, quantize_acts: bool, phase: str,
+                   carries: dict[str, Carry]) -> dict:
         """Reconstruct one block. ``phase``: "both" (the method's loop(s)), or BRECQ's two-pass order:
         "weights" (rounding only, every activation quantizer off) or "acts" (step sizes only, the
         weights fixed at the codes the weight pass wrote). ``carries``: "q" (the model quantized so far;
