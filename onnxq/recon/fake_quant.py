@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from onnxq.recon import native
 from onnxq.recon.batching import dot
 
 __all__ = ["MIN_SCALE", "FakeQuant", "bernoulli_like", "bernoulli_mask", "fake_quant", "lsq_grad_scale",
@@ -77,7 +78,8 @@ class _FakeQuantFn(torch.autograd.Function):
     equal to ``clamp(round(v) + z, qmin, qmax) - z``, the ONNX value), ``out = c * s``. Saved for backward,
     only when a gradient needs it, as float tensors (no bool conversions): ``inside = 1[t == v]`` (the
     in-range mask) and ``local = c - v * inside`` (= round(v) - v inside, qmin - z / qmax - z outside),
-    the LSQ derivative d out / d s.
+    the LSQ derivative d out / d s. With one scale on a float32 CPU tensor the forward is one pass of
+    :mod:`onnxq.recon.native`'s kernel where it runs: the same operations, the same bits.
     """
 
     @staticmethod
@@ -85,6 +87,14 @@ class _FakeQuantFn(torch.autograd.Function):
         s = _shape_for(scale, x.dim(), axis)
         z = _shape_for(zero_point, x.dim(), axis)
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fused = None
+        if axis is None:  # one scale: the one-pass kernel where it runs (same bits as below)
+            fused = native.fake_quant_forward(x, keep, float(s), float(qmin - z), float(qmax - z), need_x, need_s)
+        if fused is not None:
+            out, inside, local = fused
+            ctx.save_for_backward(inside, local)
+            ctx.params = (axis, grad_scale, tuple(scale.shape))
+            return out
         v = x / s
         t = torch.clamp(v, qmin - z, qmax - z)
         c = torch.round(t)

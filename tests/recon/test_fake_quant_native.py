@@ -1,0 +1,79 @@
+"""The one-pass fake-quantization kernel: the same bits as the torch operators, or no kernel at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from onnxq.recon import fake_quant, native
+from onnxq.recon.fake_quant import bernoulli_like
+from tests.recon.test_fake_quant import _test_data
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is all there is")
+
+# (qmin, qmax, zero point)
+GRIDS = {"uint4": (0, 15, 3), "int4": (-8, 7, 0), "uint8": (0, 255, 128), "int8": (-128, 127, 0)}
+
+
+def _run(x: torch.Tensor, keep: torch.Tensor | None, scale: float, zp: int, qmin: int, qmax: int,
+         grad_x: bool, grad_s: bool, seed: int):
+    """Output, and the gradients of a fixed random loss, for a fresh leaf copy of x and the scale."""
+    xl = x.detach().clone().requires_grad_(grad_x)
+    if x.dim() == 4:
+        xl = xl.detach().contiguous(memory_format=torch.channels_last).requires_grad_(grad_x)
+    s = torch.tensor(scale, dtype=torch.float32, requires_grad=grad_s)
+    out = fake_quant(xl, s, zp, qmin, qmax, keep=keep)
+    if grad_x or grad_s:
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+        (out * weights).sum().backward()
+    return out.detach(), xl.grad, s.grad
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("shape", [(3, 40, 33, 35), (5, 300), (70001,)])
+@pytest.mark.parametrize("qdrop", [False, True])
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True), (False, False)])
+def test_kernel_gives_the_torch_paths_bits(grid: str, shape: tuple[int, ...], qdrop: bool,
+                                          grads: tuple[bool, bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    qmin, qmax, zp = GRIDS[grid]
+    scale = 0.0371
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(_test_data(rng, shape, np.array(scale, np.float32), np.array(zp), None, qmin, qmax))
+    keep = None
+    if qdrop:
+        layout = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        keep = bernoulli_like(layout, 0.5, generator=torch.Generator().manual_seed(3))
+    fused = _run(x, keep, scale, zp, qmin, qmax, *grads, seed=11)
+    monkeypatch.setenv("ONNXQ_NATIVE", "0")
+    plain = _run(x, keep, scale, zp, qmin, qmax, *grads, seed=11)
+    for a, b in zip(fused, plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.stride() == b.stride()
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bits, signed zeros included
+
+
+def test_kernel_runs_and_declines_what_it_cannot_do() -> None:
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    out, inside, local = native.fake_quant_forward(x, None, 0.05, -8.0, 7.0, True, False)
+    assert out.is_contiguous(memory_format=torch.channels_last) and inside is not None and local is None
+    assert native.fake_quant_forward(x[:, :, ::2], None, 0.05, -8.0, 7.0, True, True) is None  # strided view
+    assert native.fake_quant_forward(x.double(), None, 0.05, -8.0, 7.0, True, True) is None
+    plain_keep = torch.ones(4, 8, 5, 5)  # row-major mask for a channels-last tensor
+    assert native.fake_quant_forward(x, plain_keep, 0.05, -8.0, 7.0, True, True) is None
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXQ_NATIVE", "0")
+    assert not native.available()
+    assert native.fake_quant_forward(torch.randn(10), None, 0.1, 0.0, 15.0, True, True) is None
+
+
+def test_compiled_once_into_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path))
+    first = native._compile("cc", native._flags())
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path / "native" and first.suffix == ".so"
+    assert native._compile("cc", native._flags()) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
