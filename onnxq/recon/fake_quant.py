@@ -89,7 +89,8 @@ class _FakeQuantFn(torch.autograd.Function):
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = None
         if axis is None:  # one scale: the one-pass kernel where it runs (same bits as below)
-            fused = native.fake_quant_forward(x, keep, float(s), float(qmin - z), float(qmax - z), need_x, need_s)
+            zf = float(z)  # an integer: qmin - z and qmax - z are exact in float32 as in the torch path
+            fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s)
         if fused is not None:
             out, inside, local = fused
             ctx.save_for_backward(inside, local)

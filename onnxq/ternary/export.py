@@ -94,8 +94,14 @@ def resolve_storage(target_name: str, weight_bits: tuple[int, ...], storage: str
         raise UserError(f"target {target_name} does not allow ternary storage {storage}: use "
                         f"{' or '.join(allowed)} (or auto)")
     if storage == "int2" and int2_needs_cast():
-        log.info("int2 weights (ternary or 4-level) are read through a Cast to int8: %s", int2_support()[1])
+        _say_int2_cast()
     return storage
+
+
+@functools.lru_cache(maxsize=None)
+def _say_int2_cast() -> None:
+    """Log the Cast once per process (the storage is resolved once per layer)."""
+    log.info("int2 weights (ternary or 4-level) are read through a Cast to int8: %s", int2_support()[1])
 
 
 def int2_needs_cast() -> bool:
