@@ -105,7 +105,8 @@ def available() -> bool:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process (a forked child has no threads behind its parent's pool)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxq-fq")
 
 
@@ -151,5 +152,5 @@ def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float,
     if workers == 1:
         run(0)
     else:
-        list(_pool(workers).map(run, range(workers)))
+        list(_pool(workers, os.getpid()).map(run, range(workers)))
     return out, inside, local

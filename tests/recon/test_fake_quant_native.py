@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,23 @@ def test_compiled_once_into_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch)
     assert first.parent == tmp_path / "native" and first.suffix == ".so"
     assert native._compile("cc", native._flags()) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def _quantize_in_child(queue) -> None:
+    x = torch.linspace(-3.0, 3.0, 300_000)
+    out, _, _ = native.fake_quant_forward(x, None, 0.5, -8.0, 7.0, False, False)
+    queue.put(bool(torch.equal(out, torch.clamp(torch.round(x / 0.5), -8, 7) * 0.5)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_its_own_threads() -> None:
+    native.fake_quant_forward(torch.randn(300_000), None, 0.5, -8.0, 7.0, False, False)  # the parent's pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_quantize_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on its parent's thread pool")
+    assert child.exitcode == 0 and queue.get(timeout=5)
