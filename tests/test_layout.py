@@ -15,7 +15,7 @@ def _source_files() -> set[str]:
     out = set()
     for top in ("onnxq", "passes"):
         for path in (ROOT / top).rglob("*"):
-            if path.is_file() and path.suffix in (".py", ".toml", ".md") and "__pycache__" not in path.parts:
+            if path.is_file() and path.suffix in (".py", ".c", ".toml", ".md") and "__pycache__" not in path.parts:
                 out.add(path.relative_to(ROOT).as_posix())
     return out
 
