@@ -88,30 +88,11 @@ class _FakeQuantFn(torch.autograd.Function):
         z = _shape_for(zero_point, x.dim(), axis)
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = None
-        if axis is None:  # one scale: the one-pass kernel where it runs (same bits as below)
+        if axis is None:  # one scale: the one-pass kernel where it runs (same bits as the torch path)
             zf = float(z)  # an integer: qmin - z and qmax - z are exact in float32 as in the torch path
             fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s)
-        if fused is not None:
-            out, inside, local = fused
-            ctx.save_for_backward(inside, local)
-            ctx.params = (axis, grad_scale, tuple(scale.shape))
-            return out
-        v = x / s
-        t = torch.clamp(v, qmin - z, qmax - z)
-        c = torch.round(t)
-        out = c * s
-        if keep is not None:  # QDrop: exactly x where keep == 1, exactly the quantized value where 0
-            out = out.lerp_(x, keep)
-        inside = local = None
-        if need_x or need_s:
-            inside = t.eq_(v)  # t is not needed any more: reuse its memory for the 0/1 mask
-        if need_s:
-            local = c.sub_(v.mul_(inside))
-            if keep is not None:
-                local = local.addcmul_(local, keep, value=-1.0)  # kept-float elements do not depend on s
-        if need_x and keep is not None:
-            inside = torch.maximum(inside, keep, out=inside)  # d out / d x = 1 where kept float
-        ctx.save_for_backward(inside if need_x else None, local)
+        out, inside, local = fused or _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s)
+        ctx.save_for_backward(inside, local)
         ctx.params = (axis, grad_scale, tuple(scale.shape))
         return out
 
@@ -130,6 +111,29 @@ class _FakeQuantFn(torch.autograd.Function):
             if grad_scale is not None:
                 grad_s = grad_s * grad_scale
         return grad_x, grad_s, None, None, None, None, None, None
+
+
+def _forward_ops(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
+                 keep: torch.Tensor | None, need_inside: bool, need_local: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(out, inside, local)`` of :class:`_FakeQuantFn`'s forward in torch operators (any scale shape,
+    dtype or device); ``inside`` and ``local`` only where asked for."""
+    v = x / s
+    t = torch.clamp(v, qmin - z, qmax - z)
+    c = torch.round(t)
+    out = c * s
+    if keep is not None:  # QDrop: exactly x where keep == 1, exactly the quantized value where 0
+        out = out.lerp_(x, keep)
+    inside = local = None
+    if need_inside or need_local:
+        inside = t.eq_(v)  # t is not needed any more: reuse its memory for the 0/1 mask
+    if need_local:
+        local = c.sub_(v.mul_(inside))
+        if keep is not None:
+            local = local.addcmul_(local, keep, value=-1.0)  # kept-float elements do not depend on s
+    if need_inside and keep is not None:
+        inside = torch.maximum(inside, keep, out=inside)  # d out / d x = 1 where kept float
+    return out, inside if need_inside else None, local
 
 
 _BIT_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

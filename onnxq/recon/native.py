@@ -51,6 +51,11 @@ def _flags() -> list[str]:
     return flags
 
 
+def compiler() -> str:
+    """The C compiler the kernel is built with: ``$CC``, else ``cc``."""
+    return os.environ.get("CC") or "cc"
+
+
 def cache_dir() -> Path:
     """Where compiled kernels live (see the module docstring)."""
     root = os.environ.get("ONNXQ_CACHE_DIR")
@@ -60,8 +65,8 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "onnxq" / "native"
 
 
-def _compile(compiler: str, flags: list[str]) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True)
+def _compile(cc: str, flags: list[str]) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=True)
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + version.stdout.encode())
     target = cache_dir() / f"fake_quant-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -70,7 +75,7 @@ def _compile(compiler: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                        timeout=120, check=True)
         os.replace(tmp, target)
     finally:
@@ -81,12 +86,12 @@ def _compile(compiler: str, flags: list[str]) -> Path:
 
 @functools.cache
 def _library() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        log.info("native fake quantization: no C compiler (%s) found; using torch operators", compiler)
+    cc = compiler()
+    if shutil.which(cc) is None:
+        log.info("native fake quantization: no C compiler (%s) found; using torch operators", cc)
         return None
     try:
-        path = _compile(compiler, _flags())
+        path = _compile(cc, _flags())
         fn = getattr(ctypes.CDLL(str(path)), _SYMBOL)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         detail = getattr(exc, "stderr", "") or exc
