@@ -147,7 +147,8 @@ def _default_text(flag: Flag) -> str | None:
         return str(hits[0]) if hits else None
     value = _lookup(defaults, flag.path)
     if value is None:
-        return "the target's choice" if flag.path in ("scale", "activations.dtype", "activations.bits") else None
+        return "the target's choice" if flag.path in ("scale", "activations.dtype", "activations.bits",
+                                                                 "activations.add_inputs") else None
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -3,6 +3,7 @@ run of the QDQ graph, and a block the carry cannot reach is captured in onnxrunt
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ def calib() -> list[dict[str, np.ndarray]]:
     return [{"input": x[i:i + 8]} for i in range(0, 48, 8)]
 
 
-def _qdq_graph(calib, bits: int):
-    config = onnxq.QuantConfig(weight_bits=bits, activation_bits=bits, method="rtn", validate=False)
+def _qdq_graph(calib, bits: int, add_inputs: str = "all"):
+    config = onnxq.QuantConfig(weight_bits=bits, activation_bits=bits, method="rtn", validate=False).to_config()
+    config = config.replace(activations=dataclasses.replace(config.activations, add_inputs=add_inputs))
     reference, ctx = prepare_float(g.load_model(MODELS / "tiny_cnn.onnx"), config)
     ctx.calib, ctx.reference = calib, reference
     graph = g.to_graph(reference)
@@ -38,10 +40,12 @@ def _qdq_graph(calib, bits: int):
     return graph, ctx
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits, add_inputs", [(8, "all"), (4, "all"), (4, "residual")])
 @pytest.mark.parametrize("activations", [True, False])
-def test_carried_inputs_equal_onnxruntime(calib, bits, activations):
-    graph, ctx = _qdq_graph(calib, bits)
+def test_carried_inputs_equal_onnxruntime(calib, bits, add_inputs, activations):
+    graph, ctx = _qdq_graph(calib, bits, add_inputs)
+    fused = [n for n in graph.nodes if n.op == "Add" and any(t.inputs and t.inputs[0].op == "Conv" for t in n.inputs)]
+    assert bool(fused) == (add_inputs == "residual")  # the residual Add reads a Conv's float output
     model = g.to_model(graph)
     model = model if activations else weights_only(model)
     blocks = partition(graph)

@@ -18,6 +18,7 @@ from onnxq.core.graph import to_graph
 from onnxq.core.spec import INT32_BIAS
 from onnxq.errors import UserError
 from onnxq.targets.profiles import TARGETS, get_target, resolve_config
+from onnxq.targets.rules import check_target
 from tests.helpers import initializer, make_context, make_model, random_feeds, run_ort
 
 # Conv -> Relu -> Conv -> residual Add -> GAP -> Gemm, plus a Concat of two branches.
@@ -57,7 +58,7 @@ def test_profiles_are_frozen_plain_data():
     with pytest.raises(dataclasses.FrozenInstanceError):
         trt.name = "x"  # type: ignore[misc]
     assert trt.activation_zero_points == {0} and trt.activation_dtypes == ("int8",)
-    assert trt.weighted_output == "none" and trt.add_inputs == "residual" and not trt.quantize_bias
+    assert trt.weighted_output == "none" and trt.add_inputs == ("residual", "all") and not trt.quantize_bias
     pow2 = get_target("npu-pow2")
     assert pow2.pow2 and pow2.align_concat and pow2.align_eltwise and pow2.activation_zero_points == {0}
     assert not get_target("ort-cpu").pow2 and "com.microsoft" in get_target("ort-cpu").allowed_domains
@@ -107,6 +108,43 @@ def test_tensorrt_places_qdq_on_op_inputs_and_the_residual_input():
     assert "b1" not in specs and "bf" not in specs  # biases stay float
     acts = [s for n, s in specs.items() if not n.startswith(("w", "b"))]
     assert acts and all(s.signed and s.symmetric and s.bits == 8 for s in acts)
+
+
+def _residual(target: str = "ort-cpu", add_inputs: str | None = "residual") -> onnxq.Config:
+    config = QuantConfig(target=target).to_config()
+    return config.replace(activations=dataclasses.replace(config.activations, add_inputs=add_inputs))
+
+
+def test_add_inputs_resolve_to_the_target_choice_and_refuse_what_it_forbids():
+    assert resolve_config(QuantConfig()).activations.add_inputs == "all"
+    assert resolve_config(QuantConfig(target="tensorrt")).activations.add_inputs == "residual"
+    assert resolve_config(_residual()).activations.add_inputs == "residual"
+    assert resolve_config(_residual("tensorrt", "all")).activations.add_inputs == "all"
+    for target in ("qnn", "npu-pow2", "openvino"):  # NPU toolchains want every Add input quantized
+        with pytest.raises(UserError, match=f"target {target} does not allow activations.add_inputs='residual'"):
+            resolve_config(_residual(target))
+    with pytest.raises(UserError, match="activations.add_inputs"):
+        onnxq.Activations(add_inputs="some")
+
+
+def test_ort_cpu_residual_add_inputs_leave_the_convolution_output_float():
+    model = onnx.shape_inference.infer_shapes(make_model(NET))
+    ctx = make_context(config=_residual(), target=get_target("ort-cpu"))
+    AssignSpecsPass()(to_graph(model), ctx)
+    assert "c2" not in ctx.specs  # the Conv feeding the residual Add: no output Q
+    assert {"w2", "b2", "r1", "a"} <= set(ctx.specs)  # its weights and input, the skip input, the Add output
+    assert "c2" in _plan("ort-cpu").specs  # the default quantizes every Add input
+    result = onnxq.quantize(model, _calib(model), _residual())
+    assert result.report["target_check"]["ok"] and result.validation.ok
+    conv = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.output[0] == "c2")
+    readers = [n.op_type for n in result.model.graph.node if conv.output[0] in n.input]
+    assert readers == ["Add"]  # no QuantizeLinear between the Conv and the Add
+    feeds = random_feeds(model, seed=42, batch=3)
+    fused, qdq = run_ort(result.model, feeds, "all")[0], run_ort(result.model, feeds, "disable")[0]
+    np.testing.assert_allclose(fused, qdq, rtol=1e-4, atol=1e-4 * float(np.abs(qdq).max()))
+    # the rule checker allows it only where the target does
+    assert check_target(result.model, "ort-cpu") == []
+    assert [v.rule for v in check_target(result.model, "qnn") if "c2" in v.node or "Conv" in v.node] == ["wrapped"]
 
 
 def test_after_activation_profiles_put_q_after_relu_even_for_int8():

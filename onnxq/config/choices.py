@@ -33,6 +33,9 @@ WEIGHT_RANGE_METHODS = ("minmax", "mse")
 RANGE_METHODS_BY_SCALE = {"float": ("minmax", "minmax"), "pow2": ("mse", "mse")}
 ACTIVATION_DTYPES = ("uint8", "int8")
 ACTIVATION_BITS = (8, 4)
+#: Which float inputs of an Add get Q/DQ: "all", or "residual": the input coming straight from a
+#: weighted op (its only consumer) stays float, so the runtime adds it in that op's epilogue.
+ADD_INPUT_MODES = ("all", "residual")
 SCALE_KINDS = ("float", "pow2")
 CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
 RELU6_MODES = ("skip", "replace")

@@ -100,6 +100,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=C.ACTIVATION_DTYPES, common=True),
     Flag("--activation-bits", "activations.bits", "activation width (4: stored as Q -> Clip -> DQ in 8-bit containers)",
          type=int, choices=C.ACTIVATION_BITS, common=True),
+    Flag("--add-inputs", "activations.add_inputs", "Q/DQ on all Add inputs, or residual: a Conv's output feeding "
+         "an Add is not rounded before it (the runtime adds in the Conv's epilogue)", choices=C.ADD_INPUT_MODES),
     Flag("--scale", "scale", "scale kind: float, or pow2 (every scale an exact power of two)",
          choices=C.SCALE_KINDS, common=True),
     Flag("--method", "rounding.method", "weight rounding: rtn, gptq (per layer, no training), adaround (layer-wise), "

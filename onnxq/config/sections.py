@@ -14,6 +14,7 @@ from typing import Any
 from onnxq.config.choices import (
     ACTIVATION_BITS,
     ACTIVATION_DTYPES,
+    ADD_INPUT_MODES,
     BIAS_ABSORB_SOURCES,
     BIAS_CORRECTION_SOURCES,
     CALIB_METHODS,
@@ -123,16 +124,23 @@ class Activations:
             target's choice (8, or 16 for qnn-a16).
         dynamic: weight MatMuls quantize their input at run time (DynamicQuantizeLinear + MatMulInteger,
             onnxruntime's DynamicQuantizeMatMul) instead of with a calibrated range; onnxruntime CPU only.
+        add_inputs: "all" float inputs of an Add get Q/DQ, or "residual": in ``Conv -> Add(x)`` the
+            weighted op's output is not rounded before the Add (the Add output and ``x`` still are), as
+            runtimes that add a residual in the convolution's epilogue run it and as BRECQ and QDrop
+            place their quantizers; onnxruntime CPU then runs that Conv on dequantized weights in
+            float. None: the target's choice.
     """
 
     dtype: str | None = None
     bits: int | None = None
     dynamic: bool = False
+    add_inputs: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("activations.dtype", self.dtype, (*ACTIVATION_DTYPES, None))
         check_choice("activations.bits", self.bits, (*ACTIVATION_BITS, 16, None))
         check_bool("activations.dynamic", self.dynamic)
+        check_choice("activations.add_inputs", self.add_inputs, (*ADD_INPUT_MODES, None))
 
 
 @dataclass(frozen=True)

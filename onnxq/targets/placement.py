@@ -42,15 +42,16 @@ def weighted_output(node: gs.Node, target: Target) -> gs.Tensor | None:
     return effective_output(node, target)
 
 
-def residual_fused_input(node: gs.Node, target: Target, excluded: set[str]) -> gs.Tensor | None:
-    """With ``target.add_inputs == "residual"``: the input of Add ``node`` left float for fusion.
+def residual_fused_input(node: gs.Node, target: Target, excluded: set[str], add_inputs: str) -> gs.Tensor | None:
+    """With ``add_inputs == "residual"`` (``Config.activations.add_inputs``, resolved): the input of Add
+    ``node`` left float for fusion.
 
     That is the first input produced (through fusable activations) by a quantizable weighted op
     whose only consumer is this Add: TensorRT fuses ``Conv -> Add(residual)`` into the convolution
     epilogue when the *other* (residual) input is quantized, and a Q/DQ on the convolution side
     would split the fusion. None when every input gets Q/DQ.
     """
-    if target.add_inputs != "residual":
+    if add_inputs != "residual":
         return None
     for t in node.inputs:
         if len(t.outputs) != 1 or not t.inputs:

@@ -52,7 +52,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from onnxq.config import Activations, Config, QuantConfig, as_config
-from onnxq.config.choices import RANGE_METHODS_BY_SCALE, UNTRAINED_ROUNDING
+from onnxq.config.choices import ADD_INPUT_MODES, RANGE_METHODS_BY_SCALE, UNTRAINED_ROUNDING
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.core.spec import Granularity, QuantSpec, ScaleKind
 from onnxq.errors import UserError
@@ -62,8 +62,6 @@ log = logging.getLogger(__name__)
 
 #: Values of ``Target.weighted_output``.
 WEIGHTED_OUTPUT_MODES = ("after_activation", "none")
-#: Values of ``Target.add_inputs``.
-ADD_INPUT_MODES = ("all", "residual")
 
 _PASSTHROUGH = frozenset({
     "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice",
@@ -115,9 +113,9 @@ class Target:
             result, so the output takes no rounding (:func:`onnxq.targets.placement.float_output_matmuls`).
         activation_op_outputs: whether the outputs of activation ops are quantized (False:
             only their inputs, TensorRT style).
-        add_inputs: "all" float inputs of an Add get Q/DQ, or "residual": the input that comes
-            straight from a weighted op (its only consumer being the Add) stays float so the
-            runtime fuses the Add into that op.
+        add_inputs: allowed ``Config.activations.add_inputs``, the target's choice first: "all" float
+            inputs of an Add get Q/DQ, or "residual": the input that comes straight from a weighted op
+            (its only consumer being the Add) stays float so the runtime fuses the Add into that op.
         align_concat: Concat inputs and output share one scale and zero-point.
         align_eltwise: the quantized inputs of an element-wise Add share one scale and zero-point.
         quantize_bias: biases of quantized weighted ops become INT32 (s_b = s_in * s_w); off:
@@ -153,7 +151,7 @@ class Target:
     float_isolated_ops: bool = False
     float_matmul_outputs: bool = False
     activation_op_outputs: bool = True
-    add_inputs: str = "all"
+    add_inputs: tuple[str, ...] = ("all",)
     align_concat: bool = False
     align_eltwise: bool = False
     quantize_bias: bool = True
@@ -167,8 +165,8 @@ class Target:
     def __post_init__(self) -> None:
         if self.weighted_output not in WEIGHTED_OUTPUT_MODES:
             raise ValueError(f"weighted_output {self.weighted_output!r} not in {WEIGHTED_OUTPUT_MODES}")
-        if self.add_inputs not in ADD_INPUT_MODES:
-            raise ValueError(f"add_inputs {self.add_inputs!r} not in {ADD_INPUT_MODES}")
+        if not self.add_inputs or not set(self.add_inputs) <= set(ADD_INPUT_MODES):
+            raise ValueError(f"add_inputs {self.add_inputs!r} not within {ADD_INPUT_MODES}")
 
     @property
     def pow2(self) -> bool:
@@ -208,6 +206,7 @@ class Target:
         w, a = config.weights, config.activations
         dtype = self._pick("activations.dtype", a.dtype, self.activation_dtypes)
         bits = self._pick("activations.bits", a.bits, self.activation_bits)
+        add_inputs = self._pick("activations.add_inputs", a.add_inputs, self.add_inputs)
         scale = self._pick("scale", config.scale, self.scale_kinds)
         if w.bits != 2:
             self._pick("weights.bits", w.bits, self.weight_bits)
@@ -231,7 +230,8 @@ class Target:
                             f"with {dtype} {bits}-bit {scale} activations cannot run them; drop --dynamic or use "
                             "--target ort-cpu with 8-bit uint8 float-scale activations")
         resolved = replace(config, scale=scale, weights=weights, calibration=calibration,
-                           activations=Activations(dtype=dtype, bits=bits, dynamic=a.dynamic),
+                           activations=Activations(dtype=dtype, bits=bits, dynamic=a.dynamic,
+                                                   add_inputs=add_inputs),
                            kernels=config.kernels or self.kernels)
         need = max(self.min_opset, resolved.output_opset)
         resolved = replace(resolved, opset=need).with_rounding_resolved()
@@ -273,6 +273,7 @@ ORT_CPU = Target(
     passthrough_ops=_PASSTHROUGH,
     fusable_activations=frozenset({"Relu", "Clip"}),
     weight_bits=(8, 4, 2),
+    add_inputs=("all", "residual"),
     float_isolated_ops=True,
     float_matmul_outputs=True,
     allowed_domains=frozenset({"", "ai.onnx", "com.microsoft"}),
@@ -296,7 +297,7 @@ TENSORRT = Target(
     activation_zero_points=frozenset({0}),
     weighted_output="none",
     activation_op_outputs=False,
-    add_inputs="residual",
+    add_inputs=("residual", "all"),
     align_concat=True,
     quantize_bias=False,
     bias_grid=True,

@@ -20,7 +20,9 @@ per broken rule and node. It needs no calibration data and runs no inference. Ru
                 DQ) has a DQ on its activation input and, unless ``target.weighted_output`` is
                 "none" or the output is an unquantized graph output, a Q on its output (directly or
                 after a single-consumer chain of the target's fusable activations); a MatMul may
-                have a float output where ``target.float_matmul_outputs``.
+                have a float output where ``target.float_matmul_outputs``, and the op's output may be
+                the float input of an Add (its only consumer, whose other inputs are dequantized and
+                whose output is quantized) where ``target.add_inputs`` allows "residual".
 ``bias``        a DQ'd bias is int32 with zero-point 0, |codes| <= 2^31 - 1 and scale s_in * s_w
                 (relative error <= 1e-6). A float bias is not a violation.
 ``concat``      with ``target.align_concat``: the DQ'd inputs of a Concat and its output Q share one
@@ -250,7 +252,8 @@ class _Checker:
             self.flag("wrapped", node, "weight is dequantized but the activation input has no "
                       "DequantizeLinear")
         float_out = node.op_type == "MatMul" and self.target.float_matmul_outputs
-        if self.target.weighted_output != "none" and not float_out and not self.output_quantized(node):
+        if (self.target.weighted_output != "none" and not float_out and not self.output_quantized(node)
+                and not self.residual_fused(node)):
             self.flag("wrapped", node, "output has no QuantizeLinear (directly or after Relu/Clip)")
         if b_idx is None or len(node.input) <= b_idx or not node.input[b_idx]:
             return
@@ -271,6 +274,26 @@ class _Checker:
             if len(users) != 1 or users[0].op_type not in t.fusable_activations or users[0].input[0] != out:
                 return False
             out = users[0].output[0]
+
+    def residual_fused(self, node: onnx.NodeProto) -> bool:
+        """The op's output (after a single-consumer chain of fusable activations) is read only by an Add
+        whose other inputs are dequantized and whose output is quantized, on a target allowing that."""
+        g, t = self.g, self.target
+        if "residual" not in t.add_inputs:
+            return False
+        out = node.output[0]
+        while True:
+            users = g.consumers.get(out, [])
+            if len(users) != 1 or out in g.outputs:
+                return False
+            user = users[0]
+            if user.op_type == "Add":
+                others = [i for i in user.input if i != out]
+                return (len(others) == len(user.input) - 1 and all(self.dq_of(i) is not None for i in others)
+                        and any(u.op_type == "QuantizeLinear" for u in g.consumers.get(user.output[0], [])))
+            if user.op_type not in t.fusable_activations or user.input[0] != out:
+                return False
+            out = user.output[0]
 
     def check_bias(self, node: onnx.NodeProto, b_dq: onnx.NodeProto, x_dq: onnx.NodeProto | None,
                    w_dq: onnx.NodeProto) -> None:

@@ -14,8 +14,9 @@ kernels; the target's fields change them for other runtimes, see :mod:`onnxq.tar
     ``Conv -> Relu -> Q`` fuses into one QLinearConv; on the raw output for signed activations
     under ``ort``; nowhere under ``none`` (TensorRT: the next op's input Q closes it);
   * activation ops (Add, Mul, Concat, pooling, Sigmoid, ...): every non-constant float input and
-    (``target.activation_op_outputs``) the output are quantized; with ``add_inputs="residual"``
-    the Add input coming straight from a weighted op stays float (:func:`residual_fused_input`);
+    (``target.activation_op_outputs``) the output are quantized; with ``activations.add_inputs =
+    "residual"`` the Add input coming straight from a weighted op stays float, the op's own output Q
+    included (:func:`residual_fused_input`);
   * where ``target.float_isolated_ops`` (onnxruntime CPU), an activation op none of whose inputs comes from
     an integer op stays float (:func:`float_isolated_ops`): Q on its inputs would only round (GELU's inner
     Mul, a transformer's residual Adds);
@@ -24,7 +25,9 @@ kernels; the target's fields change them for other runtimes, see :mod:`onnxq.tar
     and the op runs on integers;
   * graph outputs stay float unless the target says otherwise; every other op stays float and
     ``ctx.float_ops`` says why.
-With ``weights.bits < 8`` the first and last weighted ops keep ``weights.first_last_bits``; a layer named
+With ``weights.bits < 8`` the first and last weighted ops keep ``weights.first_last_bits``, and with
+sub-8-bit activations and 8-bit first/last weights the network input and the last layer's input (back to
+the head's output, through pooling and flattening) stay 8-bit; a layer named
 in ``weights.bit_plan`` (node name -> 8/4/2, e.g. a mixed-precision plan, :mod:`onnxq.mixed.plan`)
 gets that width instead, whatever its position.
 """
@@ -77,6 +80,23 @@ def _check_exclude(graph: gs.Graph, exclude: tuple[str, ...]) -> None:
         raise UserError(f"--exclude {entry!r} matches no node name or op type of the model: {hint}")
 
 
+#: Ops between a network's head and its classifier that average values (linear, one data input).
+_AVERAGING_OPS = frozenset({"GlobalAveragePool", "AveragePool"})
+
+
+def _last_input_path(last: gs.Node, target: Target) -> list[str]:
+    """The last weighted layer's activation input and, back through passthrough and averaging ops, the
+    tensors it is computed from (``Conv -> Relu -> [Q] -> GlobalAveragePool -> [Q] -> Flatten -> Gemm``:
+    the pooled tensor and the head's output)."""
+    names, t = [], last.inputs[0]
+    while True:
+        names.append(t.name)
+        producer = t.inputs[0] if t.inputs else None
+        if producer is None or producer.op not in target.passthrough_ops | _AVERAGING_OPS or not producer.inputs:
+            return names
+        t = producer.inputs[0]
+
+
 class AssignSpecsPass(Pass):
     """Plan the quantization of every tensor (see module docstring)."""
 
@@ -122,10 +142,13 @@ class AssignSpecsPass(Pass):
                 if len(acts) != sum(1 for t in node.inputs if t.name):
                     ctx.float_ops[node_key(node)] = "has a constant operand (no integer kernel planned for it)"
                     continue
-                fused = residual_fused_input(node, target, excluded) if node.op == "Add" else None
+                fused = (residual_fused_input(node, target, excluded, cfg.activations.add_inputs)
+                         if node.op == "Add" else None)
                 for t in acts:
                     if t is not fused:
                         want(t)
+                if fused is not None:  # its producer planned an output Q (weighted_output): drop it
+                    ctx.specs.pop(fused.name, None)
                 if target.activation_op_outputs:
                     want(node.outputs[0])
             elif node.op not in target.passthrough_ops and node.op not in target.fusable_activations:
@@ -136,10 +159,12 @@ class AssignSpecsPass(Pass):
         self._propagate_passthrough(graph, ctx, target, output_ids)
         unplan_unpaired_layers(graph, target, ctx.specs, ctx.float_ops)
         if cfg.activations.bits < 8 and cfg.weights.first_last_bits == 8:
-            # The network input and the classifier's input stay at 8 bits (BRECQ's convention);
-            # a tensor sharing its parameters takes its source (and every other sharer) along.
+            # The network input and the last layer's input stay at 8 bits (BRECQ's and QDrop's
+            # convention), up to the op that computes it: the head's output before pooling and
+            # flattening (which average or move the values the classifier reads); a tensor sharing
+            # its parameters takes its source (and every other sharer) along.
             act8 = target.activation_spec(cfg, bits=8)
-            keep8 = [t.name for t in graph.inputs] + ([weighted[-1].inputs[0].name] if weighted else [])
+            keep8 = [t.name for t in graph.inputs] + (_last_input_path(weighted[-1], target) if weighted else [])
             roots = {ctx.shared.get(n, n) for n in keep8 if n in ctx.specs}
             for name in list(ctx.specs):
                 if name in roots or ctx.shared.get(name) in roots:

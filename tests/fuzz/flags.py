@@ -68,6 +68,8 @@ CONTRADICTIONS = [
     ["--no-validate", "--allow-degraded"],
     ["--allow-degraded", "--set", "validation.min_cosine=1.5"],
     ["--no-validate", "--set", "validation.min_cosine=1.5"],
+    ["--add-inputs", "residual", "--target", "qnn"],
+    ["--add-inputs", "sum"],
 ]
 
 NO_OPS = [
@@ -90,6 +92,8 @@ NO_OPS = [
     ["--size-budget", "0.5"],
     ["--mp-widths", "8,4"],
     ["--keep-checkpoint"],
+    ["--add-inputs", "residual"],
+    ["--add-inputs", "all", "--target", "tensorrt"],
 ]
 
 NUMBERS = [

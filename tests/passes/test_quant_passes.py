@@ -232,7 +232,10 @@ def test_4bit_activations_keep_network_input_and_classifier_input_at_8_bits():
     model = make_model(CNN)
     q, ctx = _quantize(model, QuantConfig(weight_bits=4, activation_bits=4))
     assert ctx.specs["x"].bits == 8 and ctx.specs["f"].bits == 8
-    assert ctx.specs["r1"].bits == 4 and ctx.specs["a"].bits == 4
+    # back to the head's output: the pooled values are the classifier's input (BRECQ's and QDrop's 8-bit
+    # "last layer input" is the output of the op before the pooling)
+    assert ctx.specs["g1"].bits == 8 and ctx.specs["a"].bits == 8
+    assert ctx.specs["r1"].bits == 4 and ctx.specs["p1"].bits == 4 and ctx.specs["c2"].bits == 4
     dtypes = {i.name: i.data_type for i in q.graph.initializer}
     # 4-bit activations live in uint8 containers clipped to [0, 15] (QCDQ).
     assert dtypes["r1_zero_point"] == onnx.TensorProto.UINT8
