@@ -136,6 +136,7 @@ def test_ort_cpu_residual_add_inputs_leave_the_convolution_output_float():
     assert "c2" in _plan("ort-cpu").specs  # the default quantizes every Add input
     result = onnxq.quantize(model, _calib(model), _residual())
     assert result.report["target_check"]["ok"] and result.validation.ok
+    assert result.report["plan"]["residual_float_inputs"] == ["c2"]  # the report says which and why
     conv = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.output[0] == "c2")
     readers = [n.op_type for n in result.model.graph.node if conv.output[0] in n.input]
     assert readers == ["Add"]  # no QuantizeLinear between the Conv and the Add

@@ -115,6 +115,7 @@ class AssignSpecsPass(Pass):
         if plan:
             check_bit_plan(plan, [n for n in weighted if n.op in target.weight_ops], target)
         output_ids = {id(t) for t in graph.outputs}
+        residual_float: list[str] = []  # weighted-op outputs a residual Add reads unrounded
 
         def want(t: gs.Tensor) -> None:
             if target.quantize_graph_outputs or id(t) not in output_ids:
@@ -149,6 +150,7 @@ class AssignSpecsPass(Pass):
                         want(t)
                 if fused is not None:  # its producer planned an output Q (weighted_output): drop it
                     ctx.specs.pop(fused.name, None)
+                    residual_float.append(fused.name)
                 if target.activation_op_outputs:
                     want(node.outputs[0])
             elif node.op not in target.passthrough_ops and node.op not in target.fusable_activations:
@@ -175,6 +177,7 @@ class AssignSpecsPass(Pass):
             "shared": len(ctx.shared),
             "float_ops": len(ctx.float_ops),
             "float_matmul_outputs": float_out,
+            "residual_float_inputs": residual_float,
             "isolated_float": isolated,
         }
         return PassResult(graph, False)
