@@ -138,6 +138,10 @@ def _add_flag(p: argparse.ArgumentParser, flag: Flag, shown: bool) -> None:
                        metavar=metavar)
 
 
+#: Settings whose unset value the target decides (:meth:`onnxq.targets.profiles.Target.resolve`).
+_TARGET_CHOSEN = ("scale", "activations.dtype", "activations.bits", "activations.add_inputs")
+
+
 def _default_text(flag: Flag) -> str | None:
     """The dataclass default behind ``flag`` as help text (a choice's name where the flag has choices that
     set several fields, e.g. --weights int8); None where there is no single default."""
@@ -147,8 +151,7 @@ def _default_text(flag: Flag) -> str | None:
         return str(hits[0]) if hits else None
     value = _lookup(defaults, flag.path)
     if value is None:
-        return "the target's choice" if flag.path in ("scale", "activations.dtype", "activations.bits",
-                                                                 "activations.add_inputs") else None
+        return "the target's choice" if flag.path in _TARGET_CHOSEN else None
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import load_split  # noqa: E402
-from logit_error import FP32  # noqa: E402
+from logit_error import FP32, run  # noqa: E402
 
 RELU6 = (0.0, 6.0)  # EfficientNet-Lite0's activation
 
@@ -108,27 +107,19 @@ def floated(model: onnx.ModelProto, chosen: list[Quantizer]) -> onnx.ModelProto:
     return m
 
 
-def run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    parts = [sess.run(outputs, {name: x[i:i + 16]}) for i in range(0, len(x), 16)]
-    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
-
-
-def channel_ranges(names: list[str], x: np.ndarray) -> dict[str, tuple[float, float]]:
-    """(tensor range / median per-channel range, tensor range / RMS) of each named tensor of the float
-    model on ``x``."""
+def channel_ranges(found: list[Quantizer], x: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(tensor range / median per-channel range, tensor range / RMS) of each quantized tensor of the float
+    model on ``x``, after the ReLU6 where the export moved one onto the codes (the values the grid holds)."""
     fp = onnx.load(FP32)
     known = {o for n in fp.graph.node for o in n.output}
-    names = [n for n in names if n in known]
-    fp.graph.output.extend([helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names])
-    values = run(fp, x, names)
+    chosen = [q for q in found if q.source in known]
+    fp.graph.output.extend([helper.make_tensor_value_info(q.source, onnx.TensorProto.FLOAT, None) for q in chosen])
+    values = run(fp, x, level="disable", outputs=[q.source for q in chosen])
     out = {}
-    for name, v in zip(names, values, strict=True):
+    for q, v in zip(chosen, values, strict=True):
+        name = q.source
+        if q.relu6_on_codes:
+            v = np.clip(v, *RELU6)
         axes = tuple(a for a in range(v.ndim) if a != 1)
         per_channel = v.max(axis=axes) - v.min(axis=axes)
         span = float(v.max() - v.min())
@@ -147,18 +138,17 @@ def main() -> int:
         sys.exit(f"activation_sensitivity: need {args.model} and {FP32} (scripts/export_efficientnet.py)")
     x, _ = load_split("val", limit=args.images)
     model = onnx.load(args.model)
-    reference = run(onnx.load(FP32), x)[0]
+    reference = run(FP32, x, level="disable")[0]
 
     def error(m: onnx.ModelProto) -> float:
-        return float(np.mean((run(m, x)[0] - reference) ** 2))
+        return float(np.mean((run(m, x, level="disable")[0] - reference) ** 2))
 
     base = error(model)
     found = quantizers(model)
     print(f"{args.model}: {len(found)} activation quantizers, logit MSE to FP32 {base:.4f} on {len(x)} val images")
     print(f"every activation quantizer float: {error(floated(model, found)):.4f}")
     gains = sorted(((base - error(floated(model, [q])), q) for q in found), key=lambda g: -g[0])
-    ratios = channel_ranges([q.source for _, q in gains], load_split("calib", limit=32)[0]) \
-        if args.channel_ranges else {}
+    ratios = channel_ranges(found, load_split("calib", limit=32)[0]) if args.channel_ranges else {}
     print("MSE removed  quantizer" + ("  (tensor / median channel range, tensor range / RMS)" if ratios else ""))
     for gain, q in gains[:args.top]:
         ratio = f"  ({ratios[q.source][0]:.1f}, {ratios[q.source][1]:.1f})" if q.source in ratios else ""

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,14 +30,25 @@ FP32 = REPO_ROOT / "build" / "models" / "efficientnet_lite0.onnx"
 BATCH = 25
 
 
-def logits(path: Path, x: np.ndarray) -> np.ndarray:
-    """The model's outputs on ``x`` in batches of ``BATCH`` (ORT_ENABLE_ALL, one thread)."""
+def run(model: Path | onnx.ModelProto, x: np.ndarray, *, level: str = "all",
+        outputs: list[str] | None = None) -> list[np.ndarray]:
+    """The model's ``outputs`` (None: all) on ``x`` in batches of ``BATCH``, one onnxruntime thread, at
+    ``ORT_ENABLE_ALL`` ("all") or ``ORT_DISABLE_ALL`` ("disable")."""
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + BATCH]})[0] for i in range(0, len(x), BATCH)])
+    parts = [sess.run(outputs, {name: x[i:i + BATCH]}) for i in range(0, len(x), BATCH)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """The model's first output on ``x`` at ``ORT_ENABLE_ALL``."""
+    return run(path, x)[0]
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
