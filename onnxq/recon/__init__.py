@@ -7,8 +7,9 @@ Imports only torch, numpy, tqdm and ``onnxq.errors``, so everything here runs on
 from __future__ import annotations
 
 from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight, rectified_sigmoid
+from onnxq.recon.drop_mask import bernoulli_mask
 from onnxq.recon.engine import METHODS, BlockResult, ReconConfig, reconstruct_block
-from onnxq.recon.fake_quant import MIN_SCALE, FakeQuant, bernoulli_mask, fake_quant, lsq_grad_scale, round_ste
+from onnxq.recon.fake_quant import MIN_SCALE, FakeQuant, fake_quant, lsq_grad_scale, round_ste
 from onnxq.recon.loss import BetaSchedule, LossTerms, ReconLoss, output_error
 
 __all__ = [

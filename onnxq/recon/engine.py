@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 
 from onnxq.errors import UserError
 from onnxq.recon.adaround import AdaRoundWeight, RoundToNearestWeight, weight_optimizer
-from onnxq.recon.batching import cache_layout, take_batch
-from onnxq.recon.fake_quant import FakeQuant, bernoulli_like
+from onnxq.recon.batching import cache_layout, take_batch, take_mixed
+from onnxq.recon.fake_quant import FakeQuant
 from onnxq.recon.loss import BetaSchedule, ReconLoss
 from onnxq.recon.timing import Stopwatch
 
@@ -235,14 +235,10 @@ class _Runner:
             return c.take(c.w if c.w is not None else c.q, idx)
         if c.fp is None:
             raise ValueError(f"{self.cfg.method} needs inputs_fp (block inputs from the float model)")
-        fp = c.take(c.fp, idx)
         if source == "fp":
-            return fp
+            return c.take(c.fp, idx)
         # "mix", QDrop's block input: float with probability drop_prob per element, else quantized-upstream
-        # (integer inputs, token ids or masks, carry no quantization error: taken as they are)
-        p, gen = self.cfg.drop_prob, self.mask_gen
-        return [torch.lerp(q, f, bernoulli_like(f, p, generator=gen)) if f.is_floating_point() else q
-                for f, q in zip(fp, c.take(c.q, idx), strict=True)]
+        return take_mixed(c.q, c.fp, idx, self.cfg.drop_prob, self.mask_gen)
 
     def loop(self, iters: int, loss: ReconLoss, optimizers, schedulers, source: str) -> None:
         c, cfg = self.cache, self.cfg

@@ -32,10 +32,10 @@ import math
 import torch
 from torch import nn
 
-from onnxq.recon import native
+from onnxq.recon import drop_mask, native
 from onnxq.recon.batching import dot
 
-__all__ = ["MIN_SCALE", "FakeQuant", "bernoulli_like", "bernoulli_mask", "fake_quant", "lsq_grad_scale",
+__all__ = ["MIN_SCALE", "FakeQuant", "fake_quant", "lsq_grad_scale",
            "round_ste"]
 
 #: Smallest step size a learnable scale may take (the forward clamps to it).
@@ -91,6 +91,8 @@ class _FakeQuantFn(torch.autograd.Function):
         if axis is None:  # one scale: the one-pass kernel where it runs (same bits as the torch path)
             zf = float(z)  # an integer: qmin - z and qmax - z are exact in float32 as in the torch path
             fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s)
+        if fused is None and keep is not None and keep.dtype == torch.uint8:
+            keep = drop_mask.unpack(keep, x)  # packed bits, for the torch operators
         out, inside, local = fused or _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s)
         ctx.save_for_backward(inside, local)
         ctx.params = (axis, grad_scale, tuple(scale.shape))
@@ -136,47 +138,6 @@ def _forward_ops(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, q
     return out, inside if need_inside else None, local
 
 
-_BIT_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _bit_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(256, 8): row ``b`` holds the 8 bits of byte ``b`` as 0/1 values, least significant first."""
-    table = _BIT_TABLES.get((device, dtype))
-    if table is None:
-        bits = torch.bitwise_right_shift(torch.arange(256).unsqueeze(1), torch.arange(8)).bitwise_and_(1)
-        table = _BIT_TABLES[(device, dtype)] = bits.to(device=device, dtype=dtype)
-    return table
-
-
-def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float, *, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 0/1 float tensor with ``P(1) = p`` per element (independent).
-
-    ``p = 0.5`` (QDrop's default) spreads the 8 bits of each random byte over 8 elements by one table
-    lookup (about 5x cheaper on a CPU than ``rand(shape) < p``, which every other ``p`` uses; float masks,
-    because torch's CPU kernels mixing float and bool operands are 2 to 6 times slower than float ones).
-    Deterministic for a seeded ``generator``.
-    """
-    device = torch.device(device)
-    if p != 0.5:
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype).lt_(p)
-    n = math.prod(shape)
-    raw = torch.empty((n + 7) // 8, dtype=torch.uint8, device=device).random_(generator=generator)
-    bits = _bit_table(device, dtype).index_select(0, raw.long())
-    return bits.reshape(-1)[:n].reshape(shape)
-
-
-def bernoulli_like(x: torch.Tensor, p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """:func:`bernoulli_mask` with ``x``'s shape, dtype and device, laid out like ``x``: for a channels-last
-    4-D ``x`` the mask is drawn in NHWC order and viewed as NCHW, so elementwise ops on the pair run in one
-    memory order (a mixed-layout ``lerp`` is several times slower on a CPU)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        n, c, h, w = x.shape
-        nhwc = bernoulli_mask((n, h, w, c), p, generator=generator, device=x.device, dtype=x.dtype)
-        return nhwc.permute(0, 3, 1, 2)
-    return bernoulli_mask(x.shape, p, generator=generator, device=x.device, dtype=x.dtype)
-
-
 def _as_tensor(p: float | int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(p, dtype=like.dtype, device=like.device)
 
@@ -195,6 +156,7 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
         grad_scale: multiplies the scale gradient (LSQ's ``g``); None means 1.
         keep: optional 0/1 mask of ``x``'s shape and dtype (QDrop): where 1 the output is ``x`` itself
             (gradient 1 to ``x``, none to the scale), where 0 the quantized value. Fused into one pass.
+            Or the same mask as packed bits (uint8, 1-D, in ``x``'s memory order; :mod:`.drop_mask`).
 
     Returns:
         The fake-quantized tensor, same shape and dtype as ``x``.
@@ -213,7 +175,10 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
         ax = axis % x.dim()
         if x.shape[ax] != s.numel():
             raise ValueError(f"{s.numel()} scales for axis {axis} of a tensor of shape {tuple(x.shape)}")
-    if keep is not None and (keep.shape != x.shape or keep.dtype != x.dtype):
+    if keep is not None and keep.dtype == torch.uint8:
+        if keep.dim() != 1 or keep.numel() * 8 < x.numel():
+            raise ValueError(f"{keep.numel()} packed keep bytes cannot mask a tensor of {x.numel()} elements")
+    elif keep is not None and (keep.shape != x.shape or keep.dtype != x.dtype):
         raise ValueError(f"keep mask {tuple(keep.shape)} {keep.dtype} != x {tuple(x.shape)} {x.dtype}")
     return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale, keep)
 
@@ -288,7 +253,7 @@ class FakeQuant(nn.Module):
             return x
         keep = None
         if self.training and self.drop_prob > 0.0:
-            keep = bernoulli_like(x, self.drop_prob, generator=self.generator)
+            keep = drop_mask.drop_keep(x, self.drop_prob, generator=self.generator)
         return self.quantize(x, keep)
 
     def extra_repr(self) -> str:

@@ -7,47 +7,73 @@
  *   keep (QDrop; 0/1):  o = |k| < 0.5 ? o + k * (x - o) : x + (k - 1) * (x - o)      (torch.lerp)
  *   inside = (t == v);  local = c - v * inside;  keep:  local = local + (-local) * k;  inside = max(inside, k)
  *
+ * The keep mask comes as floats (one per element) or packed bits (element i is bit i % 8, least
+ * significant first, of byte i / 8: onnxq.recon.drop_mask's layout, 32 times less memory to read).
  * The torch path makes about ten full-size passes over memory (one per operator); this makes one.
  * Build with -ffp-contract=off (no fused multiply-adds, as the torch path's separate operators) and
  * -fno-trapping-math (so that the loops vectorize; no code here reads the floating-point flags).
- * inside and local may be NULL (no gradient needs them); keep may be NULL (no QDrop).
+ * inside and local may be NULL (no gradient needs them); keep and bits may be NULL (no QDrop).
  */
 #include <math.h>
 #include <stdint.h>
 
-/* One loop body; called with constant flags below, so the compiler emits a branch-free vector loop for
- * each of the eight cases. */
-static inline __attribute__((always_inline)) void fake_quant_loop(
-    const float *restrict x, const float *restrict keep, int64_t n, float s, float lo, float hi,
-    float *restrict out, float *restrict inside, float *restrict local, int has_keep, int has_inside,
-    int has_local) {
-    for (int64_t i = 0; i < n; ++i) {
-        const float xi = x[i];
-        const float v = xi / s;
-        float t = v < lo ? lo : v;
-        t = t > hi ? hi : t;
-        const float c = nearbyintf(t);
-        float o = c * s;
-        float in = t == v ? 1.0f : 0.0f;
-        float loc = c - v * in;
-        if (has_keep) {
-            const float k = keep[i];
-            const float d = xi - o;
-            o = fabsf(k) < 0.5f ? o + k * d : xi + (k - 1.0f) * d;
-            loc = loc + (-1.0f * loc) * k;
-            in = in < k ? k : in;
-        }
-        out[i] = o;
-        if (has_inside) inside[i] = in;
-        if (has_local) local[i] = loc;
+enum { KEEP_NONE = 0, KEEP_FLOAT = 1, KEEP_BITS = 2 };
+
+/* One element; inlined with constant flags below, so the compiler emits a branch-free vector loop for
+ * each case. */
+static inline __attribute__((always_inline)) void fake_quant_one(
+    float xi, float k, float s, float lo, float hi, float *restrict out, float *restrict inside,
+    float *restrict local, int64_t i, int has_keep, int has_inside, int has_local) {
+    const float v = xi / s;
+    float t = v < lo ? lo : v;
+    t = t > hi ? hi : t;
+    const float c = nearbyintf(t);
+    float o = c * s;
+    float in = t == v ? 1.0f : 0.0f;
+    float loc = c - v * in;
+    if (has_keep) {
+        const float d = xi - o;
+        o = fabsf(k) < 0.5f ? o + k * d : xi + (k - 1.0f) * d;
+        loc = loc + (-1.0f * loc) * k;
+        in = in < k ? k : in;
     }
+    out[i] = o;
+    if (has_inside) inside[i] = in;
+    if (has_local) local[i] = loc;
 }
 
-void onnxq_fake_quant_forward(const float *restrict x, const float *restrict keep, int64_t n, float s, float lo,
-                              float hi, float *restrict out, float *restrict inside, float *restrict local) {
-    const int k = keep != 0, a = inside != 0, b = local != 0;
-#define CASE(K, A, B) if (k == K && a == A && b == B) { fake_quant_loop(x, keep, n, s, lo, hi, out, inside, local, K, A, B); return; }
+static inline __attribute__((always_inline)) void fake_quant_loop(
+    const float *restrict x, const float *restrict keep, const uint8_t *restrict bits, int64_t n, float s,
+    float lo, float hi, float *restrict out, float *restrict inside, float *restrict local, int keep_kind,
+    int has_inside, int has_local) {
+    if (keep_kind == KEEP_BITS) {
+        const int64_t whole = n / 8;
+        for (int64_t j = 0; j < whole; ++j) {
+            const unsigned b = bits[j];
+            for (int e = 0; e < 8; ++e) {
+                const int64_t i = 8 * j + e;
+                fake_quant_one(x[i], (float)((b >> e) & 1u), s, lo, hi, out, inside, local, i, 1, has_inside,
+                               has_local);
+            }
+        }
+        for (int64_t i = 8 * whole; i < n; ++i)
+            fake_quant_one(x[i], (float)((bits[i / 8] >> (i % 8)) & 1u), s, lo, hi, out, inside, local, i, 1,
+                           has_inside, has_local);
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i)
+        fake_quant_one(x[i], keep_kind == KEEP_FLOAT ? keep[i] : 0.0f, s, lo, hi, out, inside, local, i,
+                       keep_kind == KEEP_FLOAT, has_inside, has_local);
+}
+
+/* bits, when given, start at element 0 of x: chunks of one tensor start at multiples of 8 elements. */
+void onnxq_fake_quant_forward(const float *restrict x, const float *restrict keep, const uint8_t *restrict bits,
+                              int64_t n, float s, float lo, float hi, float *restrict out, float *restrict inside,
+                              float *restrict local) {
+    const int k = bits != 0 ? KEEP_BITS : keep != 0 ? KEEP_FLOAT : KEEP_NONE, a = inside != 0, b = local != 0;
+#define CASE(K, A, B) if (k == K && a == A && b == B) { fake_quant_loop(x, keep, bits, n, s, lo, hi, out, inside, local, K, A, B); return; }
     CASE(0, 0, 0) CASE(0, 0, 1) CASE(0, 1, 0) CASE(0, 1, 1)
     CASE(1, 0, 0) CASE(1, 0, 1) CASE(1, 1, 0) CASE(1, 1, 1)
+    CASE(2, 0, 0) CASE(2, 0, 1) CASE(2, 1, 0) CASE(2, 1, 1)
 #undef CASE
 }

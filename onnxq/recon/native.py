@@ -1,15 +1,17 @@
-"""A one-pass CPU kernel for the forward of per-tensor fake quantization, compiled on first use.
+"""One-pass CPU kernels for fake quantization and batch assembly, compiled on first use.
 
 On a CPU, fake quantization costs memory traffic, not arithmetic: the torch path of
 :class:`onnxq.recon.fake_quant._FakeQuantFn` runs about ten elementwise operators (divide, clamp, round,
 multiply, the QDrop mix, and the masks its backward needs), each a full pass over tensors of tens of MB.
-``fake_quant_kernel.c`` does the same float32 operations in the same order in one pass, so its outputs
-are bit-identical to the torch path's (the tests compare them bit for bit) and a run's bytes do not
-depend on whether the kernel is there.
+``fake_quant_kernel.c`` does the same float32 operations in the same order in one pass, reading QDrop's
+keep mask as packed bits (:mod:`onnxq.recon.drop_mask`), so its outputs are bit-identical to the torch
+path's (the tests compare them bit for bit) and a run's bytes do not depend on whether the kernel is
+there. Likewise a mini-batch is an index, a cast from float16 and (QDrop's block input) a selection between
+two caches, three passes in torch; ``take_rows_kernel.c`` makes one.
 
-The C source ships with the package; the first use compiles it with the system C compiler (``$CC``, else
+The C sources ship with the package; the first use compiles them with the system C compiler (``$CC``, else
 ``cc``) into ``$ONNXQ_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/onnxq`` or ``~/.cache/onnxq``), named by a
-hash of the source, the flags and the compiler's version, written atomically; later runs load it
+hash of the sources, the flags and the compiler's version, written atomically; later runs load it
 (ctypes, which releases the GIL, so the chunks of one tensor run on torch's threads at once). Where no
 compiler works, or ``ONNXQ_NATIVE=0``, the torch path runs, said once in the log. Per-channel scales
 (weights: small tensors) always take the torch path.
@@ -35,19 +37,22 @@ from onnxq.core.cpu import cpu_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "fake_quant_forward"]
+__all__ = ["available", "fake_quant_forward", "take_rows"]
 
-_SOURCE = Path(__file__).with_name("fake_quant_kernel.c")
-_SYMBOL = "onnxq_fake_quant_forward"
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("fake_quant_kernel.c", "take_rows_kernel.c"))
 #: Below this many elements a tensor is one call on the calling thread (thread hand-off costs more).
 _MIN_CHUNK = 1 << 16
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
+_BYTE_P = ctypes.POINTER(ctypes.c_uint8)
+_VOID_P = ctypes.c_void_p
 
 
 def _flags() -> list[str]:
     flags = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-trapping-math"]
     if platform.machine().lower() in ("x86_64", "amd64") and "AVX2" in cpu_features():
         flags += ["-mavx2", "-msse4.1"]  # vector division and rounding (vroundps), no FMA contraction
+        if "F16C" in cpu_features():
+            flags.append("-mf16c")  # float16 -> float32 in vector registers (take_rows)
     return flags
 
 
@@ -67,7 +72,8 @@ def cache_dir() -> Path:
 
 def _compile(cc: str, flags: list[str]) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=True)
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + version.stdout.encode())
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES) + " ".join(flags).encode()
+                         + version.stdout.encode())
     target = cache_dir() / f"fake_quant-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -75,7 +81,7 @@ def _compile(cc: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                        timeout=120, check=True)
         os.replace(tmp, target)
     finally:
@@ -84,24 +90,36 @@ def _compile(cc: str, flags: list[str]) -> Path:
     return target
 
 
+class _Kernels:
+    """The compiled library's two entry points, typed for ctypes."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fake_quant = lib.onnxq_fake_quant_forward
+        self.fake_quant.restype = None
+        self.fake_quant.argtypes = [_FLOAT_P, _FLOAT_P, _BYTE_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
+                                    ctypes.c_float, _FLOAT_P, _FLOAT_P, _FLOAT_P]
+        self.take_rows = lib.onnxq_take_rows
+        self.take_rows.restype = None
+        self.take_rows.argtypes = [_VOID_P, ctypes.c_int, _VOID_P, ctypes.c_int, _BYTE_P,
+                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                   _FLOAT_P]
+
+
 @functools.cache
-def _library() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _library() -> _Kernels | None:
     cc = compiler()
     if shutil.which(cc) is None:
-        log.info("native fake quantization: no C compiler (%s) found; using torch operators", cc)
+        log.info("native kernels: no C compiler (%s) found; using torch operators", cc)
         return None
     try:
         path = _compile(cc, _flags())
-        fn = getattr(ctypes.CDLL(str(path)), _SYMBOL)
+        kernels = _Kernels(ctypes.CDLL(str(path)))
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        log.info("native fake quantization unavailable (%s); using torch operators", str(detail).strip()[:300])
+        log.info("native kernels unavailable (%s); using torch operators", str(detail).strip()[:300])
         return None
-    fn.restype = None
-    fn.argtypes = [_FLOAT_P, _FLOAT_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float,
-                   _FLOAT_P, _FLOAT_P, _FLOAT_P]
-    log.debug("native fake quantization: %s", path)
-    return fn
+    log.debug("native kernels: %s", path)
+    return kernels
 
 
 def available() -> bool:
@@ -124,38 +142,99 @@ def _memory_order(x: torch.Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _ptr(t: torch.Tensor | None, offset: int):
+def _ptr(t: torch.Tensor | None, offset: int, kind=_FLOAT_P, size: int = 4):
     if t is None:
         return None
-    return ctypes.cast(t.data_ptr() + 4 * offset, _FLOAT_P)
+    return ctypes.cast(t.data_ptr() + size * offset, kind)
+
+
+def _run_chunks(bounds: list[int], run) -> None:
+    """``run(i)`` for each chunk ``[bounds[i], bounds[i + 1])``, on torch's threads when more than one."""
+    if len(bounds) == 2:
+        run(0)
+    else:
+        list(_pool(len(bounds) - 1, os.getpid()).map(run, range(len(bounds) - 1)))
 
 
 def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float, lo: float, hi: float,
                        need_inside: bool, need_local: bool
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """``(out, inside, local)`` of the module docstring's forward for a float32 CPU tensor with one scale;
-    ``lo``/``hi`` are ``qmin - z`` and ``qmax - z``. None where the kernel cannot run (no compiler, another
-    dtype or device, a strided view, a mask laid out otherwise): the caller then takes the torch path."""
+    ``lo``/``hi`` are ``qmin - z`` and ``qmax - z``; ``keep`` a float mask laid out like ``x`` or packed bits
+    (uint8) in its memory order. None where the kernel cannot run (no compiler, another dtype or device, a
+    strided view, a mask laid out otherwise): the caller then takes the torch path."""
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and _memory_order(x)):
         return None
+    bits = keep if keep is not None and keep.dtype == torch.uint8 else None
+    if bits is not None:
+        if not (bits.device.type == "cpu" and bits.is_contiguous() and bits.numel() * 8 >= x.numel()):
+            return None
+        keep = None
     if keep is not None and not _dense_like(keep, x):
         return None
     if not available():
         return None
-    fn = _library()
+    fn = _library().fake_quant  # type: ignore[union-attr]
     out = torch.empty_like(x)
     inside = torch.empty_like(x) if need_inside else None
     local = torch.empty_like(x) if need_local else None
     n = x.numel()
     workers = max(1, min(torch.get_num_threads(), n // _MIN_CHUNK))
-    bounds = [n * i // workers for i in range(workers + 1)]
+    bounds = [min(n, (n * i // workers + 7) // 8 * 8) for i in range(workers + 1)]  # whole bytes of bits
+    bounds[-1] = n
 
     def run(i: int) -> None:
         a, b = bounds[i], bounds[i + 1]
-        fn(_ptr(x, a), _ptr(keep, a), b - a, scale, lo, hi, _ptr(out, a), _ptr(inside, a), _ptr(local, a))
+        fn(_ptr(x, a), _ptr(keep, a), _ptr(bits, a // 8, _BYTE_P, 1), b - a, scale, lo, hi, _ptr(out, a),
+           _ptr(inside, a), _ptr(local, a))
 
-    if workers == 1:
-        run(0)
-    else:
-        list(_pool(workers, os.getpid()).map(run, range(workers)))
+    _run_chunks(bounds, run)
     return out, inside, local
+
+
+def _rows_source(t: torch.Tensor) -> bool:
+    """A cache whose samples are rows laid out as the batch must be: channels-last when 4-D, else row-major."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float16, torch.float32) or t.dim() < 1:
+        return False
+    return t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.is_contiguous()
+
+
+def take_rows(q: torch.Tensor, idx: torch.Tensor, fp: torch.Tensor | None = None,
+              bits: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``q[idx]`` as float32 (channels-last when 4-D, as :func:`onnxq.recon.batching.take_batch`); with
+    ``fp`` and packed ``bits`` (one per element of the batch, in its memory order) the element of ``fp[idx]``
+    where the bit is 1. None where the kernel cannot run (see :func:`fake_quant_forward`); the caller then
+    takes the torch path."""
+    if not (_rows_source(q) and idx.device.type == "cpu" and idx.dtype == torch.int64 and idx.dim() == 1):
+        return None
+    if (fp is None) != (bits is None):
+        raise ValueError("take_rows mixes two caches by bits: give both fp and bits, or neither")
+    rows, n = int(idx.numel()), int(q.shape[0])
+    if fp is not None and bits is not None:
+        if not (_rows_source(fp) and fp.shape == q.shape and fp.stride() == q.stride()):
+            return None
+        if not (bits.dtype == torch.uint8 and bits.device.type == "cpu" and bits.is_contiguous()):
+            return None
+        if bits.numel() * 8 < rows * (q.numel() // max(n, 1)):
+            raise ValueError(f"{bits.numel()} packed bytes cannot mask a batch of {rows} rows of {tuple(q.shape[1:])}")
+    if not available():
+        return None
+    if rows and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError(f"batch index out of range for {n} cached samples")
+    layout = torch.channels_last if q.dim() == 4 else torch.contiguous_format
+    out = torch.empty((rows, *q.shape[1:]), dtype=torch.float32, memory_format=layout)
+    row = q.numel() // max(n, 1)
+    idx = idx.contiguous()
+    fn = _library().take_rows  # type: ignore[union-attr]
+    workers = max(1, min(torch.get_num_threads(), rows, rows * row // _MIN_CHUNK))
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    q_half = int(q.dtype == torch.float16)
+    fp_half = int(fp is not None and fp.dtype == torch.float16)
+
+    def run(i: int) -> None:
+        fn(q.data_ptr(), q_half, fp.data_ptr() if fp is not None else None, fp_half,
+           _ptr(bits, 0, _BYTE_P, 1), _ptr(idx, 0, ctypes.POINTER(ctypes.c_int64), 8), bounds[i], bounds[i + 1],
+           row, _ptr(out, 0))
+
+    _run_chunks(bounds, run)
+    return out

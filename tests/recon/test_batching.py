@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from onnxq.recon.batching import cache_layout, dot, take_batch
-from onnxq.recon.fake_quant import FakeQuant, bernoulli_like, bernoulli_mask
+from onnxq.recon.drop_mask import bernoulli_like, bernoulli_mask
+from onnxq.recon.fake_quant import FakeQuant
 
 
 def _channels_last(t: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.recon import MIN_SCALE, FakeQuant, fake_quant, lsq_grad_scale, round_ste
-from onnxq.recon.fake_quant import bernoulli_mask
+from onnxq.recon.drop_mask import bernoulli_mask
 from tests.helpers import run_ort
 
 # (storage dtype, qmin, qmax, opset)

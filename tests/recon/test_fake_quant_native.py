@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from onnxq.recon import fake_quant, native
-from onnxq.recon.fake_quant import bernoulli_like
+from onnxq.recon.batching import cache_layout, take_batch, take_mixed
+from onnxq.recon.drop_mask import bernoulli_like, drop_keep
 from tests.recon.test_fake_quant import _test_data
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is all there is")
@@ -35,18 +36,20 @@ def _run(x: torch.Tensor, keep: torch.Tensor | None, scale: float, zp: int, qmin
 
 @pytest.mark.parametrize("grid", list(GRIDS))
 @pytest.mark.parametrize("shape", [(3, 40, 33, 35), (5, 300), (70001,)])
-@pytest.mark.parametrize("qdrop", [False, True])
+@pytest.mark.parametrize("qdrop", ["none", "float", "bits"])
 @pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True), (False, False)])
-def test_kernel_gives_the_torch_paths_bits(grid: str, shape: tuple[int, ...], qdrop: bool,
+def test_kernel_gives_the_torch_paths_bits(grid: str, shape: tuple[int, ...], qdrop: str,
                                           grads: tuple[bool, bool], monkeypatch: pytest.MonkeyPatch) -> None:
     qmin, qmax, zp = GRIDS[grid]
     scale = 0.0371
     rng = np.random.default_rng(7)
     x = torch.from_numpy(_test_data(rng, shape, np.array(scale, np.float32), np.array(zp), None, qmin, qmax))
     keep = None
-    if qdrop:
-        layout = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    layout = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    if qdrop == "float":
         keep = bernoulli_like(layout, 0.5, generator=torch.Generator().manual_seed(3))
+    elif qdrop == "bits":  # read by the kernel as they are, unpacked for the torch path
+        keep = drop_keep(layout, 0.5, generator=torch.Generator().manual_seed(3))
     fused = _run(x, keep, scale, zp, qmin, qmax, *grads, seed=11)
     monkeypatch.setenv("ONNXQ_NATIVE", "0")
     plain = _run(x, keep, scale, zp, qmin, qmax, *grads, seed=11)
@@ -65,6 +68,58 @@ def test_kernel_runs_and_declines_what_it_cannot_do() -> None:
     assert native.fake_quant_forward(x.double(), None, 0.05, -8.0, 7.0, True, True) is None
     plain_keep = torch.ones(4, 8, 5, 5)  # row-major mask for a channels-last tensor
     assert native.fake_quant_forward(x, plain_keep, 0.05, -8.0, 7.0, True, True) is None
+    assert native.fake_quant_forward(x, torch.zeros(99, dtype=torch.uint8), 0.05, -8.0, 7.0, True, True) is None
+    assert native.fake_quant_forward(x, torch.zeros(100, dtype=torch.uint8), 0.05, -8.0, 7.0, True, True) is not None
+
+
+def _halves(rng: np.random.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """float16 values with the cases a conversion gets wrong: signed zeros, subnormals, infinities, the extremes."""
+    x = rng.standard_normal(shape).astype(np.float16)
+    flat = x.reshape(-1)
+    special = np.array([0.0, -0.0, 6e-8, -6e-8, 3e-5, np.inf, -np.inf, 65504.0, -65504.0], np.float16)
+    flat[: special.size] = special
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 5, 7), (9, 13), (9, 40, 4, 4)])
+@pytest.mark.parametrize("dtypes", [("f16", "f16"), ("f32", "f32"), ("f16", "f32")])
+def test_take_rows_gives_the_torch_paths_bits(shape: tuple[int, ...], dtypes: tuple[str, str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gather + cast (+ QDrop's mix of two caches) in one pass equals index, cast and torch.where, bit for bit,
+    for rows whose length is not a multiple of 8 and bits that start mid-byte."""
+    rng = np.random.default_rng(5)
+    q, f = _halves(rng, shape), _halves(rng, shape)
+    q = q.float() if dtypes[0] == "f32" else q
+    f = f.float() if dtypes[1] == "f32" else f
+    q, f = cache_layout(q), cache_layout(f)
+    idx = torch.tensor([8, 0, 3, 3, 7])
+    gen = torch.Generator().manual_seed(1)
+    fused_take = take_batch([q], idx)[0]
+    fused_mix = take_mixed([q], [f], idx, 0.5, gen)[0]
+    assert native.take_rows(q, idx) is not None
+    monkeypatch.setenv("ONNXQ_NATIVE", "0")
+    gen = torch.Generator().manual_seed(1)
+    plain_take = take_batch([q], idx)[0]
+    plain_mix = take_mixed([q], [f], idx, 0.5, gen)[0]
+    for a, b in ((fused_take, plain_take), (fused_mix, plain_mix)):
+        assert a.stride() == b.stride() and a.dtype == b.dtype == torch.float32
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert torch.equal(plain_take.view(torch.int32), q[idx].float().view(torch.int32))
+    from_fp = (plain_mix.view(torch.int32) == f[idx].float().view(torch.int32))
+    from_q = (plain_mix.view(torch.int32) == plain_take.view(torch.int32))
+    assert bool((from_fp | from_q).all()) and 0.3 < float((from_fp & ~from_q).float().mean()) < 0.7
+
+
+def test_take_rows_declines_and_refuses() -> None:
+    q = torch.randn(6, 4, 3, 3).half()  # a row-major 4-D cache: the batch must come out channels-last
+    idx = torch.tensor([1, 2])
+    assert native.take_rows(q, idx) is None
+    cl = cache_layout(q)
+    assert native.take_rows(cl.double(), idx) is None and native.take_rows(cl, idx.int()) is None
+    with pytest.raises(IndexError, match="out of range"):
+        native.take_rows(cl, torch.tensor([6]))
+    with pytest.raises(ValueError, match="cannot mask"):
+        native.take_rows(cl, idx, cl, torch.zeros(1, dtype=torch.uint8))
 
 
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
