@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from onnxq.recon import drop_mask, native
@@ -80,20 +81,25 @@ class _FakeQuantFn(torch.autograd.Function):
     in-range mask) and ``local = c - v * inside`` (= round(v) - v inside, qmin - z / qmax - z outside),
     the LSQ derivative d out / d s. With one scale on a float32 CPU tensor the forward is one pass of
     :mod:`onnxq.recon.native`'s kernel where it runs: the same operations, the same bits.
+
+    ``clip = (lo, hi)`` fuses a clip before the quantizer (a ReLU6: ``Clip -> Q -> DQ``): ``x`` becomes
+    ``clamp(x, lo, hi) + 0`` (the ``+ 0`` makes a zero +0 whichever way a max of zeros picks) and ``inside``
+    is multiplied by ``1[lo < x < hi]``, the clip's own gradient (torch's hardtanh backward). Saves the
+    clip's forward and backward passes and its saved input.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, keep):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, keep, clip):  # type: ignore[override]
         s = _shape_for(scale, x.dim(), axis)
         z = _shape_for(zero_point, x.dim(), axis)
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = None
         if axis is None:  # one scale: the one-pass kernel where it runs (same bits as the torch path)
             zf = float(z)  # an integer: qmin - z and qmax - z are exact in float32 as in the torch path
-            fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s)
+            fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s, clip)
         if fused is None and keep is not None and keep.dtype == torch.uint8:
             keep = drop_mask.unpack(keep, x)  # packed bits, for the torch operators
-        out, inside, local = fused or _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s)
+        out, inside, local = fused or _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s, clip)
         ctx.save_for_backward(inside, local)
         ctx.params = (axis, grad_scale, tuple(scale.shape))
         return out
@@ -112,14 +118,20 @@ class _FakeQuantFn(torch.autograd.Function):
                 grad_s = (grad * local).sum(dim=dims).reshape(scale_shape)
             if grad_scale is not None:
                 grad_s = grad_s * grad_scale
-        return grad_x, grad_s, None, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None, None
 
 
 def _forward_ops(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
-                 keep: torch.Tensor | None, need_inside: bool, need_local: bool
+                 keep: torch.Tensor | None, need_inside: bool, need_local: bool,
+                 clip: tuple[float, float] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(out, inside, local)`` of :class:`_FakeQuantFn`'s forward in torch operators (any scale shape,
     dtype or device); ``inside`` and ``local`` only where asked for."""
+    clip_mask = None
+    if clip is not None:
+        if need_inside:
+            clip_mask = ((x > clip[0]) & (x < clip[1])).to(x.dtype)
+        x = torch.clamp(x, clip[0], clip[1]).add_(0.0)
     v = x / s
     t = torch.clamp(v, qmin - z, qmax - z)
     c = torch.round(t)
@@ -135,6 +147,8 @@ def _forward_ops(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, q
             local = local.addcmul_(local, keep, value=-1.0)  # kept-float elements do not depend on s
     if need_inside and keep is not None:
         inside = torch.maximum(inside, keep, out=inside)  # d out / d x = 1 where kept float
+    if clip_mask is not None and inside is not None:
+        inside = inside.mul_(clip_mask)
     return out, inside if need_inside else None, local
 
 
@@ -144,7 +158,8 @@ def _as_tensor(p: float | int | torch.Tensor, like: torch.Tensor) -> torch.Tenso
 
 def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor,
                qmin: int, qmax: int, axis: int | None = None, *,
-               grad_scale: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+               grad_scale: float | None = None, keep: torch.Tensor | None = None,
+               clip: tuple[float, float] | None = None) -> torch.Tensor:
     """ONNX ``DequantizeLinear(QuantizeLinear(x))`` with STE/LSQ gradients (see the module docstring).
 
     Args:
@@ -157,6 +172,8 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
         keep: optional 0/1 mask of ``x``'s shape and dtype (QDrop): where 1 the output is ``x`` itself
             (gradient 1 to ``x``, none to the scale), where 0 the quantized value. Fused into one pass.
             Or the same mask as packed bits (uint8, 1-D, in ``x``'s memory order; :mod:`.drop_mask`).
+        clip: ``(lo, hi)`` of a clip (ReLU6) applied to ``x`` before the quantizer, fused into its pass:
+            the same values and gradients as ``fake_quant(F.hardtanh(x, lo, hi), ...)``.
 
     Returns:
         The fake-quantized tensor, same shape and dtype as ``x``.
@@ -180,7 +197,10 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
             raise ValueError(f"{keep.numel()} packed keep bytes cannot mask a tensor of {x.numel()} elements")
     elif keep is not None and (keep.shape != x.shape or keep.dtype != x.dtype):
         raise ValueError(f"keep mask {tuple(keep.shape)} {keep.dtype} != x {tuple(x.shape)} {x.dtype}")
-    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale, keep)
+    if clip is not None and not clip[0] <= clip[1]:
+        raise ValueError(f"clip bounds {clip}: need lo <= hi")
+    clip = None if clip is None else (float(clip[0]), float(clip[1]))
+    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale, keep, clip)
 
 
 class FakeQuant(nn.Module):
@@ -200,8 +220,11 @@ class FakeQuant(nn.Module):
         generator: optional ``torch.Generator`` for the drop masks (the engine sets one for
             reproducible runs); None uses torch's global generator.
 
-    The zero-point is a fixed int64 buffer.
+    The zero-point is a fixed int64 buffer. ``fuses_clip``: a :class:`~onnxq.torchify.BlockModule` may hand
+    it the clip (ReLU6) before it with ``forward(x, clip=(lo, hi))`` instead of running the clip.
     """
+
+    fuses_clip = True
 
     def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, qmin: int, qmax: int,
                  axis: int | None = None, *, learn_scale: bool = False,
@@ -242,19 +265,22 @@ class FakeQuant(nn.Module):
         """The step size the forward uses (clamped to ``MIN_SCALE``), detached: write this back."""
         return self.scale.detach().clamp_min(MIN_SCALE)
 
-    def quantize(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Fake-quantize ``x`` regardless of ``enabled`` and training mode (``keep``: see fake_quant)."""
+    def quantize(self, x: torch.Tensor, keep: torch.Tensor | None = None,
+                 clip: tuple[float, float] | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` regardless of ``enabled`` and training mode (``keep``, ``clip``: see
+        fake_quant)."""
         s = self.scale.clamp_min(MIN_SCALE)
         return fake_quant(x, s, self.zero_point.to(x.dtype), self.qmin, self.qmax, self.axis,
-                          grad_scale=self.grad_scale, keep=keep)
+                          grad_scale=self.grad_scale, keep=keep, clip=clip)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, clip: tuple[float, float] | None = None) -> torch.Tensor:
+        """``x`` fake-quantized (see the modes); ``clip``: a clip (ReLU6) before the quantizer, fused."""
         if not self.enabled:
-            return x
+            return x if clip is None else F.hardtanh(x, clip[0], clip[1])
         keep = None
         if self.training and self.drop_prob > 0.0:
             keep = drop_mask.drop_keep(x, self.drop_prob, generator=self.generator)
-        return self.quantize(x, keep)
+        return self.quantize(x, keep, clip)
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.scale.dim() == 0 else f"per-channel axis={self.axis}"

@@ -3,10 +3,13 @@
  * Computes, element by element, exactly the float32 operations of onnxq.recon.fake_quant's torch path,
  * in the same order, so the results are bit-identical to it (tests/recon/test_fake_quant_native.py):
  *
+ *   clip (a ReLU6 before the quantizer; lo_c, hi_c):  m = (lo_c < x < hi_c);  x = min(max(x, lo_c), hi_c) + 0
  *   v = x / s;  t = min(max(v, lo), hi);  c = round_half_even(t);  o = c * s
  *   keep (QDrop; 0/1):  o = |k| < 0.5 ? o + k * (x - o) : x + (k - 1) * (x - o)      (torch.lerp)
  *   inside = (t == v);  local = c - v * inside;  keep:  local = local + (-local) * k;  inside = max(inside, k)
+ *   clip:  inside = inside * m                      (the clip's gradient mask, as torch's hardtanh backward)
  *
+ * The clip's "+ 0" turns -0 into +0, so that the result does not depend on how a max of two zeros picks.
  * The keep mask comes as floats (one per element) or packed bits (element i is bit i % 8, least
  * significant first, of byte i / 8: onnxq.recon.drop_mask's layout, 32 times less memory to read).
  * The torch path makes about ten full-size passes over memory (one per operator); this makes one.
@@ -22,8 +25,16 @@ enum { KEEP_NONE = 0, KEEP_FLOAT = 1, KEEP_BITS = 2 };
 /* One element; inlined with constant flags below, so the compiler emits a branch-free vector loop for
  * each case. */
 static inline __attribute__((always_inline)) void fake_quant_one(
-    float xi, float k, float s, float lo, float hi, float *restrict out, float *restrict inside,
-    float *restrict local, int64_t i, int has_keep, int has_inside, int has_local) {
+    float xi, float k, float s, float lo, float hi, float clo, float chi, float *restrict out,
+    float *restrict inside, float *restrict local, int64_t i, int has_keep, int has_inside, int has_local,
+    int has_clip) {
+    float m = 1.0f;
+    if (has_clip) {
+        m = (xi > clo && xi < chi) ? 1.0f : 0.0f;
+        float y = xi < clo ? clo : xi;
+        y = y > chi ? chi : y;
+        xi = y + 0.0f;
+    }
     const float v = xi / s;
     float t = v < lo ? lo : v;
     t = t > hi ? hi : t;
@@ -37,6 +48,7 @@ static inline __attribute__((always_inline)) void fake_quant_one(
         loc = loc + (-1.0f * loc) * k;
         in = in < k ? k : in;
     }
+    if (has_clip) in = in * m;
     out[i] = o;
     if (has_inside) inside[i] = in;
     if (has_local) local[i] = loc;
@@ -44,36 +56,39 @@ static inline __attribute__((always_inline)) void fake_quant_one(
 
 static inline __attribute__((always_inline)) void fake_quant_loop(
     const float *restrict x, const float *restrict keep, const uint8_t *restrict bits, int64_t n, float s,
-    float lo, float hi, float *restrict out, float *restrict inside, float *restrict local, int keep_kind,
-    int has_inside, int has_local) {
+    float lo, float hi, float clo, float chi, float *restrict out, float *restrict inside, float *restrict local,
+    int keep_kind, int has_inside, int has_local, int has_clip) {
     if (keep_kind == KEEP_BITS) {
         const int64_t whole = n / 8;
         for (int64_t j = 0; j < whole; ++j) {
             const unsigned b = bits[j];
             for (int e = 0; e < 8; ++e) {
                 const int64_t i = 8 * j + e;
-                fake_quant_one(x[i], (float)((b >> e) & 1u), s, lo, hi, out, inside, local, i, 1, has_inside,
-                               has_local);
+                fake_quant_one(x[i], (float)((b >> e) & 1u), s, lo, hi, clo, chi, out, inside, local, i, 1,
+                               has_inside, has_local, has_clip);
             }
         }
         for (int64_t i = 8 * whole; i < n; ++i)
-            fake_quant_one(x[i], (float)((bits[i / 8] >> (i % 8)) & 1u), s, lo, hi, out, inside, local, i, 1,
-                           has_inside, has_local);
+            fake_quant_one(x[i], (float)((bits[i / 8] >> (i % 8)) & 1u), s, lo, hi, clo, chi, out, inside, local,
+                           i, 1, has_inside, has_local, has_clip);
         return;
     }
     for (int64_t i = 0; i < n; ++i)
-        fake_quant_one(x[i], keep_kind == KEEP_FLOAT ? keep[i] : 0.0f, s, lo, hi, out, inside, local, i,
-                       keep_kind == KEEP_FLOAT, has_inside, has_local);
+        fake_quant_one(x[i], keep_kind == KEEP_FLOAT ? keep[i] : 0.0f, s, lo, hi, clo, chi, out, inside, local, i,
+                       keep_kind == KEEP_FLOAT, has_inside, has_local, has_clip);
 }
 
-/* bits, when given, start at element 0 of x: chunks of one tensor start at multiples of 8 elements. */
+/* bits, when given, start at element 0 of x: chunks of one tensor start at multiples of 8 elements.
+ * has_clip: clip x to [clo, chi] first (see the top). */
 void onnxq_fake_quant_forward(const float *restrict x, const float *restrict keep, const uint8_t *restrict bits,
-                              int64_t n, float s, float lo, float hi, float *restrict out, float *restrict inside,
-                              float *restrict local) {
+                              int64_t n, float s, float lo, float hi, int has_clip, float clo, float chi,
+                              float *restrict out, float *restrict inside, float *restrict local) {
     const int k = bits != 0 ? KEEP_BITS : keep != 0 ? KEEP_FLOAT : KEEP_NONE, a = inside != 0, b = local != 0;
-#define CASE(K, A, B) if (k == K && a == A && b == B) { fake_quant_loop(x, keep, bits, n, s, lo, hi, out, inside, local, K, A, B); return; }
-    CASE(0, 0, 0) CASE(0, 0, 1) CASE(0, 1, 0) CASE(0, 1, 1)
-    CASE(1, 0, 0) CASE(1, 0, 1) CASE(1, 1, 0) CASE(1, 1, 1)
-    CASE(2, 0, 0) CASE(2, 0, 1) CASE(2, 1, 0) CASE(2, 1, 1)
+    const int c = has_clip != 0;
+#define CASE(K, A, B, C) if (k == K && a == A && b == B && c == C) { \
+        fake_quant_loop(x, keep, bits, n, s, lo, hi, clo, chi, out, inside, local, K, A, B, C); return; }
+#define CASES(K, C) CASE(K, 0, 0, C) CASE(K, 0, 1, C) CASE(K, 1, 0, C) CASE(K, 1, 1, C)
+    CASES(0, 0) CASES(1, 0) CASES(2, 0) CASES(0, 1) CASES(1, 1) CASES(2, 1)
+#undef CASES
 #undef CASE
 }

@@ -97,7 +97,8 @@ class _Kernels:
         self.fake_quant = lib.onnxq_fake_quant_forward
         self.fake_quant.restype = None
         self.fake_quant.argtypes = [_FLOAT_P, _FLOAT_P, _BYTE_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
-                                    ctypes.c_float, _FLOAT_P, _FLOAT_P, _FLOAT_P]
+                                    ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_float, _FLOAT_P, _FLOAT_P,
+                                    _FLOAT_P]
         self.take_rows = lib.onnxq_take_rows
         self.take_rows.restype = None
         self.take_rows.argtypes = [_VOID_P, ctypes.c_int, _VOID_P, ctypes.c_int, _BYTE_P,
@@ -157,12 +158,13 @@ def _run_chunks(bounds: list[int], run) -> None:
 
 
 def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float, lo: float, hi: float,
-                       need_inside: bool, need_local: bool
+                       need_inside: bool, need_local: bool, clip: tuple[float, float] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """``(out, inside, local)`` of the module docstring's forward for a float32 CPU tensor with one scale;
     ``lo``/``hi`` are ``qmin - z`` and ``qmax - z``; ``keep`` a float mask laid out like ``x`` or packed bits
-    (uint8) in its memory order. None where the kernel cannot run (no compiler, another dtype or device, a
-    strided view, a mask laid out otherwise): the caller then takes the torch path."""
+    (uint8) in its memory order; ``clip`` the bounds of a clip (ReLU6) applied to ``x`` first. None where the
+    kernel cannot run (no compiler, another dtype or device, a strided view, a mask laid out otherwise): the
+    caller then takes the torch path."""
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and _memory_order(x)):
         return None
     bits = keep if keep is not None and keep.dtype == torch.uint8 else None
@@ -183,10 +185,12 @@ def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float,
     bounds = [min(n, (n * i // workers + 7) // 8 * 8) for i in range(workers + 1)]  # whole bytes of bits
     bounds[-1] = n
 
+    clo, chi = clip if clip is not None else (0.0, 0.0)
+
     def run(i: int) -> None:
         a, b = bounds[i], bounds[i + 1]
-        fn(_ptr(x, a), _ptr(keep, a), _ptr(bits, a // 8, _BYTE_P, 1), b - a, scale, lo, hi, _ptr(out, a),
-           _ptr(inside, a), _ptr(local, a))
+        fn(_ptr(x, a), _ptr(keep, a), _ptr(bits, a // 8, _BYTE_P, 1), b - a, scale, lo, hi, int(clip is not None),
+           clo, chi, _ptr(out, a), _ptr(inside, a), _ptr(local, a))
 
     _run_chunks(bounds, run)
     return out, inside, local

@@ -10,6 +10,9 @@ and every node writes its outputs. Two substitutions make a QDQ block trainable:
     key of ``act_quantizers`` becomes one call ``act_quantizers[t](env[t])``, whose value every
     DequantizeLinear of that Q output receives. Clip nodes between Q and DQ (QCDQ: a 4-bit grid
     in an 8-bit container) are part of the replaced pattern; the quantizer must apply that grid.
+    A Clip with constant bounds *before* the Q (a ReLU6: ``y -> Clip -> t -> Q``), whose output only
+    that Q reads, is handed to a quantizer that declares ``fuses_clip`` as ``quantizer(y, clip=(lo,
+    hi))`` and not run: the quantizer clips in its own pass (same values and gradients).
 
 All other nodes (other Q/DQ nodes included) run the generic op functions of the registry.
 """
@@ -47,6 +50,7 @@ class _Step:
     outputs: tuple[str, ...]     # "" for unused outputs
     quantizer: str = ""          # ModuleDict key for "weight" / "act"
     free: tuple[str, ...] = ()   # env names dead after this step
+    clip: tuple[float, float] | None = None  # "act": a Clip before the Q, fused into the quantizer
 
 
 def _sanitize(name: str, prefix: str, taken: set[str]) -> str:
@@ -143,6 +147,7 @@ class BlockModule(nn.Module):
                 raise ValueError(f"weight quantizer {name!r}: no DequantizeLinear in the block outputs it")
         for name in aq:
             act_at.update(self._pair(nodes, name, skip))
+        clip_of = self._fusable_clips(nodes, act_at, aq, skip)
         steps: list[_Step] = []
         for i, node in enumerate(nodes):
             if i in skip:
@@ -154,8 +159,9 @@ class BlockModule(nn.Module):
                 continue
             if i in act_at:
                 src, dq_outs = act_at[i]
-                steps.append(_Step("act", node.name, node.op, None, {}, (("env", src),), tuple(dq_outs),
-                                   self.act_keys[src]))
+                read, clip = clip_of.get(src, (src, None))
+                steps.append(_Step("act", node.name, node.op, None, {}, (("env", read),), tuple(dq_outs),
+                                   self.act_keys[src], clip=clip))
                 continue
             reason = supported(node)
             if reason is not None:
@@ -193,6 +199,30 @@ class BlockModule(nn.Module):
                                      "can follow a replaced QuantizeLinear")
         skip.update(dqs + clips)
         return {qs[0]: (name, [nodes[i].outputs[0].name for i in dqs])}
+
+    def _fusable_clips(self, nodes: list[gs.Node], act_at: Mapping[int, tuple[str, list[str]]],
+                       aq: Mapping[str, nn.Module], skip: set[int]) -> dict[str, tuple[str, tuple[float, float]]]:
+        """Quantized tensor -> (the Clip's input, its bounds) for each Clip the quantizer takes over (see the
+        module docstring); those Clip nodes join ``skip``."""
+        producer = {t.name: i for i, n in enumerate(nodes) for t in n.outputs if t.name}
+        readers: dict[str, int] = {}
+        for n in nodes:
+            for t in n.inputs:
+                if t is not None and t.name:
+                    readers[t.name] = readers.get(t.name, 0) + 1
+        fused = {}
+        for src, _ in act_at.values():
+            j = producer.get(src)
+            if j is None or not getattr(aq[src], "fuses_clip", False) or src in self.output_names:
+                continue
+            node = nodes[j]
+            bounds = _clip_bounds(node) if node.op == "Clip" else None
+            data = node.inputs[0] if node.inputs else None
+            if bounds is None or readers.get(src) != 1 or data is None or isinstance(data, gs.Constant):
+                continue
+            fused[src] = (data.name, bounds)
+            skip.add(j)
+        return fused
 
     def _liveness(self, steps: list[_Step]) -> list[_Step]:
         available = set(self.input_names)
@@ -233,7 +263,9 @@ class BlockModule(nn.Module):
             if step.kind == "weight":
                 results = [self.weight_quantizers[step.quantizer]()]
             elif step.kind == "act":
-                y = self.act_quantizers[step.quantizer](env[step.inputs[0][1]])
+                quantizer = self.act_quantizers[step.quantizer]
+                x = env[step.inputs[0][1]]
+                y = quantizer(x) if step.clip is None else quantizer(x, clip=step.clip)
                 results = [y] * len(step.outputs)
             else:
                 args = [None if r is None else env[r[1]] if r[0] == "env" else self._buffers[r[1]]
@@ -253,6 +285,26 @@ class BlockModule(nn.Module):
         kinds = [s.kind for s in self._steps]
         return (f"inputs={self.input_names}, outputs={self.output_names}, steps={len(kinds)} "
                 f"(weight quantizers {kinds.count('weight')}, activation quantizers {kinds.count('act')})")
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """A float Clip's (lo, hi) when both are constant scalars (inputs, or attributes before opset 11)."""
+    bounds = []
+    for k, attr in ((1, "min"), (2, "max")):
+        t = node.inputs[k] if len(node.inputs) > k else None
+        if t is not None and t.name:
+            if not isinstance(t, gs.Constant) or np.asarray(t.values).size != 1:
+                return None
+            value = np.asarray(t.values)
+            if value.dtype.kind != "f":
+                return None
+            bounds.append(float(value.reshape(-1)[0]))
+        elif attr in node.attrs:
+            bounds.append(float(node.attrs[attr]))
+        else:
+            return None
+    lo, hi = bounds
+    return (lo, hi) if lo <= hi else None
 
 
 def _block_nodes(graph: gs.Graph, inputs: Sequence[str], outputs: Sequence[str]) -> list[gs.Node]:

@@ -163,3 +163,41 @@ def test_a_forked_child_gets_its_own_threads() -> None:
         child.kill()
         pytest.fail("the forked child hung on its parent's thread pool")
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+@pytest.mark.parametrize("qdrop", ["none", "float", "bits"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_fused_clip_gives_the_same_bits_on_both_paths_and_the_clips_numbers(qdrop: str, layout: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """fake_quant(x, clip=(0, 6)) equals fake_quant(hardtanh(x, 0, 6)) in values and gradients (zeros of
+    either sign compare equal), and the kernel and the torch path give the same bits."""
+    x = torch.randn(3, 16, 9, 11, generator=torch.Generator().manual_seed(8)) * 4
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 6.0, -1e-30, 6.0000005, float("inf")])
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    keep = None
+    if qdrop == "float":
+        keep = bernoulli_like(x, 0.5, generator=torch.Generator().manual_seed(3))
+    elif qdrop == "bits":
+        keep = drop_keep(x, 0.5, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(fused: bool):
+        xl = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        s = torch.tensor(0.03, requires_grad=True)
+        if fused:
+            out = fake_quant(xl, s, 7, 0, 255, keep=keep, clip=(0.0, 6.0))
+        else:
+            out = fake_quant(torch.nn.functional.hardtanh(xl, 0.0, 6.0), s, 7, 0, 255, keep=keep)
+        (out * weights).sum().backward()
+        return out.detach(), xl.grad, s.grad
+
+    kernel = run(True)
+    reference = run(False)
+    monkeypatch.setenv("ONNXQ_NATIVE", "0")
+    plain = run(True)
+    for a, b, c in zip(kernel, plain, reference, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert torch.equal(a, c)
+    with pytest.raises(ValueError, match="clip bounds"):
+        fake_quant(x, 0.03, 7, 0, 255, clip=(6.0, 0.0))

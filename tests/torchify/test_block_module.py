@@ -200,3 +200,72 @@ def test_qcdq_pattern_runs_generic_and_is_replaced_whole() -> None:
     assert [(kind, op) for kind, _, op in block.plan] == [("act", "QuantizeLinear"), ("op", "Relu")]
     (got,) = block(torch.from_numpy(x))
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+def _relu6_model(extra_reader: bool) -> onnx.ModelProto:
+    """x -> Conv -> Clip(0, 6) -> r -> Q -> DQ -> y (and, with ``extra_reader``, r -> Neg -> z)."""
+    rng = np.random.default_rng(11)
+    consts = {"w": (rng.standard_normal((C, C, 3, 3)) * 0.8).astype(np.float32), "lo": np.array(0.0, np.float32),
+              "hi": np.array(6.0, np.float32), "s": np.array(0.05, np.float32), "z": np.array(0, np.uint8)}
+    inits = [onnx.numpy_helper.from_array(v, n) for n, v in consts.items()]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"]),
+             helper.make_node("DequantizeLinear", ["rq", "s", "z"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TP.FLOAT, [2, C, 6, 6])]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["r"], ["z_out"]))
+        outputs.append(helper.make_tensor_value_info("z_out", TP.FLOAT, [2, C, 6, 6]))
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TP.FLOAT, [2, C, 6, 6])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+class _NoClipFusion(nn.Module):
+    """The same FakeQuant, without ``fuses_clip``: the Clip runs as its own op."""
+
+    def __init__(self, fq: nn.Module) -> None:
+        super().__init__()
+        self.fq = fq
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fq(t)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_relu6_before_a_fake_quant_is_fused_with_the_same_numbers(drop: float) -> None:
+    from onnxq.recon import FakeQuant
+
+    model = _relu6_model(extra_reader=False)
+    x = np.random.default_rng(2).standard_normal((2, C, 6, 6)).astype(np.float32) * 2
+    want = _ort(model, x)
+    results = []
+    for wrap in (False, True):
+        fq = FakeQuant(0.05, 0, 0, 255, learn_scale=True)
+        fq.drop_prob, fq.generator = drop, torch.Generator().manual_seed(4)
+        block = block_from_model(model, ["x"], ["y"], act_quantizers={"r": _NoClipFusion(fq) if wrap else fq})
+        ops = [op for _, _, op in block.plan]
+        assert ("Clip" in ops) == wrap
+        if drop == 0.0:
+            (got,) = block(torch.from_numpy(x))
+            np.testing.assert_array_equal(got.detach().numpy(), want)
+        block.train()
+        xt = torch.from_numpy(x).requires_grad_(True)
+        (out,) = block(xt)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), xt.grad, fq.scale.grad))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and torch.equal(gs1, gs2)
+    assert float(gx1.abs().sum()) > 0 and float(gs1.abs()) > 0
+
+
+def test_relu6_is_not_fused_where_its_output_is_read_elsewhere() -> None:
+    from onnxq.recon import FakeQuant
+
+    model = _relu6_model(extra_reader=True)
+    block = block_from_model(model, ["x"], ["y", "z_out"], act_quantizers={"r": FakeQuant(0.05, 0, 0, 255)})
+    assert "Clip" in [op for _, _, op in block.plan]
+    block = block_from_model(model, ["x"], ["y", "r"], act_quantizers={"r": FakeQuant(0.05, 0, 0, 255)})
+    assert "Clip" in [op for _, _, op in block.plan]  # a block output keeps its own value
