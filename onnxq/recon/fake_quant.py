@@ -86,28 +86,42 @@ class _FakeQuantFn(torch.autograd.Function):
     ``clamp(x, lo, hi) + 0`` (the ``+ 0`` makes a zero +0 whichever way a max of zeros picks) and ``inside``
     is multiplied by ``1[lo < x < hi]``, the clip's own gradient (torch's hardtanh backward). Saves the
     clip's forward and backward passes and its saved input.
+
+    ``pad = ((top, bottom), (left, right))`` returns ``out`` zero-padded for the convolution that reads it
+    (asymmetric "same" padding, which torch's convolutions cannot do themselves): the kernel writes into the
+    padded tensor's interior, saving the pad's fill and copy passes; the backward copies the gradient's
+    interior, as the pad's own backward does (the same bits).
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, keep, clip):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, keep, clip, pad):  # type: ignore[override]
         s = _shape_for(scale, x.dim(), axis)
         z = _shape_for(zero_point, x.dim(), axis)
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = None
         if axis is None:  # one scale: the one-pass kernel where it runs (same bits as the torch path)
             zf = float(z)  # an integer: qmin - z and qmax - z are exact in float32 as in the torch path
-            fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s, clip)
+            fused = native.fake_quant_forward(x, keep, float(s), qmin - zf, qmax - zf, need_x, need_s, clip, pad)
         if fused is None and keep is not None and keep.dtype == torch.uint8:
             keep = drop_mask.unpack(keep, x)  # packed bits, for the torch operators
-        out, inside, local = fused or _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s, clip)
+        if fused is None:
+            out, inside, local = _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s, clip)
+            if pad is not None:
+                out = F.pad(out, [pad[1][0], pad[1][1], pad[0][0], pad[0][1]])
+        else:
+            out, inside, local = fused
         ctx.save_for_backward(inside, local)
-        ctx.params = (axis, grad_scale, tuple(scale.shape))
+        ctx.params = (axis, grad_scale, tuple(scale.shape), pad, tuple(x.shape))
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         inside, local = ctx.saved_tensors
-        axis, grad_scale, scale_shape = ctx.params
+        axis, grad_scale, scale_shape, pad, shape = ctx.params
+        if pad is not None:  # the interior, as the pad's own backward: a copy in the gradient's layout
+            layout = torch.channels_last if drop_mask.channels_last_order(grad) else torch.contiguous_format
+            grad = grad[:, :, pad[0][0]:pad[0][0] + shape[2], pad[1][0]:pad[1][0] + shape[3]]
+            grad = grad.contiguous(memory_format=layout)
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
@@ -118,7 +132,7 @@ class _FakeQuantFn(torch.autograd.Function):
                 grad_s = (grad * local).sum(dim=dims).reshape(scale_shape)
             if grad_scale is not None:
                 grad_s = grad_s * grad_scale
-        return grad_x, grad_s, None, None, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None, None, None
 
 
 def _forward_ops(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
@@ -159,7 +173,8 @@ def _as_tensor(p: float | int | torch.Tensor, like: torch.Tensor) -> torch.Tenso
 def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor,
                qmin: int, qmax: int, axis: int | None = None, *,
                grad_scale: float | None = None, keep: torch.Tensor | None = None,
-               clip: tuple[float, float] | None = None) -> torch.Tensor:
+               clip: tuple[float, float] | None = None,
+               pad: tuple[tuple[int, int], tuple[int, int]] | None = None) -> torch.Tensor:
     """ONNX ``DequantizeLinear(QuantizeLinear(x))`` with STE/LSQ gradients (see the module docstring).
 
     Args:
@@ -174,6 +189,8 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
             Or the same mask as packed bits (uint8, 1-D, in ``x``'s memory order; :mod:`.drop_mask`).
         clip: ``(lo, hi)`` of a clip (ReLU6) applied to ``x`` before the quantizer, fused into its pass:
             the same values and gradients as ``fake_quant(F.hardtanh(x, lo, hi), ...)``.
+        pad: ``((top, bottom), (left, right))``: a 4-D ``x``'s output comes zero-padded (H, W), fused into
+            the pass: the same values and gradients as ``F.pad(fake_quant(x, ...), ...)``.
 
     Returns:
         The fake-quantized tensor, same shape and dtype as ``x``.
@@ -200,7 +217,11 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int | t
     if clip is not None and not clip[0] <= clip[1]:
         raise ValueError(f"clip bounds {clip}: need lo <= hi")
     clip = None if clip is None else (float(clip[0]), float(clip[1]))
-    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale, keep, clip)
+    if pad is not None:
+        pad = ((int(pad[0][0]), int(pad[0][1])), (int(pad[1][0]), int(pad[1][1])))
+        if x.dim() != 4 or min(min(pad[0]), min(pad[1])) < 0:
+            raise ValueError(f"pad {pad}: needs a 4-D tensor and non-negative (top, bottom), (left, right)")
+    return _FakeQuantFn.apply(x, s, z, int(qmin), int(qmax), ax, grad_scale, keep, clip, pad)
 
 
 class FakeQuant(nn.Module):
@@ -220,11 +241,14 @@ class FakeQuant(nn.Module):
         generator: optional ``torch.Generator`` for the drop masks (the engine sets one for
             reproducible runs); None uses torch's global generator.
 
-    The zero-point is a fixed int64 buffer. ``fuses_clip``: a :class:`~onnxq.torchify.BlockModule` may hand
-    it the clip (ReLU6) before it with ``forward(x, clip=(lo, hi))`` instead of running the clip.
+    The zero-point is a fixed int64 buffer. ``fuses_clip`` / ``fuses_pad``: a
+    :class:`~onnxq.torchify.BlockModule` may hand it the clip (ReLU6) before it and the zero padding of the
+    convolution after it, ``forward(x, clip=(lo, hi), pad=((top, bottom), (left, right)))``, instead of
+    running them.
     """
 
     fuses_clip = True
+    fuses_pad = True
 
     def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, qmin: int, qmax: int,
                  axis: int | None = None, *, learn_scale: bool = False,
@@ -266,21 +290,25 @@ class FakeQuant(nn.Module):
         return self.scale.detach().clamp_min(MIN_SCALE)
 
     def quantize(self, x: torch.Tensor, keep: torch.Tensor | None = None,
-                 clip: tuple[float, float] | None = None) -> torch.Tensor:
-        """Fake-quantize ``x`` regardless of ``enabled`` and training mode (``keep``, ``clip``: see
+                 clip: tuple[float, float] | None = None,
+                 pad: tuple[tuple[int, int], tuple[int, int]] | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` regardless of ``enabled`` and training mode (``keep``, ``clip``, ``pad``: see
         fake_quant)."""
         s = self.scale.clamp_min(MIN_SCALE)
         return fake_quant(x, s, self.zero_point.to(x.dtype), self.qmin, self.qmax, self.axis,
-                          grad_scale=self.grad_scale, keep=keep, clip=clip)
+                          grad_scale=self.grad_scale, keep=keep, clip=clip, pad=pad)
 
-    def forward(self, x: torch.Tensor, clip: tuple[float, float] | None = None) -> torch.Tensor:
-        """``x`` fake-quantized (see the modes); ``clip``: a clip (ReLU6) before the quantizer, fused."""
+    def forward(self, x: torch.Tensor, clip: tuple[float, float] | None = None,
+                pad: tuple[tuple[int, int], tuple[int, int]] | None = None) -> torch.Tensor:
+        """``x`` fake-quantized (see the modes); ``clip``: a clip (ReLU6) before the quantizer, ``pad``: the
+        zero padding of the convolution after it, both fused (see fake_quant)."""
         if not self.enabled:
-            return x if clip is None else F.hardtanh(x, clip[0], clip[1])
+            y = x if clip is None else F.hardtanh(x, clip[0], clip[1])
+            return y if pad is None else F.pad(y, [pad[1][0], pad[1][1], pad[0][0], pad[0][1]])
         keep = None
         if self.training and self.drop_prob > 0.0:
             keep = drop_mask.drop_keep(x, self.drop_prob, generator=self.generator)
-        return self.quantize(x, keep, clip)
+        return self.quantize(x, keep, clip, pad)
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.scale.dim() == 0 else f"per-channel axis={self.axis}"

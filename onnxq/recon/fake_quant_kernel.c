@@ -92,3 +92,20 @@ void onnxq_fake_quant_forward(const float *restrict x, const float *restrict kee
 #undef CASES
 #undef CASE
 }
+
+/* The same for rows [r0, r1) of a channels-last (N, H, W, C) tensor x whose output goes into the interior
+ * of a zero-padded (N, H + pt + pb, W + pl + pr, C) tensor (the padding of the convolution that reads it;
+ * the caller zeroes the border): row r = n * h + y of row_len = W * C elements starts at
+ * out + n * plane + y * out_row + lead (plane, out_row: the padded strides of n and y; lead = pt * out_row +
+ * pl * C). inside and local stay unpadded. row_len is a multiple of 8 when bits are given. */
+void onnxq_fake_quant_padded(const float *restrict x, const float *restrict keep, const uint8_t *restrict bits,
+                             int64_t r0, int64_t r1, int64_t row_len, int64_t h, int64_t plane, int64_t out_row,
+                             int64_t lead, float s, float lo, float hi, int has_clip, float clo, float chi,
+                             float *restrict out, float *restrict inside, float *restrict local) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = r * row_len;
+        onnxq_fake_quant_forward(x + at, keep ? keep + at : 0, bits ? bits + at / 8 : 0, row_len, s, lo, hi, has_clip,
+                                 clo, chi, out + (r / h) * plane + (r % h) * out_row + lead,
+                                 inside ? inside + at : 0, local ? local + at : 0);
+    }
+}

@@ -37,7 +37,7 @@ from onnxq.core.cpu import cpu_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "fake_quant_forward", "take_rows"]
+__all__ = ["available", "fake_quant_forward", "take_rows", "zero_padded"]
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("fake_quant_kernel.c", "take_rows_kernel.c"))
 #: Below this many elements a tensor is one call on the calling thread (thread hand-off costs more).
@@ -99,6 +99,11 @@ class _Kernels:
         self.fake_quant.argtypes = [_FLOAT_P, _FLOAT_P, _BYTE_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
                                     ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_float, _FLOAT_P, _FLOAT_P,
                                     _FLOAT_P]
+        self.fake_quant_padded = lib.onnxq_fake_quant_padded
+        self.fake_quant_padded.restype = None
+        self.fake_quant_padded.argtypes = [_FLOAT_P, _FLOAT_P, _BYTE_P, *[ctypes.c_int64] * 7, ctypes.c_float,
+                                           ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                           ctypes.c_float, _FLOAT_P, _FLOAT_P, _FLOAT_P]
         self.take_rows = lib.onnxq_take_rows
         self.take_rows.restype = None
         self.take_rows.argtypes = [_VOID_P, ctypes.c_int, _VOID_P, ctypes.c_int, _BYTE_P,
@@ -158,11 +163,14 @@ def _run_chunks(bounds: list[int], run) -> None:
 
 
 def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float, lo: float, hi: float,
-                       need_inside: bool, need_local: bool, clip: tuple[float, float] | None = None
+                       need_inside: bool, need_local: bool, clip: tuple[float, float] | None = None,
+                       pad: tuple[tuple[int, int], tuple[int, int]] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """``(out, inside, local)`` of the module docstring's forward for a float32 CPU tensor with one scale;
     ``lo``/``hi`` are ``qmin - z`` and ``qmax - z``; ``keep`` a float mask laid out like ``x`` or packed bits
-    (uint8) in its memory order; ``clip`` the bounds of a clip (ReLU6) applied to ``x`` first. None where the
+    (uint8) in its memory order; ``clip`` the bounds of a clip (ReLU6) applied to ``x`` first; ``pad`` the
+    ``((top, bottom), (left, right))`` zero padding of ``out`` (a 4-D channels-last ``x``: ``out`` is written
+    into the interior of the padded tensor; ``inside`` and ``local`` keep ``x``'s shape). None where the
     kernel cannot run (no compiler, another dtype or device, a strided view, a mask laid out otherwise): the
     caller then takes the torch path."""
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and _memory_order(x)):
@@ -174,8 +182,13 @@ def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float,
         keep = None
     if keep is not None and not _dense_like(keep, x):
         return None
+    if pad is not None and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                                and (bits is None or (x.shape[1] * x.shape[3]) % 8 == 0)):
+        return None
     if not available():
         return None
+    if pad is not None:
+        return _padded(x, keep, bits, scale, lo, hi, need_inside, need_local, clip, pad)
     fn = _library().fake_quant  # type: ignore[union-attr]
     out = torch.empty_like(x)
     inside = torch.empty_like(x) if need_inside else None
@@ -191,6 +204,43 @@ def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float,
         a, b = bounds[i], bounds[i + 1]
         fn(_ptr(x, a), _ptr(keep, a), _ptr(bits, a // 8, _BYTE_P, 1), b - a, scale, lo, hi, int(clip is not None),
            clo, chi, _ptr(out, a), _ptr(inside, a), _ptr(local, a))
+
+    _run_chunks(bounds, run)
+    return out, inside, local
+
+
+def zero_padded(x: torch.Tensor, pad: tuple[tuple[int, int], tuple[int, int]]) -> torch.Tensor:
+    """An uninitialised channels-last tensor of ``x`` padded by ``pad`` (see :func:`fake_quant_forward`) whose
+    border is zero: the interior is for the caller to write."""
+    (top, bottom), (left, right) = pad
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    out[:, :, :top].zero_()
+    out[:, :, top + h:].zero_()
+    out[:, :, top:top + h, :left].zero_()
+    out[:, :, top:top + h, left + w:].zero_()
+    return out
+
+
+def _padded(x, keep, bits, scale, lo, hi, need_inside, need_local, clip, pad):
+    """:func:`fake_quant_forward` into a zero-padded output, by rows of ``W * C`` elements."""
+    fn = _library().fake_quant_padded  # type: ignore[union-attr]
+    out = zero_padded(x, pad)
+    inside = torch.empty_like(x) if need_inside else None
+    local = torch.empty_like(x) if need_local else None
+    n, c, h, w = x.shape
+    rows, row_len = n * h, w * c
+    out_row, plane = out.stride(2), out.stride(0)
+    lead = pad[0][0] * out_row + pad[1][0] * c
+    workers = max(1, min(torch.get_num_threads(), rows, x.numel() // _MIN_CHUNK))
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    clo, chi = clip if clip is not None else (0.0, 0.0)
+
+    def run(i: int) -> None:
+        fn(_ptr(x, 0), _ptr(keep, 0), _ptr(bits, 0, _BYTE_P, 1), bounds[i], bounds[i + 1], row_len, h, plane,
+           out_row, lead, scale, lo, hi, int(clip is not None), clo, chi, _ptr(out, 0), _ptr(inside, 0),
+           _ptr(local, 0))
 
     _run_chunks(bounds, run)
     return out, inside, local

@@ -12,7 +12,10 @@ and every node writes its outputs. Two substitutions make a QDQ block trainable:
     in an 8-bit container) are part of the replaced pattern; the quantizer must apply that grid.
     A Clip with constant bounds *before* the Q (a ReLU6: ``y -> Clip -> t -> Q``), whose output only
     that Q reads, is handed to a quantizer that declares ``fuses_clip`` as ``quantizer(y, clip=(lo,
-    hi))`` and not run: the quantizer clips in its own pass (same values and gradients).
+    hi))`` and not run: the quantizer clips in its own pass (same values and gradients). Likewise the
+    asymmetric zero padding of a 2-D Conv that alone reads the pair's output (TensorFlow's "same"
+    padding, which torch's convolutions cannot do themselves) goes to a quantizer that declares
+    ``fuses_pad`` as ``pad=((top, bottom), (left, right))``, and the Conv runs unpadded on its padded output.
 
 All other nodes (other Q/DQ nodes included) run the generic op functions of the registry.
 """
@@ -51,6 +54,7 @@ class _Step:
     quantizer: str = ""          # ModuleDict key for "weight" / "act"
     free: tuple[str, ...] = ()   # env names dead after this step
     clip: tuple[float, float] | None = None  # "act": a Clip before the Q, fused into the quantizer
+    pad: tuple[tuple[int, int], tuple[int, int]] | None = None  # "act": the next Conv's padding, fused
 
 
 def _sanitize(name: str, prefix: str, taken: set[str]) -> str:
@@ -148,6 +152,7 @@ class BlockModule(nn.Module):
         for name in aq:
             act_at.update(self._pair(nodes, name, skip))
         clip_of = self._fusable_clips(nodes, act_at, aq, skip)
+        pad_of, unpadded = self._fusable_pads(nodes, act_at, aq)
         steps: list[_Step] = []
         for i, node in enumerate(nodes):
             if i in skip:
@@ -161,14 +166,17 @@ class BlockModule(nn.Module):
                 src, dq_outs = act_at[i]
                 read, clip = clip_of.get(src, (src, None))
                 steps.append(_Step("act", node.name, node.op, None, {}, (("env", read),), tuple(dq_outs),
-                                   self.act_keys[src], clip=clip))
+                                   self.act_keys[src], clip=clip, pad=pad_of.get(src)))
                 continue
             reason = supported(node)
             if reason is not None:
                 raise ValueError(f"node {node.name!r} ({node.op}) cannot run in torch: {reason}")
             refs = tuple(None if is_omitted(t) else self._const_ref(t, taken) if isinstance(t, gs.Constant)
                          else ("env", t.name) for t in node.inputs)
-            steps.append(_Step("op", node.name, node.op, OPS[node.op], node_attrs(node), refs, outs))
+            attrs = node_attrs(node)
+            if i in unpadded:  # its input arrives padded (see the module docstring)
+                attrs = {**attrs, "pads": [0] * len(attrs["pads"])}
+            steps.append(_Step("op", node.name, node.op, OPS[node.op], attrs, refs, outs))
         return self._liveness(steps)
 
     @staticmethod
@@ -224,6 +232,29 @@ class BlockModule(nn.Module):
             skip.add(j)
         return fused
 
+    def _fusable_pads(self, nodes: list[gs.Node], act_at: Mapping[int, tuple[str, list[str]]],
+                      aq: Mapping[str, nn.Module]
+                      ) -> tuple[dict[str, tuple[tuple[int, int], tuple[int, int]]], set[int]]:
+        """Quantized tensor -> the padding its quantizer takes over from the one Conv that reads its pair's
+        output (see the module docstring), and the indices of those Conv nodes."""
+        readers: dict[str, list[int]] = {}
+        for i, n in enumerate(nodes):
+            for t in n.inputs:
+                if t is not None and t.name:
+                    readers.setdefault(t.name, []).append(i)
+        pads, convs = {}, set()
+        for src, dq_outs in act_at.values():
+            if len(dq_outs) != 1 or dq_outs[0] in self.output_names or not getattr(aq[src], "fuses_pad", False):
+                continue
+            users = readers.get(dq_outs[0], [])
+            if len(users) != 1 or nodes[users[0]].op != "Conv" or nodes[users[0]].inputs[0].name != dq_outs[0]:
+                continue
+            pad = _asymmetric_pads(nodes[users[0]])
+            if pad is not None:
+                pads[src] = pad
+                convs.add(users[0])
+        return pads, convs
+
     def _liveness(self, steps: list[_Step]) -> list[_Step]:
         available = set(self.input_names)
         last_use: dict[str, int] = {}
@@ -265,7 +296,10 @@ class BlockModule(nn.Module):
             elif step.kind == "act":
                 quantizer = self.act_quantizers[step.quantizer]
                 x = env[step.inputs[0][1]]
-                y = quantizer(x) if step.clip is None else quantizer(x, clip=step.clip)
+                if step.clip is None and step.pad is None:
+                    y = quantizer(x)
+                else:
+                    y = quantizer(x, clip=step.clip, pad=step.pad)
                 results = [y] * len(step.outputs)
             else:
                 args = [None if r is None else env[r[1]] if r[0] == "env" else self._buffers[r[1]]
@@ -305,6 +339,17 @@ def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
             return None
     lo, hi = bounds
     return (lo, hi) if lo <= hi else None
+
+
+def _asymmetric_pads(node: gs.Node) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """A 2-D Conv's explicit ``((top, bottom), (left, right))`` pads when they differ at the two ends of an
+    axis (symmetric ones cost the convolution nothing), else None."""
+    if node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    pads = [int(p) for p in node.attrs.get("pads", [])]
+    if len(pads) != 4 or min(pads) < 0 or (pads[0] == pads[2] and pads[1] == pads[3]):
+        return None
+    return (pads[0], pads[2]), (pads[1], pads[3])
 
 
 def _block_nodes(graph: gs.Graph, inputs: Sequence[str], outputs: Sequence[str]) -> list[gs.Node]:

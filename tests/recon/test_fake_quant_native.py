@@ -201,3 +201,45 @@ def test_fused_clip_gives_the_same_bits_on_both_paths_and_the_clips_numbers(qdro
         assert torch.equal(a, c)
     with pytest.raises(ValueError, match="clip bounds"):
         fake_quant(x, 0.03, 7, 0, 255, clip=(6.0, 0.0))
+
+
+@pytest.mark.parametrize("qdrop", ["none", "float", "bits"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("pad", [((0, 1), (0, 1)), ((1, 2), (2, 0))])
+def test_fused_pad_gives_the_same_bits_on_both_paths_and_the_pads_numbers(
+        qdrop: str, layout: str, pad: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fake_quant(x, pad=...) equals F.pad(fake_quant(x), ...) in values and gradients, with a fused clip
+    too, and the kernel (writing into the padded tensor by rows) and the torch path give the same bits."""
+    x = torch.randn(3, 16, 9, 11, generator=torch.Generator().manual_seed(8)) * 4
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    keep = None
+    if qdrop == "float":
+        keep = bernoulli_like(x, 0.5, generator=torch.Generator().manual_seed(3))
+    elif qdrop == "bits":
+        keep = drop_keep(x, 0.5, generator=torch.Generator().manual_seed(3))
+    (top, bottom), (left, right) = pad
+    padded_shape = (3, 16, 9 + top + bottom, 11 + left + right)
+    weights = torch.randn(padded_shape, generator=torch.Generator().manual_seed(1))
+
+    def run(fused: bool):
+        xl = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        s = torch.tensor(0.03, requires_grad=True)
+        if fused:
+            out = fake_quant(xl, s, 7, 0, 255, keep=keep, clip=(0.0, 6.0), pad=pad)
+        else:
+            out = torch.nn.functional.pad(fake_quant(xl, s, 7, 0, 255, keep=keep, clip=(0.0, 6.0)),
+                                          [left, right, top, bottom])
+        (out * weights).sum().backward()
+        return out.detach(), xl.grad, s.grad
+
+    kernel = run(True)
+    reference = run(False)
+    assert kernel[0].shape == padded_shape
+    monkeypatch.setenv("ONNXQ_NATIVE", "0")
+    plain = run(True)
+    for a, b, c in zip(kernel, plain, reference, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert torch.equal(a.view(torch.int32), c.view(torch.int32))
+    with pytest.raises(ValueError, match="non-negative"):
+        fake_quant(x, 0.03, 7, 0, 255, pad=((0, -1), (0, 1)))

@@ -269,3 +269,46 @@ def test_relu6_is_not_fused_where_its_output_is_read_elsewhere() -> None:
     assert "Clip" in [op for _, _, op in block.plan]
     block = block_from_model(model, ["x"], ["y", "r"], act_quantizers={"r": FakeQuant(0.05, 0, 0, 255)})
     assert "Clip" in [op for _, _, op in block.plan]  # a block output keeps its own value
+
+
+def _strided_conv_model() -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv(3x3, stride 2, pads [0, 0, 1, 1]: TensorFlow's "same") -> y."""
+    rng = np.random.default_rng(12)
+    consts = {"w": (rng.standard_normal((C, 1, 3, 3)) * 0.8).astype(np.float32),
+              "s": np.array(0.05, np.float32), "z": np.array(128, np.uint8)}
+    inits = [onnx.numpy_helper.from_array(v, n) for n, v in consts.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Conv", ["xd", "w"], ["y"], pads=[0, 0, 1, 1], strides=[2, 2], group=C)]
+    graph = helper.make_graph(nodes, "same", [helper.make_tensor_value_info("x", TP.FLOAT, [2, C, 8, 8])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [2, C, 4, 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_a_convs_asymmetric_padding_goes_to_the_quantizer_with_the_same_numbers(drop: float) -> None:
+    from onnxq.recon import FakeQuant
+
+    model = _strided_conv_model()
+    x = np.random.default_rng(4).standard_normal((2, C, 8, 8)).astype(np.float32)
+    want = _ort(model, x)
+    results = []
+    for wrap in (False, True):
+        fq = FakeQuant(0.05, 128, 0, 255, learn_scale=True)
+        fq.drop_prob, fq.generator = drop, torch.Generator().manual_seed(4)
+        block = block_from_model(model, ["x"], ["y"], act_quantizers={"x": _NoClipFusion(fq) if wrap else fq})
+        conv = next(s for s in block._steps if s.op == "Conv")
+        assert list(conv.attrs["pads"]) == ([0, 0, 1, 1] if wrap else [0, 0, 0, 0])
+        if drop == 0.0:
+            (got,) = block(torch.from_numpy(x))
+            np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
+        block.train()
+        xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        (out,) = block(xt)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), xt.grad, fq.scale.grad))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and torch.equal(gs1, gs2)
+    assert float(gx1.abs().sum()) > 0 and float(gs1.abs()) > 0
