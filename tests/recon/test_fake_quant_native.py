@@ -44,12 +44,7 @@ def test_kernel_gives_the_torch_paths_bits(grid: str, shape: tuple[int, ...], qd
     scale = 0.0371
     rng = np.random.default_rng(7)
     x = torch.from_numpy(_test_data(rng, shape, np.array(scale, np.float32), np.array(zp), None, qmin, qmax))
-    keep = None
-    layout = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-    if qdrop == "float":
-        keep = bernoulli_like(layout, 0.5, generator=torch.Generator().manual_seed(3))
-    elif qdrop == "bits":  # read by the kernel as they are, unpacked for the torch path
-        keep = drop_keep(layout, 0.5, generator=torch.Generator().manual_seed(3))
+    keep = _keep(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, qdrop)
     fused = _run(x, keep, scale, zp, qmin, qmax, *grads, seed=11)
     monkeypatch.setenv("ONNXQ_NATIVE", "0")
     plain = _run(x, keep, scale, zp, qmin, qmax, *grads, seed=11)
@@ -165,40 +160,53 @@ def test_a_forked_child_gets_its_own_threads() -> None:
     assert child.exitcode == 0 and queue.get(timeout=5)
 
 
-@pytest.mark.parametrize("qdrop", ["none", "float", "bits"])
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_fused_clip_gives_the_same_bits_on_both_paths_and_the_clips_numbers(qdrop: str, layout: str,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """fake_quant(x, clip=(0, 6)) equals fake_quant(hardtanh(x, 0, 6)) in values and gradients (zeros of
-    either sign compare equal), and the kernel and the torch path give the same bits."""
-    x = torch.randn(3, 16, 9, 11, generator=torch.Generator().manual_seed(8)) * 4
-    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 6.0, -1e-30, 6.0000005, float("inf")])
-    if layout == "cl":
-        x = x.contiguous(memory_format=torch.channels_last)
-    keep = None
+def _keep(x: torch.Tensor, qdrop: str) -> torch.Tensor | None:
+    """QDrop's keep mask for x: none, floats, or packed bits (read by the kernel as they are, unpacked for
+    the torch path), the same draw."""
     if qdrop == "float":
-        keep = bernoulli_like(x, 0.5, generator=torch.Generator().manual_seed(3))
-    elif qdrop == "bits":
-        keep = drop_keep(x, 0.5, generator=torch.Generator().manual_seed(3))
-    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        return bernoulli_like(x, 0.5, generator=torch.Generator().manual_seed(3))
+    if qdrop == "bits":
+        return drop_keep(x, 0.5, generator=torch.Generator().manual_seed(3))
+    return None
 
-    def run(fused: bool):
+
+def _fused_against_unfused(x: torch.Tensor, keep: torch.Tensor | None, fused, unfused,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output, input gradient and scale gradient of ``fused(x, s, keep)``: the kernel's bits equal the torch
+    path's, and their values equal ``unfused(x, s, keep)``'s (zeros of either sign compare equal)."""
+    shape = fused(x, torch.tensor(0.03), keep).shape
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+    def run(fn):
         xl = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
         s = torch.tensor(0.03, requires_grad=True)
-        if fused:
-            out = fake_quant(xl, s, 7, 0, 255, keep=keep, clip=(0.0, 6.0))
-        else:
-            out = fake_quant(torch.nn.functional.hardtanh(xl, 0.0, 6.0), s, 7, 0, 255, keep=keep)
+        out = fn(xl, s, keep)
         (out * weights).sum().backward()
         return out.detach(), xl.grad, s.grad
 
-    kernel = run(True)
-    reference = run(False)
+    kernel, reference = run(fused), run(unfused)
     monkeypatch.setenv("ONNXQ_NATIVE", "0")
-    plain = run(True)
+    plain = run(fused)
     for a, b, c in zip(kernel, plain, reference, strict=True):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
         assert torch.equal(a, c)
+
+
+def _test_input(layout: str) -> torch.Tensor:
+    x = torch.randn(3, 16, 9, 11, generator=torch.Generator().manual_seed(8)) * 4
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 6.0, -1e-30, 6.0000005, float("inf")])
+    return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+
+
+@pytest.mark.parametrize("qdrop", ["none", "float", "bits"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_fused_clip_is_the_clips_numbers_on_both_paths(qdrop: str, layout: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """fake_quant(x, clip=(0, 6)) is fake_quant(hardtanh(x, 0, 6))."""
+    x = _test_input(layout)
+    _fused_against_unfused(
+        x, _keep(x, qdrop), lambda t, s, k: fake_quant(t, s, 7, 0, 255, keep=k, clip=(0.0, 6.0)),
+        lambda t, s, k: fake_quant(torch.nn.functional.hardtanh(t, 0.0, 6.0), s, 7, 0, 255, keep=k), monkeypatch)
     with pytest.raises(ValueError, match="clip bounds"):
         fake_quant(x, 0.03, 7, 0, 255, clip=(6.0, 0.0))
 
@@ -206,40 +214,16 @@ def test_fused_clip_gives_the_same_bits_on_both_paths_and_the_clips_numbers(qdro
 @pytest.mark.parametrize("qdrop", ["none", "float", "bits"])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("pad", [((0, 1), (0, 1)), ((1, 2), (2, 0))])
-def test_fused_pad_gives_the_same_bits_on_both_paths_and_the_pads_numbers(
-        qdrop: str, layout: str, pad: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fake_quant(x, pad=...) equals F.pad(fake_quant(x), ...) in values and gradients, with a fused clip
-    too, and the kernel (writing into the padded tensor by rows) and the torch path give the same bits."""
-    x = torch.randn(3, 16, 9, 11, generator=torch.Generator().manual_seed(8)) * 4
-    if layout == "cl":
-        x = x.contiguous(memory_format=torch.channels_last)
-    keep = None
-    if qdrop == "float":
-        keep = bernoulli_like(x, 0.5, generator=torch.Generator().manual_seed(3))
-    elif qdrop == "bits":
-        keep = drop_keep(x, 0.5, generator=torch.Generator().manual_seed(3))
+def test_fused_pad_is_the_pads_numbers_on_both_paths(qdrop: str, layout: str, pad: tuple,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """fake_quant(x, pad=...) is F.pad(fake_quant(x), ...), a fused clip too (the kernel writes into the
+    padded tensor by rows); the gradient bits are those of the pad's own backward."""
+    x = _test_input(layout)
     (top, bottom), (left, right) = pad
-    padded_shape = (3, 16, 9 + top + bottom, 11 + left + right)
-    weights = torch.randn(padded_shape, generator=torch.Generator().manual_seed(1))
-
-    def run(fused: bool):
-        xl = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-        s = torch.tensor(0.03, requires_grad=True)
-        if fused:
-            out = fake_quant(xl, s, 7, 0, 255, keep=keep, clip=(0.0, 6.0), pad=pad)
-        else:
-            out = torch.nn.functional.pad(fake_quant(xl, s, 7, 0, 255, keep=keep, clip=(0.0, 6.0)),
-                                          [left, right, top, bottom])
-        (out * weights).sum().backward()
-        return out.detach(), xl.grad, s.grad
-
-    kernel = run(True)
-    reference = run(False)
-    assert kernel[0].shape == padded_shape
-    monkeypatch.setenv("ONNXQ_NATIVE", "0")
-    plain = run(True)
-    for a, b, c in zip(kernel, plain, reference, strict=True):
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
-        assert torch.equal(a.view(torch.int32), c.view(torch.int32))
+    _fused_against_unfused(
+        x, _keep(x, qdrop), lambda t, s, k: fake_quant(t, s, 7, 0, 255, keep=k, clip=(0.0, 6.0), pad=pad),
+        lambda t, s, k: torch.nn.functional.pad(fake_quant(t, s, 7, 0, 255, keep=k, clip=(0.0, 6.0)),
+                                                [left, right, top, bottom]), monkeypatch)
+    assert fake_quant(x, 0.03, 7, 0, 255, pad=pad).shape == (3, 16, 9 + top + bottom, 11 + left + right)
     with pytest.raises(ValueError, match="non-negative"):
         fake_quant(x, 0.03, 7, 0, 255, pad=((0, -1), (0, 1)))

@@ -223,8 +223,8 @@ def _relu6_model(extra_reader: bool) -> onnx.ModelProto:
     return model
 
 
-class _NoClipFusion(nn.Module):
-    """The same FakeQuant, without ``fuses_clip``: the Clip runs as its own op."""
+class _Unfused(nn.Module):
+    """The same FakeQuant without ``fuses_clip`` or ``fuses_pad``: the Clip and the pad run as their own ops."""
 
     def __init__(self, fq: nn.Module) -> None:
         super().__init__()
@@ -234,31 +234,41 @@ class _NoClipFusion(nn.Module):
         return self.fq(t)
 
 
-@pytest.mark.parametrize("drop", [0.0, 0.5])
-def test_relu6_before_a_fake_quant_is_fused_with_the_same_numbers(drop: float) -> None:
+def _fused_and_unfused(model: onnx.ModelProto, x: np.ndarray, name: str, fq_args: tuple, drop: float,
+                       fused_away) -> None:
+    """The block with a FakeQuant on ``name`` and with the same FakeQuant behind a wrapper that fuses
+    nothing: ``fused_away(block, wrapped)`` checks the plans; outputs (onnxruntime's without drop), input
+    and scale gradients are equal."""
     from onnxq.recon import FakeQuant
 
-    model = _relu6_model(extra_reader=False)
-    x = np.random.default_rng(2).standard_normal((2, C, 6, 6)).astype(np.float32) * 2
+    out_name = model.graph.output[0].name
     want = _ort(model, x)
     results = []
     for wrap in (False, True):
-        fq = FakeQuant(0.05, 0, 0, 255, learn_scale=True)
+        fq = FakeQuant(*fq_args, learn_scale=True)
         fq.drop_prob, fq.generator = drop, torch.Generator().manual_seed(4)
-        block = block_from_model(model, ["x"], ["y"], act_quantizers={"r": _NoClipFusion(fq) if wrap else fq})
-        ops = [op for _, _, op in block.plan]
-        assert ("Clip" in ops) == wrap
+        block = block_from_model(model, ["x"], [out_name], act_quantizers={name: _Unfused(fq) if wrap else fq})
+        fused_away(block, wrap)
         if drop == 0.0:
             (got,) = block(torch.from_numpy(x))
-            np.testing.assert_array_equal(got.detach().numpy(), want)
+            np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
         block.train()
-        xt = torch.from_numpy(x).requires_grad_(True)
+        xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last).requires_grad_(True)
         (out,) = block(xt)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         results.append((out.detach(), xt.grad, fq.scale.grad))
     (o1, gx1, gs1), (o2, gx2, gs2) = results
     assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and torch.equal(gs1, gs2)
     assert float(gx1.abs().sum()) > 0 and float(gs1.abs()) > 0
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_relu6_before_a_fake_quant_is_fused_with_the_same_numbers(drop: float) -> None:
+    def clip_runs_only_unfused(block: BlockModule, wrapped: bool) -> None:
+        assert ("Clip" in [op for _, _, op in block.plan]) == wrapped
+
+    x = np.random.default_rng(2).standard_normal((2, C, 6, 6)).astype(np.float32) * 2
+    _fused_and_unfused(_relu6_model(extra_reader=False), x, "r", (0.05, 0, 0, 255), drop, clip_runs_only_unfused)
 
 
 def test_relu6_is_not_fused_where_its_output_is_read_elsewhere() -> None:
@@ -289,26 +299,9 @@ def _strided_conv_model() -> onnx.ModelProto:
 
 @pytest.mark.parametrize("drop", [0.0, 0.5])
 def test_a_convs_asymmetric_padding_goes_to_the_quantizer_with_the_same_numbers(drop: float) -> None:
-    from onnxq.recon import FakeQuant
-
-    model = _strided_conv_model()
-    x = np.random.default_rng(4).standard_normal((2, C, 8, 8)).astype(np.float32)
-    want = _ort(model, x)
-    results = []
-    for wrap in (False, True):
-        fq = FakeQuant(0.05, 128, 0, 255, learn_scale=True)
-        fq.drop_prob, fq.generator = drop, torch.Generator().manual_seed(4)
-        block = block_from_model(model, ["x"], ["y"], act_quantizers={"x": _NoClipFusion(fq) if wrap else fq})
+    def conv_pads_only_unfused(block: BlockModule, wrapped: bool) -> None:
         conv = next(s for s in block._steps if s.op == "Conv")
-        assert list(conv.attrs["pads"]) == ([0, 0, 1, 1] if wrap else [0, 0, 0, 0])
-        if drop == 0.0:
-            (got,) = block(torch.from_numpy(x))
-            np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
-        block.train()
-        xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        (out,) = block(xt)
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        results.append((out.detach(), xt.grad, fq.scale.grad))
-    (o1, gx1, gs1), (o2, gx2, gs2) = results
-    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and torch.equal(gs1, gs2)
-    assert float(gx1.abs().sum()) > 0 and float(gs1.abs()) > 0
+        assert list(conv.attrs["pads"]) == ([0, 0, 1, 1] if wrapped else [0, 0, 0, 0])
+
+    x = np.random.default_rng(4).standard_normal((2, C, 8, 8)).astype(np.float32)
+    _fused_and_unfused(_strided_conv_model(), x, "x", (0.05, 128, 0, 255), drop, conv_pads_only_unfused)
