@@ -58,7 +58,7 @@ def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float, *, generator: 
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A 0/1 float tensor with ``P(1) = p`` per element (independent), row-major.
 
-    ``p = 0.5`` (QDrop's default) unpacks :func:`onnxq.recon.random_bits` (several times cheaper
+    ``p = 0.5`` (QDrop's default) unpacks :func:`random_bits` (several times cheaper
     on a CPU than ``rand(shape) < p``, which every other ``p`` uses; float masks, because torch's CPU
     kernels mixing float and bool operands are 2 to 6 times slower than float ones). Deterministic for a
     seeded ``generator``.

@@ -107,7 +107,7 @@ class _FakeQuantFn(torch.autograd.Function):
         if fused is None:
             out, inside, local = _forward_ops(x, s, z, qmin, qmax, keep, need_x, need_s, clip)
             if pad is not None:
-                out = F.pad(out, [pad[1][0], pad[1][1], pad[0][0], pad[0][1]])
+                out = F.pad(out, _pad_list(pad))
         else:
             out, inside, local = fused
         ctx.save_for_backward(inside, local)
@@ -133,6 +133,12 @@ class _FakeQuantFn(torch.autograd.Function):
             if grad_scale is not None:
                 grad_s = grad_s * grad_scale
         return grad_x, grad_s, None, None, None, None, None, None, None, None
+
+
+def _pad_list(pad: tuple[tuple[int, int], tuple[int, int]]) -> list[int]:
+    """``((top, bottom), (left, right))`` as ``F.pad`` takes it (the last axis first)."""
+    (top, bottom), (left, right) = pad
+    return [left, right, top, bottom]
 
 
 def _forward_ops(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
@@ -304,7 +310,7 @@ class FakeQuant(nn.Module):
         zero padding of the convolution after it, both fused (see fake_quant)."""
         if not self.enabled:
             y = x if clip is None else F.hardtanh(x, clip[0], clip[1])
-            return y if pad is None else F.pad(y, [pad[1][0], pad[1][1], pad[0][0], pad[0][1]])
+            return y if pad is None else F.pad(y, _pad_list(pad))
         keep = None
         if self.training and self.drop_prob > 0.0:
             keep = drop_mask.drop_keep(x, self.drop_prob, generator=self.generator)

@@ -154,6 +154,17 @@ def _ptr(t: torch.Tensor | None, offset: int, kind=_FLOAT_P, size: int = 4):
     return ctypes.cast(t.data_ptr() + size * offset, kind)
 
 
+def _row_chunks(rows: int, numel: int) -> list[int]:
+    """Bounds of contiguous row ranges, one per thread (one range under ``_MIN_CHUNK`` elements a thread)."""
+    workers = max(1, min(torch.get_num_threads(), rows, numel // _MIN_CHUNK))
+    return [rows * i // workers for i in range(workers + 1)]
+
+
+def _clip_args(clip: tuple[float, float] | None) -> tuple[int, float, float]:
+    """The kernels' ``has_clip, clo, chi``."""
+    return (0, 0.0, 0.0) if clip is None else (1, clip[0], clip[1])
+
+
 def _run_chunks(bounds: list[int], run) -> None:
     """``run(i)`` for each chunk ``[bounds[i], bounds[i + 1])``, on torch's threads when more than one."""
     if len(bounds) == 2:
@@ -197,13 +208,12 @@ def fake_quant_forward(x: torch.Tensor, keep: torch.Tensor | None, scale: float,
     workers = max(1, min(torch.get_num_threads(), n // _MIN_CHUNK))
     bounds = [min(n, (n * i // workers + 7) // 8 * 8) for i in range(workers + 1)]  # whole bytes of bits
     bounds[-1] = n
-
-    clo, chi = clip if clip is not None else (0.0, 0.0)
+    clip_args = _clip_args(clip)
 
     def run(i: int) -> None:
         a, b = bounds[i], bounds[i + 1]
-        fn(_ptr(x, a), _ptr(keep, a), _ptr(bits, a // 8, _BYTE_P, 1), b - a, scale, lo, hi, int(clip is not None),
-           clo, chi, _ptr(out, a), _ptr(inside, a), _ptr(local, a))
+        fn(_ptr(x, a), _ptr(keep, a), _ptr(bits, a // 8, _BYTE_P, 1), b - a, scale, lo, hi, *clip_args,
+           _ptr(out, a), _ptr(inside, a), _ptr(local, a))
 
     _run_chunks(bounds, run)
     return out, inside, local
@@ -233,14 +243,12 @@ def _padded(x, keep, bits, scale, lo, hi, need_inside, need_local, clip, pad):
     rows, row_len = n * h, w * c
     out_row, plane = out.stride(2), out.stride(0)
     lead = pad[0][0] * out_row + pad[1][0] * c
-    workers = max(1, min(torch.get_num_threads(), rows, x.numel() // _MIN_CHUNK))
-    bounds = [rows * i // workers for i in range(workers + 1)]
-    clo, chi = clip if clip is not None else (0.0, 0.0)
+    bounds = _row_chunks(rows, x.numel())
+    clip_args = _clip_args(clip)
 
     def run(i: int) -> None:
         fn(_ptr(x, 0), _ptr(keep, 0), _ptr(bits, 0, _BYTE_P, 1), bounds[i], bounds[i + 1], row_len, h, plane,
-           out_row, lead, scale, lo, hi, int(clip is not None), clo, chi, _ptr(out, 0), _ptr(inside, 0),
-           _ptr(local, 0))
+           out_row, lead, scale, lo, hi, *clip_args, _ptr(out, 0), _ptr(inside, 0), _ptr(local, 0))
 
     _run_chunks(bounds, run)
     return out, inside, local
@@ -280,8 +288,7 @@ def take_rows(q: torch.Tensor, idx: torch.Tensor, fp: torch.Tensor | None = None
     row = q.numel() // max(n, 1)
     idx = idx.contiguous()
     fn = _library().take_rows  # type: ignore[union-attr]
-    workers = max(1, min(torch.get_num_threads(), rows, rows * row // _MIN_CHUNK))
-    bounds = [rows * i // workers for i in range(workers + 1)]
+    bounds = _row_chunks(rows, rows * row)
     q_half = int(q.dtype == torch.float16)
     fp_half = int(fp is not None and fp.dtype == torch.float16)
 

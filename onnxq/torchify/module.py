@@ -151,8 +151,13 @@ class BlockModule(nn.Module):
                 raise ValueError(f"weight quantizer {name!r}: no DequantizeLinear in the block outputs it")
         for name in aq:
             act_at.update(self._pair(nodes, name, skip))
-        clip_of = self._fusable_clips(nodes, act_at, aq, skip)
-        pad_of, unpadded = self._fusable_pads(nodes, act_at, aq)
+        readers: dict[str, list[int]] = {}  # tensor name -> the indices of the nodes that read it
+        for i, node in enumerate(nodes):
+            for t in node.inputs:
+                if t is not None and t.name:
+                    readers.setdefault(t.name, []).append(i)
+        clip_of = self._fusable_clips(nodes, readers, act_at, aq, skip)
+        pad_of, unpadded = self._fusable_pads(nodes, readers, act_at, aq)
         steps: list[_Step] = []
         for i, node in enumerate(nodes):
             if i in skip:
@@ -208,16 +213,12 @@ class BlockModule(nn.Module):
         skip.update(dqs + clips)
         return {qs[0]: (name, [nodes[i].outputs[0].name for i in dqs])}
 
-    def _fusable_clips(self, nodes: list[gs.Node], act_at: Mapping[int, tuple[str, list[str]]],
-                       aq: Mapping[str, nn.Module], skip: set[int]) -> dict[str, tuple[str, tuple[float, float]]]:
+    def _fusable_clips(self, nodes: list[gs.Node], readers: Mapping[str, list[int]],
+                       act_at: Mapping[int, tuple[str, list[str]]], aq: Mapping[str, nn.Module],
+                       skip: set[int]) -> dict[str, tuple[str, tuple[float, float]]]:
         """Quantized tensor -> (the Clip's input, its bounds) for each Clip the quantizer takes over (see the
         module docstring); those Clip nodes join ``skip``."""
         producer = {t.name: i for i, n in enumerate(nodes) for t in n.outputs if t.name}
-        readers: dict[str, int] = {}
-        for n in nodes:
-            for t in n.inputs:
-                if t is not None and t.name:
-                    readers[t.name] = readers.get(t.name, 0) + 1
         fused = {}
         for src, _ in act_at.values():
             j = producer.get(src)
@@ -226,22 +227,17 @@ class BlockModule(nn.Module):
             node = nodes[j]
             bounds = _clip_bounds(node) if node.op == "Clip" else None
             data = node.inputs[0] if node.inputs else None
-            if bounds is None or readers.get(src) != 1 or data is None or isinstance(data, gs.Constant):
+            if bounds is None or len(readers.get(src, [])) != 1 or data is None or isinstance(data, gs.Constant):
                 continue
             fused[src] = (data.name, bounds)
             skip.add(j)
         return fused
 
-    def _fusable_pads(self, nodes: list[gs.Node], act_at: Mapping[int, tuple[str, list[str]]],
-                      aq: Mapping[str, nn.Module]
+    def _fusable_pads(self, nodes: list[gs.Node], readers: Mapping[str, list[int]],
+                      act_at: Mapping[int, tuple[str, list[str]]], aq: Mapping[str, nn.Module]
                       ) -> tuple[dict[str, tuple[tuple[int, int], tuple[int, int]]], set[int]]:
         """Quantized tensor -> the padding its quantizer takes over from the one Conv that reads its pair's
         output (see the module docstring), and the indices of those Conv nodes."""
-        readers: dict[str, list[int]] = {}
-        for i, n in enumerate(nodes):
-            for t in n.inputs:
-                if t is not None and t.name:
-                    readers.setdefault(t.name, []).append(i)
         pads, convs = {}, set()
         for src, dq_outs in act_at.values():
             if len(dq_outs) != 1 or dq_outs[0] in self.output_names or not getattr(aq[src], "fuses_pad", False):
