@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import onnxq
-from onnxq.blocks.partition import Block, describe_blocks, partition
+from onnxq.blocks.partition import Block, _narrowest_split, describe_blocks, partition
 from onnxq.errors import UserError
 from tests.helpers import make_model, prepare_float, random_feeds
 
@@ -222,6 +222,53 @@ def test_plain_chain_is_split_into_chains_of_at_most_max_chain(chain7):
         partition(graph, max_chain=0)
 
 
+def _widths_text(widths: list[int], spatial: str = "6,6") -> str:
+    """x (4 channels) -> Conv 1x1 + Relu to each width in turn -> y: an inverted-residual-like run."""
+    decls, lines, prev, cin = [], [], "x", 4
+    for i, cout in enumerate(widths):
+        decls.append(f"float[{cout},{cin},1,1] w{i}")
+        lines.append(f"c{i} = Conv ({prev}, w{i})")
+        prev = "y" if i == len(widths) - 1 else f"t{i}"
+        lines.append(f"{prev} = Relu (c{i})")
+        cin = cout
+    body = "\n    ".join(lines)
+    return f"""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N,4,{spatial}] x) => (float[N,{widths[-1]},{spatial}] y) <{", ".join(decls)}> {{
+    {body}
+}}"""
+
+
+def test_chain_is_cut_at_its_narrowest_tensors():
+    # widths 16, 4, 16, 4, 4: two chains of <= 3; the even split (3 + 2) would end the first at a
+    # 16-channel expansion, the narrowest (2 + 3) ends it at the 4-channel projection.
+    model = make_model(_widths_text([16, 4, 16, 4, 4]))
+    graph = _qdq(model)
+    blocks = partition(graph, max_chain=3, separate_first_last=False)
+    _check_invariants(graph, blocks, model)
+    assert [len(b.weighted_ops) for b in blocks] == [2, 3] and blocks[0].outputs == ("t1",)
+    # the same run without known spatial sizes: no sizes to compare, the even split
+    model = make_model(_widths_text([16, 4, 16, 4, 4], spatial="H,W"))
+    graph = _qdq(model)
+    blocks = partition(graph, max_chain=3, separate_first_last=False)
+    _check_invariants(graph, blocks, model)
+    assert [len(b.weighted_ops) for b in blocks] == [3, 2] and blocks[0].outputs == ("t2",)
+
+
+def test_narrowest_split_ties_and_limits():
+    # equal cut sizes: the most even split, larger groups first (what the even split gives)
+    assert _narrowest_split([1] * 7, [5] * 6, 3) == [3, 2, 2]
+    assert _narrowest_split([1] * 5, [5] * 4, 3) == [3, 2]
+    assert _narrowest_split([1] * 4, [5] * 3, 3) == [2, 2]
+    assert _narrowest_split([1] * 3, [5] * 2, 3) == [3]
+    # the narrow tensors win over evenness, within max_chain
+    assert _narrowest_split([1] * 5, [9, 1, 9, 9], 3) == [2, 3]
+    assert _narrowest_split([1] * 7, [9, 9, 1, 9, 1, 9], 3) == [3, 2, 2]
+    assert _narrowest_split([1] * 7, [1, 9, 9, 1, 9, 9], 3) == [1, 3, 3]
+    # a unit heavier than max_chain: no split (the caller falls back to the even one)
+    assert _narrowest_split([1, 4, 1], [1, 1], 3) is None
+
+
 def test_unsupported_op_breaks_a_chain():
     model = make_model(_chain_text(7, between={1: "Softplus"}))
     graph = _qdq(model)
@@ -354,9 +401,12 @@ def test_efficientnet_lite0_blocks():
     blocks = partition(graph)
     _check_invariants(graph, blocks, model)
     kinds = [b.kind for b in blocks]
-    # stem, 9 MBConv units with a skip, the 7 without one chained (<= 3 convs), head conv + pool, classifier
-    assert kinds[0] == kinds[-1] == "layer" and kinds.count("residual") == 9
-    assert kinds.count("chain") == 8 and len(blocks) == 19
+    # stem, 9 MBConv units with a skip, the 7 without one chained (<= 3 convs) and cut at their
+    # projections, head conv + pool, classifier
+    assert kinds[0] == kinds[-2] == kinds[-1] == "layer" and kinds.count("residual") == 9
+    assert kinds.count("chain") == 7 and len(blocks) == 19
+    assert blocks[1].outputs == ("/_blocks.0/_project_conv/Conv_output_0",)
+    assert blocks[16].outputs == ("/_blocks.15/_project_conv/Conv_output_0",)
     assert sum(len(b.weighted_ops) for b in blocks) == 50  # 49 convs + the Gemm, each once
     assert all(len(b.weighted_ops) <= 3 for b in blocks)
     for b, nxt in zip(blocks, blocks[1:]):

@@ -26,9 +26,14 @@ two paths) and that has weighted ops (Conv, ConvTranspose, Gemm, MatMul with a c
 is a ``"residual"`` block: inverted residuals, bottlenecks and downsample shortcuts close at their
 join. Weight-free regions (a Relu after the Add, pooling, reshapes) join the previous block, else
 the next. Runs of plain one-op regions become ``"chain"`` blocks of at most ``max_chain`` weighted
-ops, split evenly (``ceil(n / max_chain)`` groups: 5 -> 3 + 2, 4 -> 2 + 2); a group of one is a
-``"layer"``. With ``separate_first_last`` the first and last weighted ops (stem conv, classifier)
-are ``"layer"`` blocks when their region is plain.
+ops, ``ceil(n / max_chain)`` of them. Where every tensor the run could be cut at has a known
+per-sample size, the cuts are those whose tensors hold the fewest elements in all (ties: the smallest
+largest group, then the most even). So an inverted residual without a shortcut ends at its narrow
+projection, not at the wide expansion after it, as BRECQ's blocks do: a block output is where the
+engine computes its loss and carries its inputs, and EfficientNet-Lite0's 96x112x112 expansion holds
+six times the elements of the 16-channel projection before it. Otherwise the run is split evenly
+(5 -> 3 + 2, 4 -> 2 + 2). A group of one is a ``"layer"``. With ``separate_first_last`` the first and
+last weighted ops (stem conv, classifier) are ``"layer"`` blocks when their region is plain.
 
 **Node ownership.** A block owns its compute nodes and every auxiliary node feeding them: weight
 and bias DQs, internal activation Q/DQ pairs and the Q/DQ pair of its inputs (a quantizer belongs
@@ -45,6 +50,7 @@ a chain. Nodes inside control-flow subgraphs are not inspected.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -93,6 +99,7 @@ class Block:
 @dataclass
 class _Region:
     nodes: list[int]                      # main compute nodes (topological positions)
+    cut: str | None = None                # the one tensor live after it (None: the last region)
     weighted: list[int] = field(default_factory=list)
     join: bool = False
     supported: bool = True
@@ -105,6 +112,7 @@ class _Unit:
     join: bool
     supported: bool
     layer: bool = False
+    cut_size: int | None = None           # elements per sample of the tensor after it (None: unknown)
 
 
 class _View:
@@ -179,6 +187,15 @@ class _View:
                 if r not in seen:
                     seen.append(r)
         return seen
+
+    def sample_size(self, name: str | None) -> int | None:
+        """Elements per sample (every axis but the first) of tensor ``name``; None where unknown."""
+        if name is None or name not in self.producer:
+            return None
+        shape = next((t.shape for t in self.nodes[self.producer[name]].outputs if t.name == name), None)
+        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape[1:]):
+            return None
+        return math.prod(shape[1:])
 
     def is_weighted(self, i: int) -> bool:
         node = self.nodes[i]
@@ -280,7 +297,7 @@ def _regions(view: _View, main: str, order: list[int]) -> list[_Region]:
                     live.discard(name)
         live.update(t.name for t in view.nodes[i].outputs if left.get(t.name) or t.name in keep)
         if len(live) == 1 or pos == len(order) - 1:
-            regions.append(_Region(order[start:pos + 1]))
+            regions.append(_Region(order[start:pos + 1], next(iter(live)) if len(live) == 1 else None))
             start = pos + 1
     for r in regions:  # a region is single entry: two main inputs of one node join two of its paths
         r.join = any(sum(n in produced for n in view.data_inputs(i)) >= 2 for i in r.nodes)
@@ -344,6 +361,8 @@ def partition(graph: gs.Graph, *, max_chain: int = 3,
         region.supported = all(is_supported(view.nodes[i]) for i in members[r] if view.kind[i] != "quant"
                                and not (view.kind[i] == "static" and view.nodes[i].op in (_Q, _DQ)))
     units = _units(regions, separate_first_last)
+    for u in units:
+        u.cut_size = view.sample_size(regions[u.regions[-1]].cut)
     blocks: list[Block] = []
     for kind, group in _groups(units, max_chain):
         nodes = sorted({i for r in group for i in members[r]})
@@ -383,6 +402,18 @@ def _groups(units: list[_Unit], max_chain: int) -> list[tuple[str, list[int]]]:
     run: list[_Unit] = []
 
     def flush() -> None:
+        sizes = [u.cut_size for u in run[:-1]]
+        split = (_narrowest_split([u.weighted for u in run], [s or 0 for s in sizes], max_chain)
+                 if all(s is not None for s in sizes) else None)
+        if split is not None:
+            start = 0
+            for count in split:
+                group = run[start:start + count]
+                start += count
+                size = sum(u.weighted for u in group)
+                out.append(("chain" if size > 1 else "layer", [r for u in group for r in u.regions]))
+            run.clear()
+            return
         i = 0
         while i < len(run):
             remaining = sum(u.weighted for u in run[i:])
@@ -406,6 +437,41 @@ def _groups(units: list[_Unit], max_chain: int) -> list[tuple[str, list[int]]]:
         out.append(("layer" if u.layer else "residual" if u.join else "chain", u.regions))
     flush()
     return out
+
+
+def _narrowest_split(weights: list[int], cut_sizes: list[int], max_chain: int) -> list[int] | None:
+    """Group sizes (in units) of the split of a run into ``ceil(sum(weights) / max_chain)`` consecutive
+    groups of at most ``max_chain`` weighted ops whose cut tensors hold the fewest elements in all;
+    ties go to the smallest largest group, then to the smallest sum of squared group weights (the most
+    even), then to larger groups first. ``cut_sizes[k]``: the tensor between unit ``k`` and ``k + 1``.
+    None where no such split exists (a unit heavier than ``max_chain``)."""
+    n = len(weights)
+    groups = math.ceil(sum(weights) / max_chain)
+
+    @functools.cache
+    def best(start: int, left: int) -> tuple | None:  # (cut elements, max weight, sum sq, -sizes), sizes
+        if start == n:
+            return ((0, 0, 0, ()), ()) if left == 0 else None
+        if left == 0:
+            return None
+        found = None
+        weight = 0
+        for end in range(start + 1, n + 1):
+            weight += weights[end - 1]
+            if weight > max_chain:
+                break
+            rest = best(end, left - 1)
+            if rest is None:
+                continue
+            (cuts, top, squares, order), sizes = rest
+            cost = (cuts + (cut_sizes[end - 1] if end < n else 0), max(top, weight), squares + weight * weight,
+                    (-(end - start), *order))
+            if found is None or cost < found[0]:
+                found = (cost, (end - start, *sizes))
+        return found
+
+    result = best(0, groups)
+    return list(result[1]) if result is not None else None
 
 
 def _make_block(view: _View, index: int, kind: str, nodes: list[int], compute: list[int]) -> Block:

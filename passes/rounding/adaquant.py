@@ -122,6 +122,7 @@ class AdaQuantPass(Pass):
                     report["blocks"].append(entry)
                     ckpt.save(u.index, entry.pop("_constants"), entry)
                     bar.update(1)
+                    memory.trim()  # the layer's freed training tensors (reuse_freed does not trim on free)
             finally:
                 store.close()
         bar.close()

@@ -240,9 +240,11 @@ class ReconstructPass(Pass):
                     if not covered(k + 1):
                         self.float = {}  # this group is done with: its memory goes before the carry grows
                         store.release(base)
+                memory.trim()  # reuse_freed does not trim on free: the block's training tensors go here,
                 with self.watch("carry"):
                     for carry in carries.values():
                         carry.advance(graph, ctx, block)
+                memory.trim()  # and the inputs the carry has moved past here
         finally:
             bar.close()
             carry_store.close()
