@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import onnxq
-from onnxq.blocks.partition import Block, _narrowest_split, describe_blocks, partition
+from onnxq.blocks.chain_split import even_split, narrowest_split
+from onnxq.blocks.partition import Block, describe_blocks, partition
 from onnxq.errors import UserError
 from tests.helpers import make_model, prepare_float, random_feeds
 
@@ -257,16 +258,18 @@ def test_chain_is_cut_at_its_narrowest_tensors():
 
 def test_narrowest_split_ties_and_limits():
     # equal cut sizes: the most even split, larger groups first (what the even split gives)
-    assert _narrowest_split([1] * 7, [5] * 6, 3) == [3, 2, 2]
-    assert _narrowest_split([1] * 5, [5] * 4, 3) == [3, 2]
-    assert _narrowest_split([1] * 4, [5] * 3, 3) == [2, 2]
-    assert _narrowest_split([1] * 3, [5] * 2, 3) == [3]
+    assert narrowest_split([1] * 7, [5] * 6, 3) == [3, 2, 2]
+    assert narrowest_split([1] * 5, [5] * 4, 3) == [3, 2]
+    assert narrowest_split([1] * 4, [5] * 3, 3) == [2, 2]
+    assert narrowest_split([1] * 3, [5] * 2, 3) == [3]
     # the narrow tensors win over evenness, within max_chain
-    assert _narrowest_split([1] * 5, [9, 1, 9, 9], 3) == [2, 3]
-    assert _narrowest_split([1] * 7, [9, 9, 1, 9, 1, 9], 3) == [3, 2, 2]
-    assert _narrowest_split([1] * 7, [1, 9, 9, 1, 9, 9], 3) == [1, 3, 3]
+    assert narrowest_split([1] * 5, [9, 1, 9, 9], 3) == [2, 3]
+    assert narrowest_split([1] * 7, [9, 9, 1, 9, 1, 9], 3) == [3, 2, 2]
+    assert narrowest_split([1] * 7, [1, 9, 9, 1, 9, 9], 3) == [1, 3, 3]
     # a unit heavier than max_chain: no split (the caller falls back to the even one)
-    assert _narrowest_split([1, 4, 1], [1, 1], 3) is None
+    assert narrowest_split([1, 4, 1], [1, 1], 3) is None
+    assert even_split([1] * 7, 3) == [3, 2, 2] and even_split([1] * 5, 3) == [3, 2]
+    assert even_split([1] * 4, 3) == [2, 2] and even_split([1, 4, 1], 3) == [1, 1, 1]
 
 
 def test_unsupported_op_breaks_a_chain():

@@ -26,14 +26,11 @@ two paths) and that has weighted ops (Conv, ConvTranspose, Gemm, MatMul with a c
 is a ``"residual"`` block: inverted residuals, bottlenecks and downsample shortcuts close at their
 join. Weight-free regions (a Relu after the Add, pooling, reshapes) join the previous block, else
 the next. Runs of plain one-op regions become ``"chain"`` blocks of at most ``max_chain`` weighted
-ops, ``ceil(n / max_chain)`` of them. Where every tensor the run could be cut at has a known
-per-sample size, the cuts are those whose tensors hold the fewest elements in all (ties: the smallest
-largest group, then the most even). So an inverted residual without a shortcut ends at its narrow
-projection, not at the wide expansion after it, as BRECQ's blocks do: a block output is where the
-engine computes its loss and carries its inputs, and EfficientNet-Lite0's 96x112x112 expansion holds
-six times the elements of the 16-channel projection before it. Otherwise the run is split evenly
-(5 -> 3 + 2, 4 -> 2 + 2). A group of one is a ``"layer"``. With ``separate_first_last`` the first and
-last weighted ops (stem conv, classifier) are ``"layer"`` blocks when their region is plain.
+ops, ``ceil(n / max_chain)`` of them, cut at the tensors with the fewest elements where every candidate's
+size is known (an inverted residual without a shortcut ends at its projection, as BRECQ's blocks do),
+else evenly (:mod:`onnxq.blocks.chain_split`). A group of one is a ``"layer"``. With
+``separate_first_last`` the first and last weighted ops (stem conv, classifier) are ``"layer"`` blocks
+when their region is plain.
 
 **Node ownership.** A block owns its compute nodes and every auxiliary node feeding them: weight
 and bias DQs, internal activation Q/DQ pairs and the Q/DQ pair of its inputs (a quantizer belongs
@@ -50,7 +47,6 @@ a chain. Nodes inside control-flow subgraphs are not inspected.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import logging
 import math
@@ -59,6 +55,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
+from onnxq.blocks.chain_split import even_split, narrowest_split
 from onnxq.core.layers import WEIGHT_INPUTS
 from onnxq.errors import UserError
 
@@ -397,33 +394,20 @@ def _units(regions: list[_Region], separate_first_last: bool) -> list[_Unit]:
 
 
 def _groups(units: list[_Unit], max_chain: int) -> list[tuple[str, list[int]]]:
-    """(kind, region ids) of every block; plain runs split evenly into chains of <= max_chain."""
+    """(kind, region ids) of every block; plain runs split into chains of <= max_chain (chain_split)."""
     out: list[tuple[str, list[int]]] = []
     run: list[_Unit] = []
 
     def flush() -> None:
+        weights = [u.weighted for u in run]
         sizes = [u.cut_size for u in run[:-1]]
-        split = (_narrowest_split([u.weighted for u in run], [s or 0 for s in sizes], max_chain)
+        split = (narrowest_split(weights, [s or 0 for s in sizes], max_chain)
                  if all(s is not None for s in sizes) else None)
-        if split is not None:
-            start = 0
-            for count in split:
-                group = run[start:start + count]
-                start += count
-                size = sum(u.weighted for u in group)
-                out.append(("chain" if size > 1 else "layer", [r for u in group for r in u.regions]))
-            run.clear()
-            return
-        i = 0
-        while i < len(run):
-            remaining = sum(u.weighted for u in run[i:])
-            target = math.ceil(remaining / math.ceil(remaining / max_chain))
-            group, size = [run[i]], run[i].weighted
-            i += 1
-            while i < len(run) and size + run[i].weighted <= target:
-                group.append(run[i])
-                size += run[i].weighted
-                i += 1
+        start = 0
+        for count in split or even_split(weights, max_chain):
+            group = run[start:start + count]
+            start += count
+            size = sum(u.weighted for u in group)
             out.append(("chain" if size > 1 else "layer", [r for u in group for r in u.regions]))
         run.clear()
 
@@ -437,41 +421,6 @@ def _groups(units: list[_Unit], max_chain: int) -> list[tuple[str, list[int]]]:
         out.append(("layer" if u.layer else "residual" if u.join else "chain", u.regions))
     flush()
     return out
-
-
-def _narrowest_split(weights: list[int], cut_sizes: list[int], max_chain: int) -> list[int] | None:
-    """Group sizes (in units) of the split of a run into ``ceil(sum(weights) / max_chain)`` consecutive
-    groups of at most ``max_chain`` weighted ops whose cut tensors hold the fewest elements in all;
-    ties go to the smallest largest group, then to the smallest sum of squared group weights (the most
-    even), then to larger groups first. ``cut_sizes[k]``: the tensor between unit ``k`` and ``k + 1``.
-    None where no such split exists (a unit heavier than ``max_chain``)."""
-    n = len(weights)
-    groups = math.ceil(sum(weights) / max_chain)
-
-    @functools.cache
-    def best(start: int, left: int) -> tuple | None:  # (cut elements, max weight, sum sq, -sizes), sizes
-        if start == n:
-            return ((0, 0, 0, ()), ()) if left == 0 else None
-        if left == 0:
-            return None
-        found = None
-        weight = 0
-        for end in range(start + 1, n + 1):
-            weight += weights[end - 1]
-            if weight > max_chain:
-                break
-            rest = best(end, left - 1)
-            if rest is None:
-                continue
-            (cuts, top, squares, order), sizes = rest
-            cost = (cuts + (cut_sizes[end - 1] if end < n else 0), max(top, weight), squares + weight * weight,
-                    (-(end - start), *order))
-            if found is None or cost < found[0]:
-                found = (cost, (end - start, *sizes))
-        return found
-
-    result = best(0, groups)
-    return list(result[1]) if result is not None else None
 
 
 def _make_block(view: _View, index: int, kind: str, nodes: list[int], compute: list[int]) -> Block:
