@@ -44,9 +44,9 @@ def narrowest_split(weights: list[int], cut_sizes: list[int], max_chain: int) ->
     groups = math.ceil(sum(weights) / max_chain)
 
     @functools.cache
-    def best(start: int, left: int) -> tuple | None:  # ((cut elements, max weight, sum sq, -sizes), sizes)
+    def best(start: int, left: int) -> tuple | None:  # (cut elements, max weight, sum sq, -sizes)
         if start == n:
-            return ((0, 0, 0, ()), ()) if left == 0 else None
+            return (0, 0, 0, ()) if left == 0 else None
         if left == 0:
             return None
         found = None
@@ -58,12 +58,12 @@ def narrowest_split(weights: list[int], cut_sizes: list[int], max_chain: int) ->
             rest = best(end, left - 1)
             if rest is None:
                 continue
-            (cuts, top, squares, order), sizes = rest
+            cuts, top, squares, order = rest
             cost = (cuts + (cut_sizes[end - 1] if end < n else 0), max(top, weight), squares + weight * weight,
                     (-(end - start), *order))
-            if found is None or cost < found[0]:
-                found = (cost, (end - start, *sizes))
+            if found is None or cost < found:
+                found = cost
         return found
 
     result = best(0, groups)
-    return list(result[1]) if result is not None else None
+    return [-size for size in result[3]] if result is not None else None
