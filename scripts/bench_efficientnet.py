@@ -491,10 +491,9 @@ def quantize_onnxq(entry: OnnxqEntry, fp32: Path, calib_x: np.ndarray,
     params = dict(entry.params)
     checkpoint = str(out.parent / "checkpoints" / entry.checkpoint) if entry.checkpoint else None
     if entry.preset:
-        cfg = onnxq.Config.from_preset(entry.preset)
+        cfg = _preset_with_overrides(entry.preset, params)
         if checkpoint:
             cfg = cfg.replace(engine=replace(cfg.engine, checkpoint_dir=checkpoint, keep_checkpoint=True))
-        cfg = _with_overrides(cfg, params)
     else:
         if checkpoint:
             params.update(checkpoint_dir=checkpoint, keep_checkpoint=True)
@@ -552,12 +551,14 @@ def _quantize_mixed_w4size(fp32: Path, calib: list, cfg: Any, validation: list, 
                           "table_weights": table.reconstruct}
 
 
-def _with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """A preset's Config with ``--set`` overrides as dotted paths (``rounding.iters``), as the CLI's --set."""
+def _preset_with_overrides(name: str, overrides: dict[str, Any]) -> Any:
+    """Preset ``name`` with ``--set`` overrides as dotted paths (``rounding.iters``), layered over the
+    preset's own settings exactly as the CLI's ``--preset NAME --set ...`` does."""
     from onnxq.config import Config
     from onnxq.config.files import merge, nested
+    from onnxq.config.presets import preset
 
-    layer = cfg.to_dict()
+    layer = preset(name)
     for key, value in overrides.items():
         layer = merge(layer, nested(key.split("."), value))
     return Config.from_dict(layer)

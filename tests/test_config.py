@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 import onnxq
 from onnxq.cli import main
-from onnxq.config import BRECQ, AdaQuant, Config, MRECGMerge, QDrop, RoundToNearest, Weights
+from onnxq.config import BRECQ, GPTQ, AdaQuant, Config, MRECGMerge, QDrop, RoundToNearest, Weights
 from onnxq.config.files import load_toml, merge, parse_override, to_toml, tomllib
 from onnxq.config.flags import FLAGS, config_paths, flag_layer
 from onnxq.config.presets import preset, preset_description, preset_names
@@ -56,12 +57,28 @@ def test_every_preset_loads_resolves_and_is_documented() -> None:
         preset("w3a3")
 
 
-def test_layers_merge_in_order_and_a_new_method_replaces_the_rounding_table() -> None:
+def test_layers_merge_in_order_and_a_new_method_replaces_the_rounding_table(caplog) -> None:
     base = preset("w4a8")
     assert merge(base, {"rounding": {"iters": 600}})["rounding"] == {"method": "brecq", "schedule": "long",
                                                                       "iters": 600}
-    switched = merge(merge(base, {"rounding": {"iters": 600}}), {"rounding": {"method": "qdrop"}})
+    with caplog.at_level(logging.WARNING, logger="onnxq.config.files"):
+        switched = merge(merge(base, {"rounding": {"iters": 600}}), {"rounding": {"method": "qdrop"}})
     assert switched["rounding"] == {"method": "qdrop", "schedule": "long"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "rounding.method=qdrop replaces the brecq settings below it: iters=600 not carried over (set them "
+        "again, e.g. --set rounding.iters=600, to keep them)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxq.config.files"):
+        kept = merge(merge(base, {"rounding": {"iters": 600}}), {"rounding": {"method": "qdrop", "iters": 900}})
+        merge(base, {"rounding": {"method": "qdrop"}})  # the preset names no setting beyond its schedule
+    assert kept["rounding"] == {"method": "qdrop", "schedule": "long", "iters": 900} and not caplog.records
+    # rtn and gptq take no schedule and none of BRECQ's settings: nothing to keep, nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="onnxq.config.files"):
+        for method, kind in (("rtn", RoundToNearest), ("gptq", GPTQ)):
+            plain = merge(merge(preset("w2a4"), {"rounding": {"iters": 600}}), {"rounding": {"method": method}})
+            assert plain["rounding"] == {"method": method}
+            assert isinstance(Config.from_dict(plain).rounding, kind)
+    assert not caplog.records
     assert Config.from_dict(switched).rounding == QDrop.long()
     assert parse_override("rounding.iters=600") == (["rounding", "iters"], 600)
     assert parse_override("weights.symmetric=false") == (["weights", "symmetric"], False)

@@ -4,19 +4,23 @@ A run's settings come in layers, each overriding the one before: the defaults of
 a ``--preset``, a ``--config run.toml`` file, then the command line's flags and ``--set`` values.
 Each layer is a nested dict in :meth:`Config.to_dict`'s form; :func:`merge` stacks two of them.
 One rule keeps a rounding table consistent: a layer that names a different rounding ``method``
-replaces the lower layers' rounding table (keeping only its ``schedule``), since settings of one
-method mean nothing to another.
+replaces the lower layers' rounding table (keeping only its ``schedule``, where the new method has
+schedules), since settings of one method mean nothing to another. The dropped settings that the new
+method also takes are named in a warning, so that ``--preset w2a4 --set rounding.method=qdrop`` does
+not silently lose the preset's ``iters``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from onnxq.config.choices import DEFAULT_ROUNDING
+from onnxq.config.rounding import method_settings
 from onnxq.config.run import NONE, Config
 from onnxq.errors import UserError
 
@@ -24,6 +28,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -69,7 +75,14 @@ def merge(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
         if key == "rounding" and isinstance(value, dict) and isinstance(out.get(key), dict):
             base = out[key]
             if "method" in value and value["method"] != base.get("method", DEFAULT_ROUNDING):
-                base = {"schedule": base["schedule"]} if "schedule" in base else {}
+                settings = method_settings(value["method"])
+                dropped = sorted((set(base) & settings) - {"schedule"} - set(value))
+                if dropped:
+                    log.warning("rounding.method=%s replaces the %s settings below it: %s not carried over "
+                                "(set them again, e.g. --set rounding.%s=%s, to keep them)", value["method"],
+                                base.get("method", DEFAULT_ROUNDING),
+                                ", ".join(f"{k}={base[k]!r}" for k in dropped), dropped[0], base[dropped[0]])
+                base = {"schedule": base["schedule"]} if "schedule" in base and "schedule" in settings else {}
             out[key] = merge(base, value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "bit_plan":
             out[key] = merge(out[key], value)

@@ -393,6 +393,12 @@ Rounding = RoundToNearest | GPTQ | AdaRound | BRECQ | QDrop | AdaQuant
 ROUNDING_TYPES: dict[str, Any] = {t.method: t for t in (RoundToNearest, GPTQ, AdaRound, BRECQ, QDrop, AdaQuant)}
 
 
+def method_settings(method: str) -> set[str]:
+    """The settings rounding method ``method`` takes (none for rtn or an unknown name; ``schedule`` for
+    the learned ones)."""
+    return _field_names(ROUNDING_TYPES.get(method))
+
+
 def method_name(rounding: Rounding) -> str:
     """The method as the report and the CLI call it ("mrecg" for BRECQ/QDrop with a merge)."""
     return "mrecg" if getattr(rounding, "mrecg", None) is not None else rounding.method
