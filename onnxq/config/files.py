@@ -6,7 +6,7 @@ Each layer is a nested dict in :meth:`Config.to_dict`'s form; :func:`merge` stac
 One rule keeps a rounding table consistent: a layer that names a different rounding ``method``
 replaces the lower layers' rounding table (keeping only its ``schedule``, where the new method has
 schedules), since settings of one method mean nothing to another. The dropped settings that the new
-method also takes are named in a warning, so that ``--preset w2a4 --set rounding.method=qdrop`` does
+method also takes are named in a warning, so that ``--preset w2a4 --set rounding.method=brecq`` does
 not silently lose the preset's ``iters``.
 """
 
