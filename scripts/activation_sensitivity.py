@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import load_split  # noqa: E402
-from logit_error import FP32, run  # noqa: E402
+from logit_error import FP32, qdq_logit_mse, run  # noqa: E402
 
 RELU6 = (0.0, 6.0)  # EfficientNet-Lite0's activation
 
@@ -141,7 +141,7 @@ def main() -> int:
     reference = run(FP32, x, level="disable")[0]
 
     def error(m: onnx.ModelProto) -> float:
-        return float(np.mean((run(m, x, level="disable")[0] - reference) ** 2))
+        return qdq_logit_mse(m, x, reference)
 
     base = error(model)
     found = quantizers(model)

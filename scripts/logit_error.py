@@ -63,6 +63,12 @@ def distances(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
     return {"mse": float(np.mean((quantized - reference) ** 2)), "kl": float(np.mean(kl))}
 
 
+def qdq_logit_mse(model: Path | onnx.ModelProto, x: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared difference of ``model``'s logits on ``x`` at ``ORT_DISABLE_ALL`` (the QDQ graph itself)
+    to ``reference``: the sensitivity scripts' yardstick."""
+    return float(np.mean((run(model, x, level="disable")[0] - reference) ** 2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+", type=Path)

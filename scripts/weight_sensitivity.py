@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import load_split  # noqa: E402
-from logit_error import FP32, run  # noqa: E402
+from logit_error import FP32, qdq_logit_mse, run  # noqa: E402
 
 WEIGHTED = ("Conv", "Gemm")
 BLOCK = re.compile(r"^/_blocks\.(\d+)/")
@@ -60,7 +60,7 @@ def float_params(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str,
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes of the tensors that feed weighted nodes (dequantized weights and biases)."""
+    """Static shapes of the model's tensors (inferred ones and initializers), to match FP32's weights against."""
     inferred = onnx.shape_inference.infer_shapes(model)
     out = {}
     for info in [*inferred.graph.value_info, *inferred.graph.output]:
@@ -106,7 +106,7 @@ def main() -> int:
     reference = run(FP32, x, level="disable")[0]
 
     def error(m: onnx.ModelProto) -> float:
-        return float(np.mean((run(m, x, level="disable")[0] - reference) ** 2))
+        return qdq_logit_mse(m, x, reference)
 
     base = error(model)
     print(f"{args.model}: {len(params)} weighted layers with FP32 twins, logit MSE to FP32 {base:.4f} "

@@ -72,7 +72,7 @@ def test_layers_merge_in_order_and_a_new_method_replaces_the_rounding_table(capl
         kept = merge(merge(base, {"rounding": {"iters": 600}}), {"rounding": {"method": "qdrop", "iters": 900}})
         merge(base, {"rounding": {"method": "qdrop"}})  # the preset names no setting beyond its schedule
     assert kept["rounding"] == {"method": "qdrop", "schedule": "long", "iters": 900} and not caplog.records
-    # rtn and gptq take no schedule and none of BRECQ's settings: nothing to keep, nothing to warn about
+    # rtn and gptq take no schedule and none of QDrop's settings: nothing to keep, nothing to warn about
     with caplog.at_level(logging.WARNING, logger="onnxq.config.files"):
         for method, kind in (("rtn", RoundToNearest), ("gptq", GPTQ)):
             plain = merge(merge(preset("w2a4"), {"rounding": {"iters": 600}}), {"rounding": {"method": method}})
